@@ -1,0 +1,157 @@
+"""One layer's transfer math (METHOD.md) as pure functions over tensors; no files, no I/O."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OptionError
+from .ops import Basis, phi, phi_null, project_lora
+from .ops.projection import METHODS
+
+
+@dataclass(frozen=True)
+class KMode:
+    """How k (the subspace dimension) is chosen from the source weight's spectrum.
+
+    energy:F  smallest k with cumulative sigma^2 >= F * ||W||_F^2
+    ratio:F   k = round(F * min(m, n))
+    rank:K    k = min(K, min(m, n))
+    """
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, spec: "str | KMode") -> "KMode":
+        if isinstance(spec, KMode):
+            return spec
+        kind, sep, val = str(spec).partition(":")
+        try:
+            value = float(val)
+        except ValueError:
+            value = float("nan")
+        if not sep or kind not in ("energy", "ratio", "rank"):
+            raise OptionError(f"subspace mode {spec!r}: expected energy:F, ratio:F or rank:K")
+        if kind in ("energy", "ratio") and not 0.0 < value <= 1.0:
+            raise OptionError(f"subspace mode {spec!r}: F must be in (0, 1]")
+        if kind == "rank" and not (value >= 1 and value == int(value)):
+            raise OptionError(f"subspace mode {spec!r}: K must be a positive integer")
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{int(self.value) if self.kind == 'rank' else self.value:g}"
+
+    def needs_spectrum(self) -> bool:
+        return self.kind == "energy"
+
+    def choose(self, dim: int, S: torch.Tensor | None = None, energy: float | None = None) -> int:
+        """k for a weight whose smaller side is `dim`; energy mode needs the spectrum S."""
+        if self.kind == "rank":
+            return max(1, min(int(self.value), dim))
+        if self.kind == "ratio":
+            return max(1, min(dim, round(self.value * dim)))
+        assert S is not None, "energy mode needs the spectrum"
+        s2 = S.double() ** 2
+        total = float(energy) if energy is not None else float(s2.sum())
+        if total <= 0.0:
+            return 1
+        cum = torch.cumsum(s2, 0) / total
+        # a tiny tolerance so that F = 1.0 is reachable despite rounding in the sum
+        hit = torch.nonzero(cum >= self.value - 1e-12)
+        if hit.numel() == 0:
+            return S.numel() if S.numel() >= dim else -1  # -1: partial spectrum too short
+        return int(hit[0]) + 1
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Output rank: 'same' (compress to the input rank r), '2r' (exact, no compression), or N."""
+
+    kind: str
+    value: int = 0
+
+    @classmethod
+    def parse(cls, spec: "str | int | RankSpec") -> "RankSpec":
+        if isinstance(spec, RankSpec):
+            return spec
+        s = str(spec)
+        if s in ("same", "2r"):
+            return cls(s)
+        if s.isdigit() and int(s) > 0:
+            return cls("fixed", int(s))
+        raise OptionError(f"rank {spec!r}: expected same, 2r or a positive integer")
+
+    def target(self, r_in: int, natural: int) -> int:
+        """The rank to write for a LoRA of input rank r_in whose exact output has rank `natural`."""
+        if self.kind == "2r":
+            return natural
+        want = r_in if self.kind == "same" else self.value
+        return min(want, natural)
+
+    def __str__(self) -> str:
+        return str(self.value) if self.kind == "fixed" else self.kind
+
+
+def compress(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of up @ down (QR of each side, SVD of the small core).
+
+    Returns balanced factors (sqrt of the singular values on each side) and the retained share
+    of the Frobenius energy, in [0, 1].
+    """
+    Q1, R1 = torch.linalg.qr(up)
+    Q2, R2 = torch.linalg.qr(down.T)
+    Uc, Sc, Vch = torch.linalg.svd(R1 @ R2.T)
+    total = float((Sc.double() ** 2).sum())
+    kept = float((Sc[:rank].double() ** 2).sum())
+    root = Sc[:rank].sqrt()
+    new_up = (Q1 @ Uc[:, :rank]) * root
+    new_down = root[:, None] * (Vch[:rank] @ Q2.T)
+    return new_up, new_down, (kept / total if total > 0.0 else 1.0)
+
+
+@dataclass
+class LayerMath:
+    """The outcome of one layer: factors with the scale folded in (dW_t = up @ down) and the
+    similarity figures that decided it."""
+
+    up: torch.Tensor | None
+    down: torch.Tensor | None
+    transferred: bool
+    reason: str
+    k: int | None = None
+    phi_left: float | None = None
+    phi_right: float | None = None
+    phi_null_left: float | None = None
+    phi_null_right: float | None = None
+    gap: float | None = None
+    retained_energy: float | None = None
+
+
+def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> dict[str, float | None]:
+    """phi on both sides and the null-space similarities derived from them (no extra SVD)."""
+    m, n = shape
+    k = src.k
+    pl, pr = phi(src.U, tgt.U), phi(src.V, tgt.V)
+    return {"phi_left": pl, "phi_right": pr,
+            "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}
+
+
+def transfer_layer(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, method: str,
+                   tau: float, rank: RankSpec, r_in: int, project=None) -> LayerMath:
+    """Transfer one LoRA layer. B (m x r) has the scale folded in, A is (r x n); src and tgt
+    are the source and target bases at the same k. `project` is a project_lora backend."""
+    if method not in METHODS or method == "copy":
+        raise OptionError(f"transfer_layer: method {method!r} (copy needs no bases)")
+    sims = similarity(src, tgt, (B.shape[0], A.shape[1]))
+    common = dict(k=src.k, gap=src.gap(), **sims)
+    worst = min(sims["phi_left"], sims["phi_right"])
+    if worst < tau:
+        return LayerMath(None, None, False, f"min(phi)={worst:.3f} < tau={tau:g}", **common)
+    project = project or project_lora.reference.fn
+    up, down = project(B, A, src.U, src.V, tgt.U, tgt.V, method)
+    out_rank = rank.target(r_in, up.shape[1])
+    retained = None
+    if out_rank < up.shape[1]:
+        up, down, retained = compress(up, down, out_rank)
+    return LayerMath(up, down, True, "transferred", retained_energy=retained, **common)

@@ -1,0 +1,57 @@
+"""Options of a transfer, validated once, shared by the API, the engine and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import OptionError
+from .lora import FORMATS
+from .method import KMode, RankSpec
+from .ops import METHODS
+
+# Provisional defaults (see README, "Defaults"): prolora-full is exact when the two models share
+# their subspaces and keeps the LoRA's rank; energy:0.9 is the CASA rule; tau 0.8 is the paper's.
+DEFAULT_METHOD = "prolora-full"
+DEFAULT_SUBSPACE = "energy:0.9"
+DEFAULT_TAU = 0.8
+
+
+@dataclass
+class TransferOptions:
+    """Everything that decides a transfer's result (besides the three input files)."""
+
+    method: str = DEFAULT_METHOD
+    subspace: KMode | str = DEFAULT_SUBSPACE
+    tau: float = DEFAULT_TAU
+    rank: RankSpec | str | int = "same"
+    format: str = "same"  # output file format, or "same" as the input
+    alpha: str = "keep"  # keep: the input's alpha/r convention; rank: alpha = output rank (scale 1)
+    skipped: str = "drop"  # what a layer below tau gets: drop (no adapter) or copy (the input's)
+    device: str = "cpu"
+    compute_dtype: torch.dtype = torch.float64
+    backends: dict[str, str] = field(default_factory=dict)  # op name -> backend override
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"method {self.method!r}: choose from {', '.join(METHODS)}")
+        self.subspace = KMode.parse(self.subspace)
+        self.rank = RankSpec.parse(self.rank)
+        if not 0.0 <= float(self.tau) <= 1.0:
+            raise OptionError(f"tau {self.tau!r}: must be in [0, 1]")
+        self.tau = float(self.tau)
+        if self.format != "same" and self.format not in FORMATS:
+            raise OptionError(f"format {self.format!r}: choose from same, {', '.join(FORMATS)}")
+        if self.alpha not in ("keep", "rank"):
+            raise OptionError(f"alpha {self.alpha!r}: choose keep or rank")
+        if self.skipped not in ("drop", "copy"):
+            raise OptionError(f"skipped {self.skipped!r}: choose drop or copy")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionError(f"device {self.device!r}: no CUDA device is available here")
+        if self.compute_dtype not in (torch.float32, torch.float64):
+            raise OptionError("compute_dtype must be torch.float32 or torch.float64")
+
+    def describe(self) -> dict[str, str]:
+        """The options as strings, for reports and file metadata."""
+        return {"method": self.method, "subspace": str(self.subspace), "tau": f"{self.tau:g}",
+                "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped}

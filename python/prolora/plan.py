@@ -1,0 +1,113 @@
+"""Match the modules of a LoRA to source and target weights and decide which layer jobs run.
+Reads headers only (through BaseModel); no tensor math beyond shape checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .checkpoints import BaseModel
+from .errors import InvalidLoraError, LoraMismatchError, ModelError
+from .lora import LoraFile, LoraModule
+
+# families whose weights share names and shapes closely enough for name matching
+COMPATIBLE = {("sdxl", "ssd-1b"), ("ssd-1b", "sdxl")}
+
+# below this share of modules found in the source model, the LoRA is for another model
+MIN_MATCH_SHARE = 0.5
+
+
+@dataclass
+class LayerJob:
+    """One LoRA module to transfer: where its weights are in the source and the target."""
+
+    lora_key: str
+    module: str  # canonical id in the source
+    target_module: str  # canonical id in the target
+    out_key: str  # module key spelled for the output format
+    shape: tuple[int, ...]  # the base weight's shape (out, in) or (out, in, kh, kw)
+    lora: LoraModule
+
+
+@dataclass
+class Skip:
+    """A LoRA module that gets no job, and why."""
+
+    lora_key: str
+    module: str | None
+    shape: tuple[int, ...] | None
+    reason: str
+
+
+@dataclass
+class Plan:
+    jobs: list[LayerJob]
+    skipped: list[Skip]
+    out_format: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _out_spelling(in_format: str, out_format: str, in_spelling: str, target: BaseModel) -> str:
+    if out_format == in_format:
+        return in_spelling
+    return {"kohya": target.kohya_spelling, "peft": "peft", "diffusers-old": "peft",
+            "comfy": "comfy"}[out_format]
+
+
+def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str) -> None:
+    """Raise if the LoRA's factors cannot multiply into a weight of this shape."""
+    out, rest = shape[0], shape[1:]
+    if lm.is_conv != (len(shape) == 4):
+        kind = "conv" if lm.is_conv else "linear"
+        raise LoraMismatchError(f"{where}: LoRA module '{lm.key}' is {kind} but the weight has shape {shape}")
+    want_down = tuple(rest) if lm.is_conv else (rest[0],)
+    if lm.out_features != out or tuple(lm.down.shape[1:]) != want_down:
+        raise LoraMismatchError(
+            f"{where}: LoRA module '{lm.key}' (up {tuple(lm.up.shape)}, down {tuple(lm.down.shape)}) "
+            f"does not fit the weight of shape {shape}")
+
+
+def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None) -> Plan:
+    """Resolve every LoRA module in the source, check shapes, find its target counterpart."""
+    out_format = out_format or lora.format
+    warnings: list[str] = []
+    if source.family != target.family and "unknown" not in (source.family, target.family):
+        if (source.family, target.family) not in COMPATIBLE:
+            raise ModelError(f"source {source.name} is {source.family} but target {target.name} is "
+                             f"{target.family}: cross-family transfer is not supported")
+        warnings.append(f"{source.family} -> {target.family}: layers matched by name")
+
+    resolved: dict[str, tuple[str, str]] = {}
+    missing: list[str] = []
+    for key in lora.modules:
+        hit = source.resolve(key)
+        if hit is None:
+            missing.append(key)
+        else:
+            resolved[key] = hit
+    where = str(lora.path or "LoRA")
+    if lora.modules and len(resolved) < MIN_MATCH_SHARE * len(lora.modules):
+        raise LoraMismatchError(
+            f"{where}: only {len(resolved)} of {len(lora.modules)} modules exist in source model "
+            f"{source.name} ({source.family}), e.g. '{missing[0]}': is the LoRA for another model?")
+
+    seen: dict[str, str] = {}
+    for key, (module, _) in resolved.items():
+        if module in seen:
+            raise InvalidLoraError(f"{where}: modules '{seen[module]}' and '{key}' both adapt {module}")
+        seen[module] = key
+
+    jobs: list[LayerJob] = []
+    skipped = [Skip(k, None, None, "no such module in the source model") for k in missing]
+    for key, (module, spelling) in resolved.items():
+        lm = lora.modules[key]
+        shape = source.weights[module].shape
+        _check_fits(lm, shape, where)
+        tw = target.weights.get(module)
+        if tw is None:
+            skipped.append(Skip(key, module, shape, "no counterpart in the target model"))
+            continue
+        if tw.shape != shape:
+            skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}"))
+            continue
+        out_key = target.spell(module, _out_spelling(lora.format, out_format, spelling, target))
+        jobs.append(LayerJob(key, module, module, out_key, shape, lm))
+    return Plan(jobs, skipped, out_format, warnings)

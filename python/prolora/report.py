@@ -1,0 +1,110 @@
+"""Per-layer records of a transfer or similarity run, and their summary, table and JSON forms."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .safetensors_io import atomic_path
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one LoRA module (or, for similarity, one weight)."""
+
+    module: str | None
+    source_key: str
+    target_key: str | None
+    shape: tuple[int, ...] | None
+    transferred: bool
+    reason: str
+    k: int | None = None
+    phi_left: float | None = None
+    phi_right: float | None = None
+    phi_null_left: float | None = None
+    phi_null_right: float | None = None
+    gap: float | None = None
+    rank_in: int | None = None
+    rank_out: int | None = None
+    retained_energy: float | None = None
+    seconds: float = 0.0
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+@dataclass
+class Report:
+    layers: list[LayerRecord]
+    info: dict[str, Any] = field(default_factory=dict)  # method, options, models, timings
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        done = [r for r in self.layers if r.transferred]
+        reasons = Counter(_reason_class(r.reason) for r in self.layers if not r.transferred)
+        ks = [r.k for r in self.layers if r.k is not None]
+        ret = [r.retained_energy for r in done if r.retained_energy is not None]
+        return {
+            "layers": len(self.layers),
+            "transferred": len(done),
+            "skipped": len(self.layers) - len(done),
+            "skipped_by_reason": dict(reasons),
+            "mean_phi_left": _mean([r.phi_left for r in self.layers]),
+            "mean_phi_right": _mean([r.phi_right for r in self.layers]),
+            "min_phi": min((min(r.phi_left, r.phi_right) for r in self.layers
+                            if r.phi_left is not None and r.phi_right is not None), default=None),
+            "k_min": min(ks, default=None),
+            "k_max": max(ks, default=None),
+            "mean_retained_energy": _mean(ret),
+            "seconds": self.info.get("seconds"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "info": self.info, "warnings": self.warnings,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def write_json(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def table(self, max_rows: int = 40) -> str:
+        """A readable per-layer table (the first and last rows when long) and the summary."""
+        head = f"{'module':<64} {'shape':>16} {'k':>5} {'phi_L':>6} {'phi_R':>6}  result"
+        rows = [head, "-" * len(head)]
+        layers = self.layers
+        shown = layers if len(layers) <= max_rows else layers[: max_rows // 2] + [None] + layers[-max_rows // 2:]
+        for r in shown:
+            if r is None:
+                rows.append(f"  ... {len(layers) - max_rows} more (see --report for all) ...")
+                continue
+            name = r.module or r.source_key
+            name = name if len(name) <= 64 else "..." + name[-61:]
+            shape = "x".join(map(str, r.shape)) if r.shape else "-"
+            rows.append(f"{name:<64} {shape:>16} {_f(r.k, 'd'):>5} {_f(r.phi_left):>6} {_f(r.phi_right):>6}  "
+                        f"{'ok' if r.transferred else 'skip: ' + r.reason}")
+        s = self.summary()
+        rows.append("")
+        rows.append(f"transferred {s['transferred']} of {s['layers']} layers"
+                    + (f"; skipped: " + ", ".join(f"{v} {k}" for k, v in s["skipped_by_reason"].items())
+                       if s["skipped"] else ""))
+        if s["mean_phi_left"] is not None:
+            rows.append(f"mean phi left {s['mean_phi_left']:.4f}, right {s['mean_phi_right']:.4f}; "
+                        f"min {s['min_phi']:.4f}; k {s['k_min']}..{s['k_max']}")
+        if s["mean_retained_energy"] is not None:
+            rows.append(f"mean retained energy after compression {s['mean_retained_energy']:.4f}")
+        if s["seconds"] is not None:
+            rows.append(f"time {s['seconds']:.2f} s")
+        return "\n".join(rows)
+
+
+def _reason_class(reason: str) -> str:
+    return "below tau" if "< tau" in reason else reason
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
