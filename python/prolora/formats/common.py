@@ -1,0 +1,160 @@
+"""Shared pieces of the LoRA readers and writers: collecting a file's tensors into modules and
+checking that each module is a well-formed low-rank pair.
+
+Every error names the file and the offending key, on one line.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import InvalidLoraError
+from ..lora import LoraModule
+
+# Roles a tensor can play in a module.
+DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
+
+
+@dataclass
+class Parts:
+    """The raw keys and tensors gathered for one module before validation."""
+
+    tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # role -> (key, tensor)
+
+
+class Collector:
+    """Gathers (module, role) -> tensor, refusing a module that appears twice under any spelling."""
+
+    def __init__(self, path: Path | str | None):
+        self.path = path
+        self.modules: dict[str, Parts] = {}
+
+    def add(self, module: str, role: str, key: str, tensor: torch.Tensor) -> None:
+        parts = self.modules.setdefault(module, Parts())
+        if role in parts.tensors:
+            first = parts.tensors[role][0]
+            raise InvalidLoraError(
+                f"{self.path}: module '{module}' appears twice: '{first}' and '{key}' are both its {role} "
+                "tensor; keep one spelling"
+            )
+        parts.tensors[role] = (key, tensor)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    if t.dtype.itemsize == 1:  # float8: isfinite is not implemented for every float8 type
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
+def alpha_value(path: Path | str | None, key: str, t: torch.Tensor) -> float:
+    """A module's alpha as a float: one finite number (0-d, or a single element)."""
+    if t.numel() != 1:
+        raise InvalidLoraError(
+            f"{path}: alpha '{key}' has shape {tuple(t.shape)}; an alpha must be a single number"
+        )
+    if t.dtype == torch.bool or t.is_complex():
+        raise InvalidLoraError(f"{path}: alpha '{key}' has dtype {t.dtype}; expected a real number")
+    value = float(t.reshape(-1)[0].float().item())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidLoraError(f"{path}: alpha '{key}' is {value}; an alpha must be finite")
+    return value
+
+
+def check_pair(path: Path | str | None, module: str, down: torch.Tensor, up: torch.Tensor,
+               down_key: str, up_key: str, bias: torch.Tensor | None = None,
+               bias_key: str = "") -> None:
+    """Raise InvalidLoraError unless (down, up[, bias]) form a valid linear or conv LoRA pair."""
+    for key, t in ((down_key, down), (up_key, up)):
+        if not t.is_floating_point():
+            raise InvalidLoraError(f"{path}: '{key}' has dtype {t.dtype}; LoRA weights must be floating point")
+        if t.dim() not in (2, 4):
+            raise InvalidLoraError(
+                f"{path}: '{key}' has shape {tuple(t.shape)}; LoRA weights must be 2-D (linear) or 4-D (conv)"
+            )
+    r = int(down.shape[0])
+    if r == 0:
+        raise InvalidLoraError(f"{path}: '{down_key}' has rank 0 (shape {tuple(down.shape)})")
+    if down.dim() != up.dim():
+        raise InvalidLoraError(
+            f"{path}: module '{module}': '{down_key}' is {down.dim()}-D {tuple(down.shape)} but '{up_key}' is "
+            f"{up.dim()}-D {tuple(up.shape)}; a conv LoRA needs both 4-D, a linear LoRA both 2-D"
+        )
+    if int(up.shape[1]) != r:
+        raise InvalidLoraError(
+            f"{path}: module '{module}': '{down_key}' has rank {r} but '{up_key}' has rank {int(up.shape[1])} "
+            f"(shapes {tuple(down.shape)} and {tuple(up.shape)})"
+        )
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise InvalidLoraError(
+            f"{path}: module '{module}': conv up '{up_key}' has shape {tuple(up.shape)}; it must be [out, r, 1, 1]"
+        )
+    if down[0].numel() == 0 or int(up.shape[0]) == 0:
+        raise InvalidLoraError(
+            f"{path}: module '{module}': '{down_key}' {tuple(down.shape)} / '{up_key}' {tuple(up.shape)} "
+            "have an empty dimension"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (int(up.shape[0]),):
+            raise InvalidLoraError(
+                f"{path}: module '{module}': bias '{bias_key}' has shape {tuple(bias.shape)}, expected "
+                f"({int(up.shape[0])},) to match '{up_key}'"
+            )
+    for key, t in ((down_key, down), (up_key, up), (bias_key, bias)):
+        if t is not None and not all_finite(t):
+            raise InvalidLoraError(f"{path}: '{key}' contains NaN or Inf values")
+
+
+def build_modules(col: Collector) -> dict[str, LoraModule]:
+    """Validate collected parts and turn them into LoraModules."""
+    path = col.path
+    out: dict[str, LoraModule] = {}
+    for module, parts in col.modules.items():
+        t = parts.tensors
+        if DOWN not in t or UP not in t:
+            have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
+            missing = " and ".join(r for r in (DOWN, UP) if r not in t)
+            raise InvalidLoraError(
+                f"{path}: '{have_key}' has no matching {missing} weight (module '{module}'); a LoRA module "
+                "needs both its down and up weights"
+            )
+        (down_key, down), (up_key, up) = t[DOWN], t[UP]
+        bias_key, bias = t.get(BIAS, ("", None))
+        check_pair(path, module, down, up, down_key, up_key, bias, bias_key)
+        alpha = alpha_value(path, t[ALPHA][0], t[ALPHA][1]) if ALPHA in t else None
+        out[module] = LoraModule(key=module, down=down, up=up, alpha=alpha, bias=bias)
+    return out
+
+
+def common_dtype(modules: Iterable[LoraModule]) -> torch.dtype:
+    """The dtype of the up/down tensors (the most common one if they differ)."""
+    counts = Counter()
+    for m in modules:
+        counts[m.down.dtype] += 1
+        counts[m.up.dtype] += 1
+    return counts.most_common(1)[0][0] if counts else torch.float16
+
+
+def validate_for_write(path: Path | str, modules: dict[str, LoraModule]) -> None:
+    """Check modules before writing, so prolora never writes a file it would refuse to read."""
+    for name, m in modules.items():
+        if m.key != name:
+            raise InvalidLoraError(f"{path}: module stored under '{name}' says its key is '{m.key}'")
+        check_pair(path, name, m.down, m.up, f"{name} (down)", f"{name} (up)", m.bias, f"{name} (bias)")
+        if m.alpha is not None:
+            a = float(m.alpha)
+            if a != a or a in (float("inf"), float("-inf")):
+                raise InvalidLoraError(f"{path}: module '{name}' has alpha {a}; an alpha must be finite")
+
+
+def folded_up(m: LoraModule) -> torch.Tensor:
+    """`up` with the module's scale multiplied in (for formats that carry no alpha)."""
+    s = m.scale
+    if s == 1.0:
+        return m.up
+    return (m.up.to(torch.float64) * s).to(m.up.dtype)

@@ -1,0 +1,211 @@
+"""PEFT / diffusers LoRA files: `<component>.<module path>.lora_A.weight` [r, in(, kh, kw)],
+`.lora_B.weight` [out, r(, 1, 1)], optional `.lora_B.bias`.
+
+Components are diffusers pipeline parts (`unet.`, `text_encoder.`, `text_encoder_2.`,
+`transformer.`, ...). Keys without one (peft's own `base_model.model.` prefix, or a model-level
+`save_lora_adapter` file) are kept as written and use the unprefixed part of the metadata.
+
+The scale lives in the `lora_adapter_metadata` metadata entry: a JSON object holding one peft
+LoraConfig per component, flattened with the component as prefix (`unet.r`, `unet.lora_alpha`,
+`unet.rank_pattern`, ...; unprefixed fields for model-level files). diffusers 0.42 hands
+`{field: value}` for each component straight to `LoraConfig(**...)`, so missing fields take
+LoraConfig's defaults (r=8, lora_alpha=8). peft resolves a module's rank and alpha by taking the
+first key of rank_pattern / alpha_pattern (in order) that matches `(.*\\.)?(KEY)$` as a regex
+against the module's name inside the component; a `^` at the start anchors a key to the full name.
+Without metadata, diffusers uses alpha = rank (scale 1) for every module.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import torch
+
+from ..errors import InvalidLoraError
+from ..lora import LoraFile, LoraModule
+from .common import BIAS, DOWN, UP
+
+NAME = "peft"
+METADATA_KEY = "lora_adapter_metadata"
+
+# diffusers pipeline components that prefix keys (and metadata fields) in pipeline-level files
+COMPONENTS = frozenset({
+    "unet", "transformer", "transformer_2", "transformer_ref", "prior",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "connectors", "text_conditioner",
+})
+_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
+_ROLES = {"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_B.bias": BIAS}
+_NOT_PEFT = ("diffusion_model.", "text_encoders.")  # ComfyUI prefixes
+_TEXT_MODEL = "text_model."
+LORA_CONFIG_DEFAULTS = {"r": 8, "lora_alpha": 8}
+
+
+def match(key: str) -> tuple[str, str] | None:
+    """(module, role) for a peft lora_A / lora_B key, else None."""
+    m = _KEY.match(key)
+    if not m or m.group(1).startswith(_NOT_PEFT):
+        return None
+    return m.group(1), _ROLES[m.group(2)]
+
+
+def alpha_module(stem: str) -> str:
+    return stem
+
+
+def split_component(key: str) -> tuple[str, str]:
+    """('unet', 'down_blocks...') for a pipeline-level key, ('', key) otherwise."""
+    head, _, rest = key.partition(".")
+    if head in COMPONENTS and rest:
+        return head, rest
+    return "", key
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def parse_adapter_metadata(path: object, metadata: dict[str, str]) -> dict[str, dict] | None:
+    """{component ('' for unprefixed fields): LoraConfig fields} from `lora_adapter_metadata`."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' is not a JSON object")
+    configs: dict[str, dict] = {}
+    for k, v in obj.items():
+        component, _, field = str(k).rpartition(".")
+        configs.setdefault(component, {})[field] = v
+    return configs
+
+
+def _pattern_value(path: object, where: str, patterns: object, names: list[str]) -> object | None:
+    """The value of the first pattern key matching any of `names`, as peft's get_pattern_key does."""
+    if not patterns:
+        return None
+    if not isinstance(patterns, dict):
+        raise InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' field '{where}' is not an object")
+    for name in names:
+        for key, value in patterns.items():
+            try:
+                if re.match(rf"(.*\.)?({key})$", name):
+                    return value
+            except re.error:
+                raise InvalidLoraError(
+                    f"{path}: metadata '{METADATA_KEY}' field '{where}' has an invalid pattern '{key}'"
+                ) from None
+    return None
+
+
+def _number(path: object, where: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' field '{where}' is {value!r}, not a finite number")
+    return float(value)
+
+
+def alpha_from_config(path: object, configs: dict[str, dict], key: str, rank: int) -> float | None:
+    """The alpha (scale * rank) diffusers would use for module `key`, or None if no config covers it."""
+    component, rel = split_component(key)
+    cfg = configs.get(component)
+    if cfg is None:
+        return None
+    prefix = f"{component}." if component else ""
+    names = [rel] + ([rel[len(_TEXT_MODEL):]] if rel.startswith(_TEXT_MODEL) else [])
+    r = _pattern_value(path, prefix + "rank_pattern", cfg.get("rank_pattern"), names)
+    r = _number(path, prefix + "r", cfg.get("r", LORA_CONFIG_DEFAULTS["r"])) if r is None else _number(
+        path, prefix + "rank_pattern", r)
+    alpha = _pattern_value(path, prefix + "alpha_pattern", cfg.get("alpha_pattern"), names)
+    alpha = _number(path, prefix + "lora_alpha", cfg.get("lora_alpha", LORA_CONFIG_DEFAULTS["lora_alpha"])) \
+        if alpha is None else _number(path, prefix + "alpha_pattern", alpha)
+    if r != rank:
+        raise InvalidLoraError(
+            f"{path}: module '{key}' has rank {rank} in its tensors but rank {r:g} in metadata "
+            f"'{METADATA_KEY}' ({prefix}r / {prefix}rank_pattern); diffusers could not load it"
+        )
+    if cfg.get("use_rslora"):
+        return alpha * math.sqrt(rank)  # rsLoRA scale alpha/sqrt(r), expressed as alpha'/r
+    return alpha
+
+
+def apply_metadata_alphas(path: object, modules: dict[str, LoraModule], metadata: dict[str, str]) -> None:
+    """Set each module's alpha from `lora_adapter_metadata` (modules with an `.alpha` key keep it)."""
+    configs = parse_adapter_metadata(path, metadata)
+    if not configs:
+        return
+    for key, m in modules.items():
+        if m.alpha is None:
+            m.alpha = alpha_from_config(path, configs, key, m.rank)
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def _pattern(rel: str) -> str:
+    """A rank/alpha pattern matching exactly this module (inside its component).
+
+    CLIP text-encoder paths are written without `text_model.` and unanchored, so they match
+    both transformers' flattened CLIPTextModel (`encoder.layers...`) and the nested one
+    (`text_model.encoder.layers...`); everything else is anchored with `^` as diffusers does.
+    """
+    if rel.startswith(_TEXT_MODEL):
+        return rel[len(_TEXT_MODEL):]
+    return "^" + rel
+
+
+def _target(rel: str) -> str:
+    return rel[len(_TEXT_MODEL):] if rel.startswith(_TEXT_MODEL) else rel
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def adapter_metadata(modules: dict[str, LoraModule]) -> str | None:
+    """The `lora_adapter_metadata` JSON that makes diffusers use each module's alpha.
+
+    None when no module has an alpha: diffusers then uses scale 1, which is what alpha None means.
+    """
+    if all(m.alpha is None for m in modules.values()):
+        return None
+    groups: dict[str, list[tuple[str, LoraModule]]] = {}
+    for key, m in modules.items():
+        component, rel = split_component(key)
+        groups.setdefault(component, []).append((rel, m))
+    out: dict[str, object] = {}
+    for component, items in groups.items():
+        ranks = Counter(m.rank for _, m in items)
+        r = ranks.most_common(1)[0][0]
+        alphas = [(rel, float(m.rank if m.alpha is None else m.alpha), m) for rel, m in items]
+        lora_alpha = Counter(a for _, a, _ in alphas).most_common(1)[0][0]
+        cfg = {
+            "r": r,
+            "lora_alpha": _json_number(lora_alpha),
+            "rank_pattern": {_pattern(rel): m.rank for rel, m in items if m.rank != r},
+            "alpha_pattern": {_pattern(rel): _json_number(a) for rel, a, _ in alphas if a != lora_alpha},
+            "target_modules": sorted({_target(rel) for rel, _ in items}),
+            "lora_bias": any(m.bias is not None for _, m in items),
+            "use_dora": False,
+        }
+        prefix = f"{component}." if component else ""
+        out.update({prefix + k: v for k, v in cfg.items()})
+    return json.dumps(out, indent=2, sort_keys=True)
+
+
+def to_tensors(lora: LoraFile, path: object) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora.modules.items():
+        if not name or name.startswith(_NOT_PEFT) or "" in name.split(".") or _KEY.match(name + ".lora_A.weight") is None:
+            raise InvalidLoraError(f"{path}: module key '{name}' is not a dotted peft/diffusers module path")
+        out[f"{name}.lora_A.weight"] = m.down
+        out[f"{name}.lora_B.weight"] = m.up
+        if m.bias is not None:
+            out[f"{name}.lora_B.bias"] = m.bias
+    return out
+
+
+def effective_alpha(m: LoraModule) -> float:
+    return float(m.rank if m.alpha is None else m.alpha)

@@ -1,0 +1,84 @@
+"""read_lora / write_lora: one canonical LoraFile in, any supported format out."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InvalidLoraError, OptionError, OutputPathError
+from ..lora import FORMATS, LoraFile
+from ..safetensors_io import load_all, save
+from . import peft
+from .common import ALPHA, Collector, build_modules, common_dtype, validate_for_write
+from .detect import FORMAT_MODULES, classify
+
+
+def read_lora(path: str | os.PathLike) -> LoraFile:
+    """Load a (small) LoRA file, detect its format from the keys, validate every module."""
+    path = Path(path)
+    tensors, metadata = load_all(path)
+    found = classify(path, tensors)
+    col = Collector(path)
+    for key, (module, role) in found.weights.items():
+        col.add(module, role, key, tensors[key])
+    for key, module in found.alphas.items():
+        col.add(module, ALPHA, key, tensors[key])
+    modules = build_modules(col)
+    if found.format == peft.NAME:
+        peft.apply_metadata_alphas(path, modules, metadata)
+    return LoraFile(
+        format=found.format, modules=modules, metadata=dict(metadata), dtype=common_dtype(modules.values()),
+        path=path, dropped=found.dropped,
+    )
+
+
+def _update_ss(md: dict[str, str], key: str, values: list[float], spell) -> None:
+    """Refresh a kohya `ss_network_*` entry the input had, if the modules no longer match it."""
+    if key not in md:
+        return
+    distinct = set(values)
+    try:
+        old = float(md[key])
+    except ValueError:
+        old = None  # "Dynamic" or another non-number
+    if len(distinct) == 1:
+        (value,) = distinct
+        if old != value:
+            md[key] = spell(value)
+    elif old is not None:
+        md[key] = "Dynamic"  # what kohya's resize_lora writes for per-module ranks/alphas
+
+
+def output_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
+    """The input's metadata (as strings), kept; scale-bearing entries refreshed for `fmt`.
+
+    A stale `lora_adapter_metadata` is always removed: diffusers applies it to whatever the file
+    holds (and refuses a kohya file that has both alphas and it), so only the peft writer emits one.
+    """
+    md = {str(k): str(v) for k, v in lora.metadata.items()}
+    md.pop(peft.METADATA_KEY, None)
+    mod = FORMAT_MODULES[fmt]
+    mods = list(lora.modules.values())
+    _update_ss(md, "ss_network_dim", [float(m.rank) for m in mods], lambda v: str(int(v)))
+    _update_ss(md, "ss_network_alpha", [mod.effective_alpha(m) for m in mods], lambda v: str(float(v)))
+    if fmt == peft.NAME:
+        md["format"] = "pt"
+        adapter = peft.adapter_metadata(lora.modules)
+        if adapter is not None:
+            md[peft.METADATA_KEY] = adapter
+    return md
+
+
+def write_lora(path: str | os.PathLike, lora: LoraFile, format: str | None = None) -> None:
+    """Write `lora` atomically in `format` (default: its own). Module keys must already be spelled
+    for that format; formats without alpha (comfy, diffusers-old) get the scale folded into up."""
+    fmt = format or lora.format
+    if fmt not in FORMATS:
+        raise OptionError(f"unknown LoRA format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if lora.path is not None and path.exists() and path.resolve() == Path(lora.path).resolve():
+        raise OutputPathError(f"{path}: is the input LoRA; refusing to overwrite an input, choose another output")
+    if not lora.modules:
+        raise InvalidLoraError(f"{path}: nothing to write: the LoRA has no modules")
+    validate_for_write(path, lora.modules)
+    tensors = FORMAT_MODULES[fmt].to_tensors(lora, path)
+    save(path, tensors, output_metadata(lora, fmt))
