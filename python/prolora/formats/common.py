@@ -6,7 +6,6 @@ Every error names the file and the offending key, on one line.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -19,29 +18,22 @@ from ..lora import LoraModule
 DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
 
 
-@dataclass
-class Parts:
-    """The raw keys and tensors gathered for one module before validation."""
-
-    tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # role -> (key, tensor)
-
-
 class Collector:
     """Gathers (module, role) -> tensor, refusing a module that appears twice under any spelling."""
 
     def __init__(self, path: Path | str | None):
         self.path = path
-        self.modules: dict[str, Parts] = {}
+        self.modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # module -> role -> (key, tensor)
 
     def add(self, module: str, role: str, key: str, tensor: torch.Tensor) -> None:
-        parts = self.modules.setdefault(module, Parts())
-        if role in parts.tensors:
-            first = parts.tensors[role][0]
+        parts = self.modules.setdefault(module, {})
+        if role in parts:
+            first = parts[role][0]
             raise InvalidLoraError(
                 f"{self.path}: module '{module}' appears twice: '{first}' and '{key}' are both its {role} "
                 "tensor; keep one spelling"
             )
-        parts.tensors[role] = (key, tensor)
+        parts[role] = (key, tensor)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -114,8 +106,7 @@ def build_modules(col: Collector) -> dict[str, LoraModule]:
     """Validate collected parts and turn them into LoraModules."""
     path = col.path
     out: dict[str, LoraModule] = {}
-    for module, parts in col.modules.items():
-        t = parts.tensors
+    for module, t in col.modules.items():
         if DOWN not in t or UP not in t:
             have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
             missing = " and ".join(r for r in (DOWN, UP) if r not in t)

@@ -93,7 +93,7 @@ def classify(path: object, keys: Iterable[str]) -> Classified:
             f"ComfyUI): {_examples(unknown)}"
         )
     if len(by_format) > 1:
-        parts = [f"{name} ({_examples(list(found), 1)})" for name, found in by_format.items()]
+        parts = [f"{len(found)} {name} key(s) such as '{next(iter(found))}'" for name, found in by_format.items()]
         raise UnsupportedFormatError(
             f"{path}: the file mixes LoRA formats: {' and '.join(parts)}; split it into one file per format"
         )

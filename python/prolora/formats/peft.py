@@ -116,11 +116,12 @@ def alpha_from_config(path: object, configs: dict[str, dict], key: str, rank: in
     prefix = f"{component}." if component else ""
     names = [rel] + ([rel[len(_TEXT_MODEL):]] if rel.startswith(_TEXT_MODEL) else [])
     r = _pattern_value(path, prefix + "rank_pattern", cfg.get("rank_pattern"), names)
-    r = _number(path, prefix + "r", cfg.get("r", LORA_CONFIG_DEFAULTS["r"])) if r is None else _number(
-        path, prefix + "rank_pattern", r)
+    if r is None:
+        r = cfg.get("r", LORA_CONFIG_DEFAULTS["r"])
     alpha = _pattern_value(path, prefix + "alpha_pattern", cfg.get("alpha_pattern"), names)
-    alpha = _number(path, prefix + "lora_alpha", cfg.get("lora_alpha", LORA_CONFIG_DEFAULTS["lora_alpha"])) \
-        if alpha is None else _number(path, prefix + "alpha_pattern", alpha)
+    if alpha is None:
+        alpha = cfg.get("lora_alpha", LORA_CONFIG_DEFAULTS["lora_alpha"])
+    r, alpha = _number(path, prefix + "r", r), _number(path, prefix + "lora_alpha", alpha)
     if r != rank:
         raise InvalidLoraError(
             f"{path}: module '{key}' has rank {rank} in its tensors but rank {r:g} in metadata "

@@ -36,6 +36,8 @@ def _update_ss(md: dict[str, str], key: str, values: list[float], spell) -> None
     if key not in md:
         return
     distinct = set(values)
+    if not distinct:
+        return
     try:
         old = float(md[key])
     except ValueError:
@@ -57,7 +59,9 @@ def output_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
     md = {str(k): str(v) for k, v in lora.metadata.items()}
     md.pop(peft.METADATA_KEY, None)
     mod = FORMAT_MODULES[fmt]
-    mods = list(lora.modules.values())
+    # kohya's network_dim/alpha cover linear and 1x1-conv modules; larger convs (LoCon) have their
+    # own conv_dim/conv_alpha inside ss_network_args, which is left as is
+    mods = [m for m in lora.modules.values() if not m.is_conv or tuple(m.down.shape[2:]) == (1, 1)]
     _update_ss(md, "ss_network_dim", [float(m.rank) for m in mods], lambda v: str(int(v)))
     _update_ss(md, "ss_network_alpha", [mod.effective_alpha(m) for m in mods], lambda v: str(float(v)))
     if fmt == peft.NAME:
