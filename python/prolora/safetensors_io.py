@@ -82,10 +82,12 @@ def refuse_pickle(path: Path) -> None:
         )
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(9)
     except OSError:
         return
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+    if len(head) == 9 and head[8:9] == b"{":
+        return  # a safetensors header (whose 8-byte length may well start with 0x80 or "PK")
+    if head[:2] == b"PK" or head[:1] == b"\x80":
         raise PickleRefusedError(
             f"{path}: this is a pickled/zip PyTorch checkpoint, not safetensors; prolora never "
             "unpickles. Convert it to .safetensors with a tool you trust."
