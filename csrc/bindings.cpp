@@ -114,6 +114,8 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("info") = 0);
 
 #ifdef PROLORA_WITH_CUDA
+  mod.def("cuda_status", &prolora::cuda_status,
+          "Empty when the CUDA runtime linked into this module sees a device, else why not.");
   mod.def(
       "svd_cuda_workspace_elems",
       [](int m, int n, const std::string& dtype) {

@@ -156,6 +156,13 @@ void eigh_cuda(const EighBatch& job, std::uintptr_t work, std::uintptr_t stream)
 
 }  // namespace
 
+std::string cuda_status() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return count > 0 ? "" : "no CUDA device";
+}
+
 int64_t svd_cuda_workspace_elems(int m, int n, DType dtype) {
   return dtype == DType::f32 ? svd_global_elems<float>(m, n) : svd_global_elems<double>(m, n);
 }

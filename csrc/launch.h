@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace prolora {
 
@@ -53,6 +54,8 @@ void eigh_jacobi_cpu(const EighBatch& job, DType dtype, int threads);
 // device; returns without waiting. The working copy of a problem lives in shared memory when
 // it fits, else in a global workspace of *_cuda_workspace_elems() elements per problem that
 // the caller allocates on the device and passes as `work` (0 when that count is 0).
+// Empty when the CUDA runtime sees a device, else why not (an old driver, no device, ...).
+std::string cuda_status();
 int64_t svd_cuda_workspace_elems(int m, int n, DType dtype);
 int64_t eigh_cuda_workspace_elems(int n, DType dtype);
 void svd_jacobi_cuda(const SvdBatch& job, DType dtype, std::uintptr_t work, std::uintptr_t stream);

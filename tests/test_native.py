@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,12 +297,44 @@ def test_eigh_non_contiguous(dtype):
     assert torch.equal(w, w2) and torch.equal(v, v2)
 
 
+# ---- the CUDA schedule without a GPU ------------------------------------------------------------
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_block_schedule_on_emulated_block(tmp_path):
+    """csrc/check_block_team.cpp runs the shared math on one thread per lane (groups and lanes as
+    the CUDA launcher uses warps and threads) under ThreadSanitizer: a missing barrier is a data
+    race, a wrong schedule a mismatch with the serial run. Without a working ThreadSanitizer
+    (no libtsan, or a kernel it cannot run on) the agreement check runs alone."""
+    exe = tmp_path / "check_block_team"
+    base = ["g++", "-std=c++17", "-O1", "-g", "-pthread", f"-I{CSRC}", str(CSRC / "check_block_team.cpp"), "-o", str(exe)]
+    tsan = subprocess.run(base + ["-fsanitize=thread"], capture_output=True, timeout=300)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300) if tsan.returncode == 0 else None
+    if run is None or "FATAL: ThreadSanitizer" in run.stderr:  # no libtsan, or an unsuitable kernel
+        subprocess.run(base, check=True, capture_output=True, timeout=300)
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
+    assert run.returncode == 0 and "all agree" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
 # ---- CUDA (built with CUDA and a GPU present; deselected by default) ---------------------------
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(
-    not (nv.has_cuda() and torch.cuda.is_available()),
-    reason="needs prolora._C built with CUDA and a CUDA device")
+    not torch.cuda.is_available() or nv.cuda_unavailable_reason() is not None,
+    reason=f"needs a CUDA device and prolora._C able to use it: {nv.cuda_unavailable_reason()}")
+
+
+@needs_native
+def test_cuda_reason_is_explained():
+    reason = nv.cuda_unavailable_reason()
+    if not nv.has_cuda():
+        assert "built without CUDA" in reason
+    if reason is not None and torch.cuda.is_available():
+        with pytest.raises(NativeUnavailableError, match="batched_svd"):
+            nv.batched_svd(torch.eye(3, device="cuda"))
 
 
 @gpu

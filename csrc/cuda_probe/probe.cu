@@ -1,5 +1,5 @@
-// Configure-time probe (CMakeLists.txt): can this CUDA toolchain build the shared math for the
-// selected architectures and link a program against the CUDA runtime?
+// Can this CUDA toolchain build the shared math for the selected architectures and link a
+// program against the CUDA runtime? (see CMakeLists.txt beside this file)
 #include <cuda_runtime.h>
 
 #include "jacobi.h"

@@ -39,6 +39,17 @@ def has_cuda() -> bool:
     return _C is not None and bool(_C.has_cuda())
 
 
+def cuda_unavailable_reason() -> str | None:
+    """None when the module can work on CUDA tensors, else why not, in one line. The module links
+    its own CUDA runtime, which needs a driver at least as new as the toolkit it was built with."""
+    if _C is None:
+        return _WHY
+    if not _C.has_cuda():
+        return "prolora._C was built without CUDA (no working nvcc at build time)"
+    status = _C.cuda_status()
+    return f"prolora._C cannot use CUDA: {status}" if status else None
+
+
 def _as_batch(a: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
     """(batch, m, n) view of a 2-D or 3-D float32/float64 tensor on a device the module serves,
     and whether a batch dimension was added."""
@@ -51,8 +62,9 @@ def _as_batch(a: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
     if a.dtype not in _DTYPES:
         raise TypeError(f"{what}: expected float32 or float64, got {a.dtype}")
     if a.device.type == "cuda":
-        if not has_cuda():
-            raise NativeUnavailableError(f"{what}: prolora._C was built without CUDA; rebuild where nvcc is found")
+        reason = cuda_unavailable_reason()
+        if reason:
+            raise NativeUnavailableError(f"{what}: {reason}")
     elif a.device.type != "cpu":
         raise ValueError(f"{what}: tensors on {a.device.type} are not supported (cpu or cuda)")
     a = a.detach()
