@@ -1,10 +1,19 @@
-"""The interface every base-model reader provides (implementation: see the readers)."""
+"""The interface every base-model reader provides: BaseModel (weights, spellings, lazy loads,
+content identity) and WeightRef. The readers (diffusers_folder, single_file) build it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..errors import ModelError
+from ..safetensors_io import DTYPES, Header, SafetensorsFile
+from .family import unet_stats
+from .unet_keys import UnetStructure
 
 # How a LoRA file can spell a module of a base model. The readers of LoRA files keep a module's
 # name exactly as the file writes it (minus the tensor suffix); the model resolves it.
@@ -15,6 +24,14 @@ import torch
 # Text encoders: kohya lora_te_ / lora_te1_ / lora_te2_ + flattened transformers name; peft
 # text_encoder. / text_encoder_2.; comfy text_encoders.clip_l.transformer. / clip_g.
 SPELLINGS = ("kohya-ldm", "kohya-diffusers", "peft", "comfy")
+KOHYA = ("kohya-ldm", "kohya-diffusers")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+# identity sampling: a few KiB at evenly spaced offsets of every file, plus the middle bytes of
+# every tensor, so that a change confined to one tensor still changes the identity
+_ID_BLOCKS = 16
+_ID_BLOCK_BYTES = 4096
+_ID_TENSOR_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -25,7 +42,8 @@ class WeightRef:
     ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` or
     ``text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj``.
     `rows` is a row range of the stored tensor for fused weights (OpenCLIP in_proj_weight).
-    `shape` is the weight's own shape (after the row slice): (out, in) or (out, in, kh, kw).
+    `transposed` marks tensors stored as [in, out] (OpenCLIP text_projection).
+    `shape` is the weight's own shape (after slicing/transposing): (out, in) or (out, in, kh, kw).
     """
 
     module: str
@@ -34,3 +52,218 @@ class WeightRef:
     shape: tuple[int, ...]
     dtype: str
     rows: tuple[int, int] | None = None
+    transposed: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _flat(path: str) -> str:
+    return path.replace(".", "_")
+
+
+@dataclass(eq=False)
+class BaseModel:
+    """A base checkpoint opened by its headers only: every UNet / text-encoder weight by canonical
+    module id, the spellings LoRA files use for them, lazy tensor loads and a content identity.
+
+    Build one with `open_model(path)`.
+    """
+
+    path: Path
+    name: str
+    layout: str  # "diffusers" | "single-file"
+    family: str  # "sd1" | "sd2" | "sdxl" | "ssd-1b" | "unknown"
+    weights: dict[str, WeightRef]
+    files: dict[str, Path] = field(repr=False)  # role (relative name) -> file, every file involved
+    headers: dict[Path, Header] = field(repr=False)
+    ldm_names: dict[str, str] = field(repr=False)  # unet module id -> LDM/SGM module path
+    structure: UnetStructure | None = field(default=None, repr=False)
+    text_encoders: dict[str, dict] = field(default_factory=dict, repr=False)  # component -> facts
+    _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
+    _aliases: dict[str, tuple[str, str]] | None = field(default=None, repr=False)
+    _identity: str | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ spellings
+    @property
+    def kohya_spelling(self) -> str:
+        """The UNet spelling kohya's own scripts write for this family."""
+        return "kohya-ldm" if self.family in ("sdxl", "ssd-1b") else "kohya-diffusers"
+
+    def _two_encoders(self) -> bool:
+        return self.family in ("sdxl", "ssd-1b") or "text_encoder_2" in self.text_encoders
+
+    def _comfy_clip(self, component: str) -> str:
+        if component == "text_encoder_2":
+            return "clip_g"
+        return "clip_h" if self.family == "sd2" else "clip_l"
+
+    def spell(self, module: str, spelling: str) -> str:
+        """The LoRA module key for canonical `module` in `spelling` (inverse of `resolve`)."""
+        if spelling not in SPELLINGS:
+            raise ValueError(f"unknown spelling {spelling!r}; expected one of {SPELLINGS}")
+        if module not in self.weights:
+            raise ModelError(f"{self.path}: no weight '{module}' in this model")
+        component, _, path = module.partition(".")
+        if spelling == "peft":
+            return module
+        if component == "unet":
+            ldm = self.ldm_names[module]
+            if spelling == "kohya-ldm":
+                return "lora_unet_" + _flat(ldm)
+            if spelling == "kohya-diffusers":
+                return "lora_unet_" + _flat(path)
+            return "diffusion_model." + ldm
+        if spelling in KOHYA:
+            if component == "text_encoder_2":
+                return "lora_te2_" + _flat(path)
+            return ("lora_te1_" if self._two_encoders() else "lora_te_") + _flat(path)
+        return f"text_encoders.{self._comfy_clip(component)}.transformer.{path}"
+
+    def _alias_table(self) -> dict[str, tuple[str, str]]:
+        if self._aliases is not None:
+            return self._aliases
+        table: dict[str, tuple[str, str]] = {}
+
+        def add(alias: str, module: str, spelling: str) -> None:
+            old = table.get(alias)
+            if old is not None and old[0] != module:
+                raise ModelError(f"{self.path}: LoRA key '{alias}' would name both '{old[0]}' and '{module}'")
+            table[alias] = (module, spelling)
+
+        for module in self.weights:
+            component, _, path = module.partition(".")
+            add(module, module, "peft")
+            if component == "unet":
+                ldm = self.ldm_names[module]
+                add("lora_unet_" + _flat(ldm), module, "kohya-ldm")
+                add("lora_unet_" + _flat(path), module, "kohya-diffusers")
+                add("diffusion_model." + ldm, module, "comfy")
+            elif path.startswith("text_model."):  # transformers 5 CLIPTextModel names lack it
+                add(f"{component}.{path[len('text_model.'):]}", module, "peft")
+            if component == "text_encoder":
+                for prefix in ("lora_te_", "lora_te1_"):
+                    add(prefix + _flat(path), module, self.kohya_spelling)
+                for clip in ("clip_l", "clip_h"):
+                    add(f"text_encoders.{clip}.transformer.{path}", module, "comfy")
+            elif component == "text_encoder_2":
+                add("lora_te2_" + _flat(path), module, self.kohya_spelling)
+                add(f"text_encoders.clip_g.transformer.{path}", module, "comfy")
+        self._aliases = table
+        return table
+
+    def resolve(self, lora_key: str) -> tuple[str, str] | None:
+        """(canonical module id, spelling) for a LoRA module key as a file spells it, or None."""
+        return self._alias_table().get(lora_key)
+
+    # ------------------------------------------------------------------ tensors
+    def _file(self, path: Path) -> SafetensorsFile:
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = SafetensorsFile(path)
+        return h
+
+    def load(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight of `module` (row slice / transpose applied), read lazily, as `dtype`."""
+        ref = self.weights.get(module)
+        if ref is None:
+            raise ModelError(f"{self.path}: no weight '{module}' in this model")
+        f = self._file(ref.file)
+        t = f.get_rows(ref.key, *ref.rows) if ref.rows else f.get(ref.key)
+        if ref.transposed:
+            t = t.t()
+        return t.to(dtype).contiguous()
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> str:
+        """Content fingerprint (sha256 hex): headers of all files plus sampled tensor bytes.
+
+        Independent of where the files are; reads a few hundred KiB even for multi-GB models.
+        """
+        if self._identity is None:
+            h = hashlib.sha256(b"prolora-model-identity-v1\0")
+            for role in sorted(self.files):
+                path = self.files[role]
+                header = self.headers[path]
+                h.update(role.encode() + b"\0" + header.header_bytes + b"\0")
+                h.update(_sample_bytes(path, header))
+            self._identity = h.hexdigest()
+        return self._identity
+
+    # ------------------------------------------------------------------ description
+    def describe(self) -> dict:
+        """Facts for `prolora inspect`: family, layout, files, per-component counts, dtypes, blocks."""
+        comps: dict[str, dict] = {}
+        for ref in self.weights.values():
+            c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "conv": 0, "parameters": 0})
+            c["weights"] += 1
+            c["conv" if len(ref.shape) == 4 else "linear"] += 1
+            c["parameters"] += ref.numel
+        for comp, facts in self.text_encoders.items():
+            comps.setdefault(comp, {}).update(facts)
+        st = unet_stats({m: r.shape for m, r in self.weights.items()})
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "family": self.family,
+            "layout": self.layout,
+            "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size} for role, p in sorted(self.files.items())],
+            "components": comps,
+            "dtypes": dict(Counter(r.dtype for r in self.weights.values())),
+            "cross_attention_dim": st.cross_dim,
+            "transformer_blocks": {
+                "down": [sum(d) for d in st.down_depths],
+                "mid": sum(st.mid_depths),
+                "up": [sum(d) for d in st.up_depths],
+                "total": st.total_blocks,
+            },
+        }
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "BaseModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BaseModel({self.name!r}, family={self.family}, layout={self.layout}, weights={len(self.weights)})"
+
+
+def _sample_bytes(path: Path, header: Header) -> bytes:
+    """Evenly spaced blocks of the data section plus the middle bytes of every tensor."""
+    size = path.stat().st_size
+    start = header.data_start
+    data_len = size - start
+    out = bytearray()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        if data_len > 0:
+            step = max(data_len // _ID_BLOCKS, 1)
+            for i in range(min(_ID_BLOCKS, data_len)):
+                out += os.pread(fd, _ID_BLOCK_BYTES, start + i * step)
+            out += os.pread(fd, _ID_BLOCK_BYTES, max(start, size - _ID_BLOCK_BYTES))
+        for name in sorted(header.tensors):
+            info = header.tensors[name]
+            mid = info.start + max(0, (info.nbytes - _ID_TENSOR_BYTES) // 2)
+            out += os.pread(fd, min(_ID_TENSOR_BYTES, info.nbytes), start + mid)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(bytes(out)).digest()
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """torch dtype for a safetensors dtype code."""
+    return DTYPES[name]

@@ -1,0 +1,29 @@
+"""open_model: pick the reader for a path (single file, diffusers pipeline, bare component)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InputFileError, ModelError
+from .diffusers_folder import open_component, open_pipeline
+from .model import BaseModel
+from .single_file import open_single_file
+
+
+def open_model(path: str | os.PathLike) -> BaseModel:
+    """Open a base model by its headers only (no tensor data is read).
+
+    `path`: a diffusers pipeline folder (model_index.json), a bare component folder (config.json,
+    e.g. unet/), or a single .safetensors checkpoint. Pickled files are refused.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"{p}: no such file or folder")
+    if p.is_file():
+        return open_single_file(p)
+    if (p / "model_index.json").is_file() or (p / "unet").is_dir():
+        return open_pipeline(p)
+    if (p / "config.json").is_file():
+        return open_component(p)
+    raise ModelError(f"{p}: folder without model weights (expected model_index.json and unet/, or "
+                     "config.json with *.safetensors)")
