@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .checkpoints import BaseModel, open_model
 from .engine import BasisSource, record, run_plan
-from .errors import InputFileError, OptionError, OutputPathError
+from .errors import InputFileError, NothingTransferredError, OptionError, OutputPathError
 from .formats import read_lora, summarize, write_lora
 from .lora import LoraFile
 from .method import KMode, similarity as layer_similarity
@@ -140,8 +140,10 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: P
         }
         modules = {r.module.key: r.module for r in results if r.module is not None}
         out = LoraFile(out_format, modules, _provenance(lf, src, tgt, opts, report), lf.dtype, out_path)
-    if not modules:
-        report.warnings.append("no layer passed the similarity gate: the output LoRA is empty")
+    if not modules and out_path is not None:
+        raise NothingTransferredError(
+            f"no layer of {lf.path or 'the LoRA'} passed the similarity gate (min phi {report.summary()['min_phi']}"
+            f" < tau {opts.tau:g}); nothing written. Lower --tau or pass --skipped copy")
     if out_path is not None:
         write_lora(out_path, out, out_format)
     report.info["seconds"] = round(time.perf_counter() - t0, 3)

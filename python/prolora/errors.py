@@ -44,6 +44,10 @@ class LoraMismatchError(ProloraError):
     """A LoRA that does not fit the source model (no matching modules, shape mismatch)."""
 
 
+class NothingTransferredError(ProloraError):
+    """No layer passed the similarity gate, so there is no LoRA to write."""
+
+
 class OutputPathError(ProloraError):
     """An output path that would overwrite an input or cannot be written."""
 
