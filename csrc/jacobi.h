@@ -46,8 +46,11 @@ PROLORA_HD inline T default_tol() {
 // 1..ne-1, position i is paired with position ne-1-i. Returns p < q.
 PROLORA_HD inline void round_robin_pair(int ne, int round, int k, int& p, int& q) {
   const int m = ne - 1;
-  const int a = k == 0 ? 0 : 1 + (k - 1 + round) % m;
-  const int b = 1 + (ne - 2 - k + round) % m;
+  int i = k - 1 + round, j = ne - 2 - k + round;  // both in [-1, 2m): wrap without a division
+  if (i >= m) i -= m;
+  if (j >= m) j -= m;
+  const int a = k == 0 ? 0 : 1 + i;
+  const int b = 1 + j;
   p = a < b ? a : b;
   q = a < b ? b : a;
 }
@@ -239,9 +242,9 @@ PROLORA_HD int svd_jacobi(const Team& team, View<const T> a, int m, int n, View<
         const T ag = hd_abs(gamma);
         if (!(ag > tol * hd_sqrt(alpha) * hd_sqrt(beta)) || ag < Limits<T>::min_normal()) continue;
         rotated = true;
-        const Rotation<T> j = jacobi_rotation(alpha, beta, gamma);
-        rotate(team, x, y, rows, j.s, j.tau);
-        rotate(team, V + int64_t(p) * cols, V + int64_t(q) * cols, cols, j.s, j.tau);
+        const Rotation<T> jac = jacobi_rotation(alpha, beta, gamma);
+        rotate(team, x, y, rows, jac.s, jac.tau);
+        rotate(team, V + int64_t(p) * cols, V + int64_t(q) * cols, cols, jac.s, jac.tau);
       }
       team.sync();
     }
@@ -323,19 +326,19 @@ PROLORA_HD int eigh_jacobi(const Team& team, View<const T> a, int n, T* w, int64
         const T apq = A[p + int64_t(q) * ld];
         const T ag = hd_abs(apq);
         team.group_sync();  // every lane has read the block before any lane rotates it
-        Rotation<T> j{0, 0, 0};
+        Rotation<T> jac{0, 0, 0};
         if (ag > tol * hd_sqrt(hd_abs(app)) * hd_sqrt(hd_abs(aqq)) && ag >= Limits<T>::min_normal()) {
           rotated = true;
-          j = jacobi_rotation(app, aqq, apq);
+          jac = jacobi_rotation(app, aqq, apq);
           for (int col = team.lane(); col < n; col += team.width())
-            rotate2(A[p + int64_t(col) * ld], A[q + int64_t(col) * ld], j.s, j.tau);
+            rotate2(A[p + int64_t(col) * ld], A[q + int64_t(col) * ld], jac.s, jac.tau);
         }
         if (team.lane() == 0) {
           T* r = rot + 4 * k;
-          r[0] = j.s;
-          r[1] = j.tau;
-          r[2] = app - j.t * apq;  // the new diagonal, more accurate than the rotated one
-          r[3] = aqq + j.t * apq;
+          r[0] = jac.s;
+          r[1] = jac.tau;
+          r[2] = app - jac.t * apq;  // the new diagonal, more accurate than the rotated one
+          r[3] = aqq + jac.t * apq;
         }
       }
       team.sync();
@@ -372,12 +375,12 @@ PROLORA_HD int eigh_jacobi(const Team& team, View<const T> a, int n, T* w, int64
     T acc = 0;
     for (int r = team.lane(); r < n; r += team.width()) {
       T y = 0;
-      for (int c = 0; c <= r; ++c) y += a(r, c) * vj[c];
-      for (int c = r + 1; c < n; ++c) y += a(c, r) * vj[c];
+      for (int c = 0; c <= r; ++c) y += a(r, c) * scale * vj[c];
+      for (int c = r + 1; c < n; ++c) y += a(c, r) * scale * vj[c];
       acc += vj[r] * y;
     }
     acc = team.group_sum(acc);
-    if (team.lane() == 0) diag[j] = acc * scale;
+    if (team.lane() == 0) diag[j] = acc;
   }
   team.sync();
   for (int j = team.group(); j < n; j += team.groups()) {

@@ -249,10 +249,13 @@ def test_svd_nan_does_not_hang():
 
 
 @needs_native
-def test_svd_extreme_scales():
+def test_extreme_scales():
+    """Inputs are scaled by a power of two inside: no overflow or underflow near float32's ends."""
     a = make_matrix("random", 2, 16, 16).float()
+    sym = make_symmetric("random", 2, 16).float()
     for scale in (1e-30, 1e30):
         check_svd((a * scale).double(), torch.float32)
+        check_eigh((sym * scale).double(), torch.float32)
 
 
 @needs_native
