@@ -25,7 +25,6 @@ from prolora.checkpoints.model import KOHYA  # noqa: E402
 from prolora.checkpoints.single_file import single_file_plan  # noqa: E402
 from prolora.errors import ModelError, PickleRefusedError, ProloraError  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
-from prolora.synthetic import header_safe_metadata  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=16, block_out_channels=[32, 64, 64, 64], layers_per_block=2, cross_attention_dim=32,
@@ -85,12 +84,8 @@ def write_single_file(state, path: Path, components=("unet", "text_encoder", "te
         t = torch.cat(parts) if len(parts) > 1 else parts[0]
         key = e.key if prefix_override is None else e.key.replace("model.diffusion_model.", prefix_override, 1)
         tensors[key] = (t.t() if e.transpose else t).contiguous()
-    save(path, tensors, _meta(tensors))
+    save(path, tensors)
     return path
-
-
-def _meta(tensors) -> dict[str, str]:
-    return header_safe_metadata([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {})
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +100,7 @@ def zoo(tmp_path_factory):
         entry = {"state": state, "pipeline": _save_pipeline(mods, d / "pipeline")}
         entry["single"] = write_single_file(state, d / f"{kind}.safetensors")
         entry["unet_ldm"] = write_single_file(state, d / "unet_ldm.safetensors", ("unet",), prefix_override="")
-        save(d / "unet_diffusers.safetensors", state["unet"], _meta(state["unet"]))
+        save(d / "unet_diffusers.safetensors", state["unet"])
         entry["unet_diffusers"] = d / "unet_diffusers.safetensors"
         if kind != "ssd":
             entry["sharded"] = _save_pipeline(mods, d / "sharded", max_shard_size="100KB")
@@ -399,7 +394,7 @@ def test_errors(zoo, tmp_path):
     for ref in src.weights.values():
         tensors[ref.key] = torch.zeros(1)
     bad = tmp_path / "bad_index.safetensors"
-    save(bad, tensors, _meta(tensors))
+    save(bad, tensors)
     with pytest.raises(ModelError) as e:
         open_model(bad)
     _one_line(e.value, bad)

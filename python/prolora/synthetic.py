@@ -13,13 +13,14 @@ import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 
-from .safetensors_io import StreamingWriter, build_header
+from .safetensors_io import StreamingWriter
 
 Params = list[tuple[str, tuple[int, ...]]]
 
@@ -296,18 +297,15 @@ def spectrum(d: int, g: torch.Generator) -> torch.Tensor:
     """d singular values, decreasing, shaped like trained weights (see module doc).
 
     s(x) = (1 + x/c)^-p (1 - 0.97x)^q at x = (i + 1/2)/d, with c, q drawn per weight and p solved
-    so that s_0 / s_{d/4} equals a ratio drawn from [2.8, 3.2].
+    (in closed form) so that s_0 / s_{d/4} equals a ratio drawn from [2.8, 3.2].
     """
-    u = torch.rand(3, generator=g, dtype=torch.float64)
-    ratio, c, q = 2.8 + 0.4 * u[0].item(), 0.04 + 0.02 * u[1].item(), 0.2 + 0.2 * u[2].item()
+    u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+    ratio, c, q = 2.8 + 0.4 * u[0], 0.04 + 0.02 * u[1], 0.2 + 0.2 * u[2]
     x = (torch.arange(d, dtype=torch.float64) + 0.5) / d
-    base = (1 - 0.97 * x) ** q
-    lo, hi = 0.0, 4.0
-    for _ in range(60):
-        p = (lo + hi) / 2
-        s = (1 + x / c) ** (-p) * base
-        lo, hi = (p, hi) if s[0] / s[d // 4] < ratio else (lo, p)
-    return s
+    x0, xq = x[0].item(), x[d // 4].item()
+    tail = ((1 - 0.97 * xq) / (1 - 0.97 * x0)) ** q
+    p = max(0.0, math.log(ratio * tail) / math.log((1 + xq / c) / (1 + x0 / c))) if d >= 4 else 0.0
+    return (1 + x / c) ** (-p) * (1 - 0.97 * x) ** q
 
 
 def _orthonormal(n: int, d: int, g: torch.Generator) -> torch.Tensor:
@@ -347,11 +345,12 @@ class Perturbation:
     """How a target differs from its source, per weight: dW = size * ||W||_F * unit(drift + noise).
 
     The drift is a random product of rank max(1, d * rank_fraction), the noise dense Gaussian;
-    `noise_fraction` is the noise's share of the energy. At size 0.08 the top-(d/2) subspaces keep
-    phi ~ 0.97-0.99; at 0.1, ~0.96-0.98; larger sizes go lower.
+    `noise_fraction` is the noise's share of the energy. At the default size 0.1 the top-(d/2)
+    subspaces keep phi ~ 0.96-0.98 for square weights and ~0.98-0.995 on the short side of 4:1
+    ones; at 0.05, ~0.985-0.995; larger sizes go lower.
     """
 
-    size: float = 0.08
+    size: float = 0.1
     rank_fraction: float = 1 / 16
     noise_fraction: float = 0.2
     seed: int = 1
@@ -379,22 +378,6 @@ def _config(cfg: ConfigLike) -> ModelConfig:
         return cfg
     name, _, scale = cfg.partition(":")
     return preset(name, scale or "full")
-
-
-def header_safe_metadata(entries, metadata: dict[str, str]) -> dict[str, str]:
-    """Metadata padded so the file's first bytes cannot look like a pickle/zip magic.
-
-    Workaround: safetensors_io.refuse_pickle reads the first byte 0x80 or "PK" as pickle/zip
-    magic, but those are also valid low bytes of a header length (e.g. 0x...80). Remove when
-    refuse_pickle checks for a valid header first.
-    """
-    meta = dict(metadata)
-    for i in range(8):
-        n = len(build_header(entries, meta))
-        if n & 0xFF != 0x80 and n & 0xFFFF != 0x4B50:
-            return meta
-        meta["padding"] = " " * (8 * (i + 1))
-    return meta
 
 
 def _unet_config_json(cfg: ModelConfig) -> dict:
@@ -430,18 +413,31 @@ class _Values:
         return perturb(self.base.load(module), module, self.p)
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with n torch threads, restoring the previous count (small matrices run faster on one
+    thread, and far faster when other processes compete for the cores)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _write_file(path: Path, items: list[tuple[str, tuple[int, ...], object]], dtype: torch.dtype,
                 metadata: dict[str, str]) -> None:
     """items: (key, shape, callable producing a float tensor); written one by one."""
     entries = [(k, dtype, s) for k, s, _ in items]
-    with StreamingWriter(path, entries, header_safe_metadata(entries, metadata)) as w:
+    with StreamingWriter(path, entries, metadata) as w:
         for key, _, make in items:
             w.write(key, make().to(dtype).contiguous())
 
 
 def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
                 dtype: torch.dtype = torch.float16, seed: int = 0, base=None,
-                perturbation: Perturbation | float = Perturbation()) -> Path:
+                perturbation: Perturbation | float = Perturbation(), threads: int | None = None) -> Path:
     """Write a synthetic base model; returns its path.
 
     `cfg`: a ModelConfig or a preset name ("sdxl", "sd15:tiny", "ssd-1b:small", ...).
@@ -449,10 +445,12 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     `base`: a source model (path or BaseModel) written earlier with the same config and seed;
     the result is then a TARGET: each source weight plus a `perturbation` (relative Frobenius
     size, or a Perturbation); other parameters equal the source's.
+    `threads`: torch threads while generating (default: 1 below 100M parameters, else torch's).
     """
     from .checkpoints import BaseModel, open_model
-    from .checkpoints.single_file import single_file_plan
 
+    if layout not in ("diffusers", "single-file"):
+        raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
     cfg = _config(cfg)
     if isinstance(perturbation, (int, float)):
         perturbation = Perturbation(size=float(perturbation))
@@ -465,42 +463,52 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
                                              "target_of": base.identity() if base is not None else None,
                                              "perturbation": asdict(perturbation) if base is not None else None})}
+    if threads is None:
+        threads = 1 if sum(math.prod(s) for plist in params.values() for _, s in plist) < 100_000_000 else 0
     try:
-        if layout == "single-file":
-            openclip = cfg.text_encoders.get("text_encoder", _CLIP_L).openclip
-            shapes = {c: dict(plist) for c, plist in params.items()}
-            items = []
-            for e in single_file_plan(params, openclip_te1=openclip):
-                def make(e=e):
-                    parts = [values(c, n, shapes[c][n]) for c, n in e.sources]
-                    t = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    return t.t() if e.transpose else t
-                items.append((e.key, e.shape, make))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(path, items, dtype, meta)
-        elif layout == "diffusers":
-            path.mkdir(parents=True, exist_ok=True)
-            index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in params else "StableDiffusionPipeline",
-                     "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"]}
-            for comp, plist in params.items():
-                folder = path / comp
-                folder.mkdir(exist_ok=True)
-                if comp == "unet":
-                    conf, fname = _unet_config_json(cfg), "diffusion_pytorch_model.safetensors"
-                else:
-                    te = cfg.text_encoders[comp]
-                    conf, fname = _clip_config_json(te, dtype), "model.safetensors"
-                    index[comp] = ["transformers", conf["architectures"][0]]
-                (folder / "config.json").write_text(json.dumps(conf, indent=2))
-                items = [(n, s, (lambda c=comp, n=n, s=s: values(c, n, s))) for n, s in plist]
-                _write_file(folder / fname, items, dtype, meta)
-            (path / "model_index.json").write_text(json.dumps(index, indent=2))
-        else:
-            raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
+        with _threads(threads):
+            _write_layout(path, cfg, params, layout, values, dtype, meta)
     finally:
         if opened is not None:
             opened.close()
     return path
+
+
+def _write_layout(path: Path, cfg: ModelConfig, params: dict[str, Params], layout: str, values: _Values,
+                  dtype: torch.dtype, meta: dict[str, str]) -> None:
+    from .checkpoints.single_file import single_file_plan
+
+    if layout == "single-file":
+        openclip = cfg.text_encoders.get("text_encoder", _CLIP_L).openclip
+        shapes = {c: dict(plist) for c, plist in params.items()}
+        items = []
+        for e in single_file_plan(params, openclip_te1=openclip):
+            def make(e=e):
+                parts = [values(c, n, shapes[c][n]) for c, n in e.sources]
+                t = torch.cat(parts) if len(parts) > 1 else parts[0]
+                return t.t() if e.transpose else t
+            items.append((e.key, e.shape, make))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(path, items, dtype, meta)
+    elif layout == "diffusers":
+        path.mkdir(parents=True, exist_ok=True)
+        index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in params else "StableDiffusionPipeline",
+                 "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"]}
+        for comp, plist in params.items():
+            folder = path / comp
+            folder.mkdir(exist_ok=True)
+            if comp == "unet":
+                conf, fname = _unet_config_json(cfg), "diffusion_pytorch_model.safetensors"
+            else:
+                te = cfg.text_encoders[comp]
+                conf, fname = _clip_config_json(te, dtype), "model.safetensors"
+                index[comp] = ["transformers", conf["architectures"][0]]
+            (folder / "config.json").write_text(json.dumps(conf, indent=2))
+            items = [(n, s, (lambda c=comp, n=n, s=s: values(c, n, s))) for n, s in plist]
+            _write_file(folder / fname, items, dtype, meta)
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    else:
+        raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
 
 
 # ----------------------------------------------------------------------------- LoRAs

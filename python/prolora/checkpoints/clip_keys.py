@@ -18,6 +18,7 @@ CLIP_PREFIXES = {  # transformers-named CLIP inside single files
 OPENCLIP_PREFIXES = {
     "cond_stage_model.model.": "text_encoder",  # SD2.x OpenCLIP-H
     "conditioner.embedders.1.model.": "text_encoder_2",  # SDXL OpenCLIP-G
+    "conditioner.embedders.0.model.": "text_encoder_2",  # SDXL refiner: OpenCLIP-G only
 }
 
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class BaseModel:
     structure: UnetStructure | None = field(default=None, repr=False)
     text_encoders: dict[str, dict] = field(default_factory=dict, repr=False)  # component -> facts
     _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _aliases: dict[str, tuple[str, str]] | None = field(default=None, repr=False)
     _identity: str | None = field(default=None, repr=False)
 
@@ -162,10 +164,11 @@ class BaseModel:
 
     # ------------------------------------------------------------------ tensors
     def _file(self, path: Path) -> SafetensorsFile:
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = SafetensorsFile(path)
-        return h
+        with self._lock:  # loads may come from a prefetch thread
+            h = self._handles.get(path)
+            if h is None:
+                h = self._handles[path] = SafetensorsFile(path)
+            return h
 
     def load(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight of `module` (row slice / transpose applied), read lazily, as `dtype`."""
@@ -225,9 +228,10 @@ class BaseModel:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        for h in self._handles.values():
-            h.close()
-        self._handles.clear()
+        with self._lock:
+            for h in self._handles.values():
+                h.close()
+            self._handles.clear()
 
     def __enter__(self) -> "BaseModel":
         return self
