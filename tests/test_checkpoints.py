@@ -418,3 +418,19 @@ def test_errors(zoo, tmp_path):
     with open_model(zoo["sd15"]["single"]) as m:
         with pytest.raises(ModelError):
             m.load("unet.not_a_module")
+
+
+def test_diffusers_unet_key_without_ldm_name_is_kept(zoo, tmp_path):
+    state = dict(zoo["sd15"]["state"]["unet"])
+    state["class_embedding.linear_1.weight"] = torch.zeros(128, 32)
+    path = tmp_path / "unet_extra.safetensors"
+    save(path, state)
+    with open_model(path) as m:
+        assert m.family == "sd1"
+        module = "unet.class_embedding.linear_1"
+        assert m.weights[module].shape == (128, 32)
+        key = m.spell(module, "kohya-diffusers")
+        assert m.resolve(key) == (module, "kohya-diffusers")
+        with pytest.raises(ModelError, match="no LDM"):
+            m.spell(module, "kohya-ldm")
+        assert m.spell("unet.conv_in", "comfy") == "diffusion_model.input_blocks.0.0"

@@ -204,7 +204,7 @@ def test_target_requires_matching_base(tmp_path):
 # ------------------------------------------------------------------ LoRAs and the demo
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "comfy", "diffusers-old"])
 def test_write_lora_resolves_on_the_model(tmp_path, fmt):
     from prolora.formats import read_lora
 
@@ -212,15 +212,17 @@ def test_write_lora_resolves_on_the_model(tmp_path, fmt):
     path = write_lora(src, tmp_path / "lora.safetensors", format=fmt, rank=4, targets="transformer", seed=1)
     lora = read_lora(path)
     assert lora.format == fmt
+    spelling = {"kohya": "kohya-ldm", "comfy": "comfy"}.get(fmt, "peft")
     with open_model(src) as m:
         want = set(lora_targets(m.weights, "transformer"))
         got = {}
         for key, mod in lora.modules.items():
             hit = m.resolve(key)
-            assert hit is not None, key
+            assert hit is not None and hit[1] == spelling, key
             got[hit[0]] = mod
-            assert hit[1] == ("kohya-ldm" if fmt == "kohya" else "peft")
-            assert mod.rank == 4 and mod.scale == pytest.approx(0.5)
+            assert mod.rank == 4
+            if fmt in ("kohya", "peft"):  # the others fold alpha/r into up
+                assert mod.scale == pytest.approx(0.5)
         assert set(got) == want
         for module, mod in list(got.items())[:10]:
             delta = mod.scale * mod.up.float().reshape(mod.out_features, -1) @ mod.down.float().reshape(4, -1)

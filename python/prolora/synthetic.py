@@ -309,8 +309,19 @@ def spectrum(d: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _orthonormal(n: int, d: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, d, generator=g))
-    return q * torch.sign(torch.diagonal(r))
+    """n x d with orthonormal columns, Haar-distributed: the Q of a Gaussian's QR (R > 0 diagonal).
+
+    Computed as Cholesky-QR (Q = G R^-1, R = chol(G^T G)), several times faster than Householder
+    on CPU; in float64 when G is near-square (ill-conditioned), float32 when n >= 2d (cond <= 6).
+    """
+    gauss = torch.randn(n, d, generator=g)
+    work = gauss if n >= 2 * d else gauss.double()
+    try:
+        r = torch.linalg.cholesky(work.T @ work, upper=True)
+        return torch.linalg.solve_triangular(r, work, upper=True, left=False).float()
+    except RuntimeError:  # numerically singular Gram matrix: fall back to Householder
+        q, r = torch.linalg.qr(gauss.double())
+        return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def spectral_weight(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:

@@ -32,16 +32,24 @@ def _is_unet_weight(info: TensorInfo) -> bool:
 
 
 def unet_from_diffusers(tensors: Tensors, where: str, prefix: str = "") -> Component:
-    """UNet whose keys are diffusers names (after `prefix`)."""
+    """UNet whose keys are diffusers names (after `prefix`).
+
+    Every weight is kept; LDM/SGM names (for the kohya-ldm and comfy spellings) are derived where
+    the layout has them: a UNet of an unusual structure simply gets none.
+    """
     names = {k[len(prefix):]: k for k in tensors if k.startswith(prefix)}
-    d2l, structure = diffusers_to_ldm(names, where)
+    try:
+        d2l, structure = diffusers_to_ldm(names, where, strict=False)
+    except ModelError:
+        d2l, structure = {}, None
     comp = Component("unet", structure=structure)
     for name, key in names.items():
         path, info = tensors[key]
         if _is_unet_weight(info):
             module = "unet." + name[: -len(".weight")]
             comp.weights[module] = WeightRef(module, path, key, info.shape, info.dtype)
-            comp.ldm_names[module] = d2l[name][: -len(".weight")]
+            if name in d2l:
+                comp.ldm_names[module] = d2l[name][: -len(".weight")]
     return comp
 
 
@@ -114,18 +122,19 @@ def assemble(path: Path, layout: str, components: list[Component], files: dict[s
     ldm_names: dict[str, str] = {}
     structure = None
     encoders: dict[str, dict] = {}
+    has_unet = False
     for comp in components:
         if not comp.weights:
             continue
         weights.update(comp.weights)
         ldm_names.update(comp.ldm_names)
         if comp.name == "unet":
-            structure = comp.structure
+            structure, has_unet = comp.structure, True
         else:
             encoders[comp.name] = comp.facts
     if not weights:
         raise ModelError(f"{path}: no UNet or text-encoder weights found")
-    if structure is not None:
+    if has_unet:
         te_hidden = {c: f["hidden"] for c, f in encoders.items() if f.get("hidden")}
         family = detect_family(unet_stats({m: r.shape for m, r in weights.items()}), te_hidden)
     else:

@@ -114,7 +114,9 @@ class BaseModel:
         if spelling == "peft":
             return module
         if component == "unet":
-            ldm = self.ldm_names[module]
+            ldm = self.ldm_names.get(module)
+            if ldm is None and spelling != "kohya-diffusers":
+                raise ModelError(f"{self.path}: '{module}' has no LDM/SGM name, so no '{spelling}' spelling")
             if spelling == "kohya-ldm":
                 return "lora_unet_" + _flat(ldm)
             if spelling == "kohya-diffusers":
@@ -141,10 +143,11 @@ class BaseModel:
             component, _, path = module.partition(".")
             add(module, module, "peft")
             if component == "unet":
-                ldm = self.ldm_names[module]
-                add("lora_unet_" + _flat(ldm), module, "kohya-ldm")
+                ldm = self.ldm_names.get(module)
                 add("lora_unet_" + _flat(path), module, "kohya-diffusers")
-                add("diffusion_model." + ldm, module, "comfy")
+                if ldm is not None:
+                    add("lora_unet_" + _flat(ldm), module, "kohya-ldm")
+                    add("diffusion_model." + ldm, module, "comfy")
             elif path.startswith("text_model."):  # transformers 5 CLIPTextModel names lack it
                 add(f"{component}.{path[len('text_model.'):]}", module, "peft")
             if component == "text_encoder":

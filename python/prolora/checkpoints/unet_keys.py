@@ -192,7 +192,8 @@ def structure_from_ldm(keys: Iterable[str], where: str) -> UnetStructure:
         downsample=[i < levels - 1 for i in range(levels)], upsample=upsample, mid=mid)
 
 
-def _convert(keys: Iterable[str], rules: list[tuple[str, str, bool]], to_ldm: bool, where: str) -> dict[str, str]:
+def _convert(keys: Iterable[str], rules: list[tuple[str, str, bool]], to_ldm: bool, where: str,
+             strict: bool = True) -> dict[str, str]:
     table = {(d if to_ldm else l): ((l if to_ldm else d), res) for d, l, res in rules}
     names = RESNET_D2L if to_ldm else RESNET_L2D
     out: dict[str, str] = {}
@@ -215,20 +216,27 @@ def _convert(keys: Iterable[str], rules: list[tuple[str, str, bool]], to_ldm: bo
             out[key] = ".".join([new_prefix, *rest])
             break
         else:
+            if not strict:
+                continue
             raise ModelError(f"{where}: UNet key '{key}' maps nowhere in the "
                              f"{'diffusers' if to_ldm else 'LDM/SGM'} -> {'LDM/SGM' if to_ldm else 'diffusers'} map")
     return out
 
 
-def diffusers_to_ldm(keys: Iterable[str], where: str = "UNet") -> tuple[dict[str, str], UnetStructure]:
-    """{diffusers key: LDM key} for every key (parameters or module names), plus the structure."""
+def diffusers_to_ldm(keys: Iterable[str], where: str = "UNet", strict: bool = True
+                     ) -> tuple[dict[str, str], UnetStructure]:
+    """{diffusers key: LDM key} for every parameter key, plus the structure.
+
+    strict=False leaves keys without an LDM counterpart (e.g. class_embedding) out of the map
+    instead of raising.
+    """
     keys = list(keys)
     s = structure_from_diffusers(keys, where)
-    return _convert(keys, s.rules(), True, where), s
+    return _convert(keys, s.rules(), True, where, strict), s
 
 
 def ldm_to_diffusers(keys: Iterable[str], where: str = "UNet") -> tuple[dict[str, str], UnetStructure]:
-    """{LDM key: diffusers key} for every key (prefix already removed), plus the structure."""
+    """{LDM key: diffusers key} for every parameter key (prefix already removed), plus the structure."""
     keys = list(keys)
     s = structure_from_ldm(keys, where)
     return _convert(keys, s.rules(), False, where), s
