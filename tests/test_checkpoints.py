@@ -434,3 +434,24 @@ def test_diffusers_unet_key_without_ldm_name_is_kept(zoo, tmp_path):
         with pytest.raises(ModelError, match="no LDM"):
             m.spell(module, "kohya-ldm")
         assert m.spell("unet.conv_in", "comfy") == "diffusion_model.input_blocks.0.0"
+
+
+def test_old_sd1_text_encoder_names_without_text_model(zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(zoo["sd15"]["single"])
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in tensors.items()}
+    path = tmp_path / "old.safetensors"
+    save(path, old)
+    with open_model(path) as a, open_model(zoo["sd15"]["single"]) as b:
+        assert set(a.weights) == set(b.weights) and a.family == "sd1"
+        q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+        assert torch.equal(a.load(q), b.load(q))
+
+
+def test_flux_is_refused_clearly(tmp_path):
+    path = tmp_path / "flux.safetensors"
+    save(path, {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)})
+    with pytest.raises(ModelError, match="Flux"):
+        open_model(path)

@@ -97,7 +97,8 @@ def _read(folder: Path, kind: str, root: Path, files: dict, headers: dict) -> Co
 def open_pipeline(path: Path) -> BaseModel:
     """A diffusers pipeline folder: unet/ is required, text encoders are read when present."""
     if not (path / "unet").is_dir():
-        raise ModelError(f"{path}: diffusers pipeline without a unet/ folder")
+        extra = " (a transformer/ model such as Flux or SD3, which is not supported)" if (path / "transformer").is_dir() else ""
+        raise ModelError(f"{path}: diffusers pipeline without a unet/ folder{extra}")
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
     comps = [_read(path / c, c, path, files, headers) for c in COMPONENTS if (path / c).is_dir()]

@@ -37,11 +37,14 @@ def open_single_file(path: Path) -> BaseModel:
             raise ModelError(f"{path}: UNet key '{stray[0]}' maps nowhere in the LDM -> diffusers map")
     elif _has(keys, "down_blocks.") and _has(keys, "up_blocks."):
         comps.append(unet_from_diffusers(tensors, where))
+    elif any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        raise ModelError(f"{path}: a Flux (BFL) checkpoint; only UNet models (SD1.x, SD2.x, SDXL, SSD-1B) "
+                         "are supported")
     else:
         raise ModelError(f"{path}: no UNet keys (expected 'model.diffusion_model.*', LDM 'input_blocks.*' "
                          "or diffusers 'down_blocks.*'); is this a VAE, a text encoder or a LoRA?")
     for prefix, component in CLIP_PREFIXES.items():
-        if _has(keys, prefix + "text_model."):
+        if _has(keys, prefix):  # old SD1 files lack `text_model.`: names are normalised
             comps.append(clip_from_transformers(tensors, component, prefix))
     for prefix, component in OPENCLIP_PREFIXES.items():
         if _has(keys, prefix + "transformer.resblocks."):
