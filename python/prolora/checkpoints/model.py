@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..safetensors_io import DTYPES, Header, SafetensorsFile
+from ..safetensors_io import Header, SafetensorsFile
 from .family import unet_stats
 from .unet_keys import UnetStructure
 
@@ -269,8 +269,3 @@ def _sample_bytes(path: Path, header: Header) -> bytes:
     finally:
         os.close(fd)
     return hashlib.sha256(bytes(out)).digest()
-
-
-def dtype_of(name: str) -> torch.dtype:
-    """torch dtype for a safetensors dtype code."""
-    return DTYPES[name]
