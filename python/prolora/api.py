@@ -139,13 +139,14 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: P
             "seconds": round(time.perf_counter() - t0, 3),
         }
         modules = {r.module.key: r.module for r in results if r.module is not None}
-        out = LoraFile(out_format, modules, _provenance(lf, src, tgt, opts, report), lf.dtype, out_path)
+        out = LoraFile(out_format, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
     if not modules and out_path is not None:
         raise NothingTransferredError(
             f"no layer of {lf.path or 'the LoRA'} passed the similarity gate (min phi {report.summary()['min_phi']}"
             f" < tau {opts.tau:g}); nothing written. Lower --tau or pass --skipped copy")
     if out_path is not None:
         write_lora(out_path, out, out_format)
+        out.path = out_path
     report.info["seconds"] = round(time.perf_counter() - t0, 3)
     return TransferResult(out, report, out_path)
 

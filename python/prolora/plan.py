@@ -52,17 +52,18 @@ def _out_spelling(in_format: str, out_format: str, in_spelling: str, target: Bas
             "comfy": "comfy"}[out_format]
 
 
-def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str) -> None:
+def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseModel) -> None:
     """Raise if the LoRA's factors cannot multiply into a weight of this shape."""
     out, rest = shape[0], shape[1:]
+    hint = f"; is the LoRA for another model than {model.name} ({model.family})?"
     if lm.is_conv != (len(shape) == 4):
         kind = "conv" if lm.is_conv else "linear"
-        raise LoraMismatchError(f"{where}: LoRA module '{lm.key}' is {kind} but the weight has shape {shape}")
+        raise LoraMismatchError(f"{where}: LoRA module '{lm.key}' is {kind} but the weight has shape {shape}{hint}")
     want_down = tuple(rest) if lm.is_conv else (rest[0],)
     if lm.out_features != out or tuple(lm.down.shape[1:]) != want_down:
         raise LoraMismatchError(
             f"{where}: LoRA module '{lm.key}' (up {tuple(lm.up.shape)}, down {tuple(lm.down.shape)}) "
-            f"does not fit the weight of shape {shape}")
+            f"does not fit the weight of shape {shape}{hint}")
 
 
 def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None) -> Plan:
@@ -100,7 +101,7 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     for key, (module, spelling) in resolved.items():
         lm = lora.modules[key]
         shape = source.weights[module].shape
-        _check_fits(lm, shape, where)
+        _check_fits(lm, shape, where, source)
         tw = target.weights.get(module)
         if tw is None:
             skipped.append(Skip(key, module, shape, "no counterpart in the target model"))

@@ -1,0 +1,35 @@
+"""Shared fixtures: small synthetic base-model pairs and LoRAs, built once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sdxl_pair(tmp_path_factory):
+    """A tiny SDXL-shaped source (single file) and target (diffusers folder), plus LoRAs."""
+    from prolora.synthetic import write_lora, write_model
+
+    d = tmp_path_factory.mktemp("sdxl_pair")
+    source = write_model(d / "source.safetensors", "sdxl:tiny", layout="single-file", seed=0)
+    target = write_model(d / "target", "sdxl:tiny", layout="diffusers", seed=0, base=source)
+    return {
+        "dir": d, "source": source, "target": target,
+        "kohya": write_lora(source, d / "kohya.safetensors", format="kohya", rank=4, targets="transformer"),
+        "peft": write_lora(source, d / "peft.safetensors", format="peft", rank=4, targets="attn", seed=1),
+        "conv": write_lora(source, d / "conv.safetensors", format="kohya", rank=4, targets="all", conv=True, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def sd15_pair(tmp_path_factory):
+    from prolora.synthetic import write_lora, write_model
+
+    d = tmp_path_factory.mktemp("sd15_pair")
+    source = write_model(d / "source", "sd15:tiny", layout="diffusers", seed=3)
+    target = write_model(d / "target.safetensors", "sd15:tiny", layout="single-file", seed=3, base=source)
+    return {"dir": d, "source": source, "target": target,
+            "kohya": write_lora(source, d / "kohya.safetensors", format="kohya", rank=4, targets="transformer")}
