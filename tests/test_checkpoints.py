@@ -5,10 +5,8 @@ checked against diffusers' own loader (`from_single_file`) and CLIP converters.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,74 +16,14 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
+from zoo import FAMILY, SPECS, TE2, canon, write_single_file  # noqa: E402
+from zoo import build as _build, save_pipeline as _save_pipeline, state as _state  # noqa: E402
 
 from prolora.checkpoints import SPELLINGS, open_model  # noqa: E402
 from prolora.checkpoints.model import KOHYA  # noqa: E402
-from prolora.checkpoints.single_file import single_file_plan  # noqa: E402
 from prolora.errors import ModelError, PickleRefusedError, ProloraError  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
-
-SD15_UNET = dict(
-    sample_size=16, block_out_channels=[32, 64, 64, 64], layers_per_block=2, cross_attention_dim=32,
-    attention_head_dim=4, norm_num_groups=8,
-)  # defaults: CrossAttnDown x3 + DownBlock2D, conv proj_in
-SDXL_UNET = dict(
-    sample_size=16, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64, 64],
-    layers_per_block=2, cross_attention_dim=96, attention_head_dim=[2, 4, 4], use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 48,
-    transformer_layers_per_block=[1, 1, 2], norm_num_groups=8,
-)
-SSD_UNET = dict(SDXL_UNET, transformer_layers_per_block=[1, 2, 2], mid_block_type="UNetMidBlock2D",
-                reverse_transformer_layers_per_block=[[2, 2, 3], [2, 1, 1], [1, 1, 1]])
-TE1 = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
-           max_position_embeddings=77)
-TE2 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, vocab_size=1000,
-           max_position_embeddings=77, projection_dim=48)
-SPECS = {
-    "sd15": (SD15_UNET, {"text_encoder": (CLIPTextModel, TE1)}),
-    "sdxl": (SDXL_UNET, {"text_encoder": (CLIPTextModel, TE1), "text_encoder_2": (CLIPTextModelWithProjection, TE2)}),
-    "ssd": (SSD_UNET, {"text_encoder": (CLIPTextModel, TE1), "text_encoder_2": (CLIPTextModelWithProjection, TE2)}),
-}
-FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "ssd": "ssd-1b"}
-
-
-def _build(kind: str, seed: int) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(seed)
-    unet_cfg, tes = SPECS[kind]
-    mods = {"unet": UNet2DConditionModel(**unet_cfg)}
-    for comp, (cls, cfg) in tes.items():
-        mods[comp] = cls(CLIPTextConfig(**cfg))
-    return {k: m.eval() for k, m in mods.items()}
-
-
-def _state(mods) -> dict[str, dict[str, torch.Tensor]]:
-    return {c: {k: v.detach().clone() for k, v in m.state_dict().items()} for c, m in mods.items()}
-
-
-def _save_pipeline(mods, folder: Path, **kw) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in mods else "StableDiffusionPipeline"}
-    for comp, m in mods.items():
-        m.save_pretrained(folder / comp, **kw)
-        index[comp] = ["diffusers" if comp == "unet" else "transformers", type(m).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
-
-
-def write_single_file(state, path: Path, components=("unet", "text_encoder", "text_encoder_2"),
-                      prefix_override: str | None = None) -> Path:
-    """A single .safetensors file laid out by OUR diffusers -> LDM/SGM map."""
-    params = {c: [(k, tuple(v.shape)) for k, v in state[c].items()] for c in components if c in state}
-    tensors = {}
-    for e in single_file_plan(params):
-        parts = [state[c][n] for c, n in e.sources]
-        t = torch.cat(parts) if len(parts) > 1 else parts[0]
-        key = e.key if prefix_override is None else e.key.replace("model.diffusion_model.", prefix_override, 1)
-        tensors[key] = (t.t() if e.transpose else t).contiguous()
-    save(path, tensors)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -112,11 +50,6 @@ def zoo(tmp_path_factory):
             entry["both"] = both
         out[kind] = entry
     return out
-
-
-def canon(name: str) -> str:
-    """transformers 5 saves CLIPTextModel without the `text_model.` root; canonical ids keep it."""
-    return "text_model." + name if name.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else name
 
 
 def _expected_weights(state) -> dict[str, tuple[str, tuple[int, ...]]]:
