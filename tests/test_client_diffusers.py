@@ -10,9 +10,9 @@ must equal the target weight + dW, with dW = scale * up @ down computed here fro
 alone; every other weight must be untouched, and no module of the output may be ignored.
 
 The other tests pin down diffusers' (0.42) handling of text-encoder LoRAs with incomplete attention
-sets (kohya: no out_proj in an encoder; peft: only MLP modules in an encoder), and show (strict
-xfails, prolora bugs) that a transfer produces such files when the similarity gate drops those
-modules, and that alpha="rank" on a mixed-rank kohya LoRA writes alphas diffusers misapplies.
+sets (kohya: no out_proj in an encoder; peft: only MLP modules in an encoder), and check that a
+transfer whose similarity gate drops those modules still loads completely (prolora adds a
+zero-delta module), and that alpha="rank" on a mixed-rank kohya LoRA is applied exactly.
 Run time ~25 s on 2 busy cores (the transfers run single-threaded, see `one_thread`).
 """
 from __future__ import annotations
@@ -236,8 +236,10 @@ def load_and_fuse(entry, path: Path) -> dict:
             module = f"{comp}.{canon(k)[: -len('.weight')]}" if k.endswith(".weight") else None
             if module in adapted:
                 dw = deltas[module]
-                # fused (float32) vs target + dW (float64): W + dW rounds at ~1e-7 * |W|
-                err = float((w1.double() - (w0.double() + dw)).norm() / dw.norm())
+                # fused (float32) vs target + dW (float64): W + dW rounds at ~1e-7 * |W|;
+                # a zero-delta module (added for diffusers' key mapping) must leave W as it was
+                scale = dw.norm() if dw.norm() > 0 else w0.double().norm()
+                err = float((w1.double() - (w0.double() + dw)).norm() / scale)
                 worst = max(worst, err)
                 assert err < 1e-5, (module, err)
                 changed.add(module)
@@ -453,13 +455,11 @@ def _reverse_spectra(st, pattern: str):
     ("kohya", r"^text_encoder\.text_model\.encoder\.layers\.\d+\.self_attn\.out_proj\.weight$"),
     ("peft", r"^text_encoder\.text_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj\.weight$"),
 ], ids=["kohya-all-te1-out_proj-gated", "peft-all-te1-attention-gated"])
-@pytest.mark.xfail(strict=True, raises=(IgnoredByDiffusers, RefusedByDiffusers),
-                   reason="prolora bug: when the similarity gate drops every out_proj of a text encoder "
-                          "(kohya) or every attention projection (peft) but keeps other modules of it, "
-                          "diffusers silently ignores the encoder's q/k/v (kohya) or refuses the file (peft)")
 def test_gate_output_loads_completely_in_diffusers(pairs, tmp_path, fmt, pattern):
     """A target whose text_encoder out_proj (kohya case) or q/k/v/out_proj (peft case) weights were
-    reshaped, so that the default gate (tau 0.8) drops exactly those modules, every layer of them."""
+    reshaped, so that the default gate (tau 0.8) drops exactly those modules, every layer of them.
+    Without help diffusers would drop the encoder's q/k/v (kohya) or refuse the file (peft); the
+    transfer adds one zero-delta module so that it loads everything, and says so."""
     entry = pairs["sdxl"]
     tgt = _reverse_spectra(entry["target_state"], pattern)
     variant = dict(entry, target=save_pipeline(load_state("sdxl", tgt), tmp_path / "target"))
@@ -471,14 +471,9 @@ def test_gate_output_loads_completely_in_diffusers(pairs, tmp_path, fmt, pattern
     assert gated == {m for m in by_module if re.search(pattern, m + ".weight")} and gated
     kept_te1 = {m for m, r in by_module.items() if m.startswith("text_encoder.") and r.transferred}
     assert kept_te1
-    try:
-        got = load_and_fuse(variant, out)
-    except ValueError as e:  # peft: text_encoder has only fc1/fc2 left
-        assert fmt == "peft" and "infer state dict type" in str(e) and not any("self_attn" in m for m in kept_te1)
-        raise RefusedByDiffusers(f"diffusers: {e}") from e
-    if got["ignored"]:  # kohya: text_encoder has no out_proj left, its q/k/v are dropped
-        assert fmt == "kohya" and got["ignored"] == {m for m in kept_te1 if re.search(r"\.[qkv]_proj$", m)}
-        raise IgnoredByDiffusers(f"diffusers ignored {sorted(got['ignored'])}")
+    assert any("zero-delta" in w for w in res.report.warnings)
+    got = load_and_fuse(variant, out)
+    assert not got["ignored"]
 
 
 # ----------------------------------------------------------------------------- alpha="rank" and mixed ranks
@@ -487,14 +482,12 @@ def test_gate_output_loads_completely_in_diffusers(pairs, tmp_path, fmt, pattern
 # peft says why: "alpha_pattern keys did not match any targeted module and were ignored:
 # ['down_blocks.1...attn1.processor.to_q_lora...', 'text_model.encoder.layers.0.self_attn']"
 @pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match:RuntimeWarning")
-@pytest.mark.xfail(strict=True, raises=MisappliedByDiffusers,
-                   reason="prolora: alpha='rank' writes per-module kohya alphas that differ within a "
-                          "component when ranks do; diffusers applies one alpha per component to most modules")
 def test_alpha_rank_output_of_a_mixed_rank_kohya_lora_is_applied_exactly(pairs, tmp_path):
     """A kohya LoRA with mixed ranks (4 and 8) and one alpha loads exactly in diffusers (checked
-    first). Transferred with alpha="rank", its alphas become 4 and 8 within each component, and
+    first). Written naively with alpha = rank per module, its alphas would be 4 and 8 within a component, and
     diffusers' `_create_lora_config` (most common alpha as lora_alpha + an alpha_pattern whose keys
-    miss attention modules) gives the rank-4 modules alpha 8: twice the delta."""
+    miss attention modules) would give the rank-4 modules alpha 8: twice the delta. So alpha="rank"
+    writes one alpha (the largest output rank) and folds each module's scale into its up."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -515,5 +508,5 @@ def test_alpha_rank_output_of_a_mixed_rank_kohya_lora_is_applied_exactly(pairs, 
     out = tmp_path / "out.safetensors"
     prolora.transfer(entry["source"], entry["target"], lora, out, alpha="rank")
     written, _ = _read(out)
-    assert {float(v) for k, v in written.items() if k.endswith(".alpha")} == {4.0, 8.0}  # precondition
+    assert {float(v) for k, v in written.items() if k.endswith(".alpha")} == {8.0}
     check_with_diffusers(entry, out)

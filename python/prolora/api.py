@@ -13,7 +13,8 @@ import torch
 
 from . import __version__
 from .checkpoints import BaseModel, open_model
-from .engine import BasisSource, record, run_plan
+from .compat import pad_text_encoders
+from .engine import BasisSource, finalize, record, run_plan
 from .errors import InputFileError, NothingTransferredError, OptionError, OutputPathError
 from .formats import read_lora, summarize, write_lora
 from .lora import LoraFile
@@ -138,7 +139,9 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: P
             "compute_dtype": str(opts.compute_dtype).removeprefix("torch."), "device": opts.device,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        modules = {r.module.key: r.module for r in results if r.module is not None}
+        modules = finalize(results, opts, lf.dtype)
+        if modules:
+            report.warnings += pad_text_encoders(modules, out_format, tgt)
         out = LoraFile(out_format, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
     if not modules and out_path is not None:
         raise NothingTransferredError(

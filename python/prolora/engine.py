@@ -50,23 +50,44 @@ class BasisSource:
         return _backend(truncated_svd, self.opts, W)(W, k, dtype=self.opts.compute_dtype)
 
 
-def _output_module(job: LayerJob, math: LayerMath, opts: TransferOptions, dtype: torch.dtype) -> LoraModule:
-    """Factors with the scale folded in -> a module in the output's alpha convention and shapes."""
-    lm = job.lora
-    up, down = math.up, math.down
-    r_out = up.shape[1]
-    alpha = lm.alpha if opts.alpha == "keep" else float(r_out)
-    scale = 1.0 if alpha is None else alpha / r_out
-    up = up / scale
+def _folded_module(job: LayerJob, math: LayerMath) -> LoraModule:
+    """The transferred factors as a module with scale 1 (alpha None), conv shapes restored."""
+    lm, up, down = job.lora, math.up, math.down
+    r = up.shape[1]
     if lm.is_conv:
-        up = up.reshape(up.shape[0], r_out, 1, 1)
-        down = down.reshape(r_out, *lm.down.shape[1:])
-    return LoraModule(job.out_key, down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, lm.bias)
+        up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *lm.down.shape[1:])
+    return LoraModule(job.out_key, down, up, None, lm.bias)
 
 
 def _copied(job: LayerJob) -> LoraModule:
     lm = job.lora
     return LoraModule(job.out_key, lm.down, lm.up, lm.alpha, lm.bias)
+
+
+def _with_alpha(m: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraModule:
+    """The same dW = scale * up @ down written with `alpha` (None: scale 1), in `dtype`."""
+    new_scale = 1.0 if alpha is None else alpha / m.rank
+    up = m.up.double() * (m.scale / new_scale)
+    return LoraModule(m.key, m.down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, m.bias)
+
+
+def finalize(results: list["JobResult"], opts: TransferOptions, dtype: torch.dtype) -> dict[str, LoraModule]:
+    """Output modules in the chosen alpha convention: `keep` writes each module with its input
+    alpha; `rank` writes one alpha (the largest output rank) for all, since loaders such as
+    diffusers apply one alpha per component. Copied modules stay bit-for-bit unless converted."""
+    out: dict[str, LoraModule] = {}
+    made = [r for r in results if r.module is not None and r.math.up is not None]
+    top = max((r.module.rank for r in made), default=0)
+    for r in results:
+        m = r.module
+        if m is None:
+            continue
+        if r.math.up is not None:
+            m = _with_alpha(m, r.job.lora.alpha if opts.alpha == "keep" else float(top), dtype)
+        elif opts.alpha == "rank" and opts.method != "copy" and top:
+            m = _with_alpha(m, float(top), dtype)
+        out[m.key] = m
+    return out
 
 
 def run_job(job: LayerJob, src: BasisSource, tgt: BasisSource, opts: TransferOptions,
@@ -86,7 +107,7 @@ def run_job(job: LayerJob, src: BasisSource, tgt: BasisSource, opts: TransferOpt
     math = transfer_layer(B, A, sb.truncate(k), tb, method=opts.method, tau=opts.tau, rank=opts.rank,
                           r_in=lm.rank, project=_backend(project_lora, opts))
     if math.transferred:
-        out = _output_module(job, math, opts, dtype)
+        out = _folded_module(job, math)
     elif opts.skipped == "copy":
         out, math.reason = _copied(job), math.reason + " (copied unchanged)"
     else:
