@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests never touch the user's basis cache
+os.environ["PROLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="prolora-test-cache-")
 
 
 @pytest.fixture(scope="session")

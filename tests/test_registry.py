@@ -19,7 +19,7 @@ def test_choose_prefers_priority_and_explains_rejections():
     assert c.backend.name == "fast"
     assert c.rejected["gpu"] == "no CUDA device"
     assert "lower priority" in c.rejected["reference"]
-    c = op.choose(Problem(device="cuda"))
+    c = op.choose(Problem(device="meta"))
     assert c.backend.name == "reference" and c.rejected["fast"] == "cpu only"
 
 
@@ -44,3 +44,12 @@ def test_parse_overrides():
 def test_every_op_has_exactly_one_reference():
     for op in ALL_OPS:
         assert sum(b.reference for b in op.backends.values()) == 1, op.name
+
+
+def test_cuda_without_a_device_is_rejected_with_the_reason():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(OptionError, match="no CUDA device"):
+        make_op().choose(Problem(device="cuda"))

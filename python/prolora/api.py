@@ -1,21 +1,22 @@
 """The public surface: transfer(), similarity(), inspect()."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from . import __version__
+from .cache import BasisCache
 from .checkpoints import BaseModel, open_model
 from .compat import pad_text_encoders
-from .engine import BasisSource, finalize, record, run_plan
-from .errors import InputFileError, NothingTransferredError, OptionError, OutputPathError
+from .engine import BasisProvider, Engine, EngineStats, LoraTask, finalize, record
+from .errors import (InputFileError, NothingTransferredError, OptionError, OutputPathError,
+                     ProloraError)
 from .formats import read_lora, summarize, write_lora
 from .lora import LoraFile
 from .method import KMode, similarity as layer_similarity
@@ -108,6 +109,116 @@ def _provenance(lf: LoraFile, source: BaseModel, target: BaseModel, opts: Transf
     return meta
 
 
+@dataclass
+class Failure:
+    """A LoRA of a batch that could not be transferred, and why."""
+
+    lora: str
+    error: str
+    exception: BaseException | None = None
+
+
+@dataclass
+class BatchResult:
+    results: list[TransferResult]
+    failures: list[Failure]
+    stats: EngineStats
+
+
+def _options(options: TransferOptions | None, kwargs: dict[str, Any]) -> TransferOptions:
+    if options is not None and kwargs:
+        raise OptionError("pass either options= or option keywords, not both")
+    return options or TransferOptions(**kwargs)
+
+
+def _cache(opts: TransferOptions) -> BasisCache | None:
+    return BasisCache(opts.cache_dir) if opts.cache else None
+
+
+def _report(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOptions, seconds: float) -> Report:
+    lf, plan = task.lora, task.plan
+    records = [record(r) for r in task.results]
+    records += [LayerRecord(s.module, s.lora_key, None, s.shape, False, s.reason, rank_in=lf.modules[s.lora_key].rank)
+                for s in plan.skipped]
+    report = Report(records, warnings=list(plan.warnings))
+    report.info = {
+        "source": src.name, "source_id": src.identity(), "target": tgt.name, "target_id": tgt.identity(),
+        "lora": str(lf.path) if lf.path else None, "input_format": lf.format, "output_format": plan.out_format,
+        **opts.describe(), "device": opts.device, "seconds": round(seconds, 3),
+    }
+    return report
+
+
+def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOptions, t0: float) -> TransferResult:
+    """A finished task -> output LoRA (alpha convention, loader padding, provenance), written."""
+    lf, fmt = task.lora, task.plan.out_format
+    report = _report(task, src, tgt, opts, time.perf_counter() - t0)
+    modules = finalize(task.results, opts, lf.dtype)
+    if modules:
+        report.warnings += pad_text_encoders(modules, fmt, tgt)
+    out = LoraFile(fmt, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
+    if task.output is not None:
+        if not modules:
+            raise NothingTransferredError(
+                f"no layer of {lf.path or 'the LoRA'} passed the similarity gate (min phi "
+                f"{report.summary()['min_phi']:.3f} < tau {opts.tau:g}); nothing written. Lower --tau or "
+                "pass --skipped copy")
+        write_lora(task.output, out, fmt)
+        out.path = task.output
+    return TransferResult(out, report, task.output)
+
+
+def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOptions,
+         progress: ProgressFactory | None, strict: bool,
+         on_result: Callable[[TransferResult | Failure], None] | None = None) -> BatchResult:
+    """Plan every LoRA, run them all in one pass over the models, write each when complete.
+    strict: raise the first failure (single transfers); else collect failures (batches)."""
+    t0 = time.perf_counter()
+    results: list[TransferResult] = []
+    failures: list[Failure] = []
+
+    def fail(name: str, e: BaseException) -> None:
+        if strict:
+            raise e
+        msg = str(e) if isinstance(e, ProloraError) else f"{type(e).__name__}: {e}"
+        f = Failure(name, msg if name in msg else f"{name}: {msg}", e)
+        failures.append(f)
+        if on_result:
+            on_result(f)
+
+    with ExitStack() as stack:
+        src, tgt = _model(source, stack), _model(target, stack)
+        tasks: list[LoraTask] = []
+        for lora, out in items:
+            name = str(lora.path if isinstance(lora, LoraFile) else lora)
+            try:
+                lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+                fmt = lf.format if opts.format == "same" else opts.format
+                tasks.append(LoraTask(lf, build_plan(lf, src, tgt, fmt), out))
+            except ProloraError as e:
+                fail(name, e)
+
+        def on_done(task: LoraTask) -> None:
+            name = str(task.lora.path or "LoRA")
+            if task.error is not None:
+                return fail(name, ProloraError(f"{name}: {task.error}"))
+            try:
+                res = _complete(task, src, tgt, opts, t0)
+            except ProloraError as e:
+                return fail(name, e)
+            except OSError as e:  # e.g. disk full while writing: this LoRA fails, nothing half-written
+                return fail(name, ProloraError(f"{task.output}: cannot write: {e.strerror or e}"))
+            results.append(res)
+            if on_result:
+                on_result(res)
+
+        modules = {j.module for t in tasks for j in t.plan.jobs}
+        step = progress(len(modules), "layers") if progress else None
+        engine = Engine(src, tgt, opts, _cache(opts), step)
+        stats = engine.run(tasks, on_done)
+    return BatchResult(results, failures, stats)
+
+
 def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: PathLike | LoraFile,
              output: PathLike | None = None, options: TransferOptions | None = None, *,
              overwrite: bool = False, progress: ProgressFactory | None = None,
@@ -116,54 +227,66 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: P
 
     Options come as a TransferOptions or as its fields by keyword (method="prolora", tau=0.8...).
     """
-    if options is not None and option_kwargs:
-        raise OptionError("pass either options= or option keywords, not both")
-    opts = options or TransferOptions(**option_kwargs)
+    opts = _options(options, option_kwargs)
     out_path = resolve_output(output, lora, [source, target, lora], overwrite) if output is not None else None
-    t0 = time.perf_counter()
-    lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
-    out_format = lf.format if opts.format == "same" else opts.format
-    with ExitStack() as stack:
-        src, tgt = _model(source, stack), _model(target, stack)
-        plan = build_plan(lf, src, tgt, out_format)
-        step = progress(len(plan.jobs), "transfer") if progress else None
-        results = run_plan(plan, src, tgt, opts, lf.dtype, step)
-        records = [record(r) for r in results]
-        records += [LayerRecord(s.module, s.lora_key, None, s.shape, False, s.reason, rank_in=lf.modules[s.lora_key].rank)
-                    for s in plan.skipped]
-        report = Report(records, warnings=plan.warnings)
-        report.info = {
-            "source": src.name, "source_id": src.identity(), "target": tgt.name,
-            "target_id": tgt.identity(), "lora": str(lf.path) if lf.path else None,
-            "input_format": lf.format, "output_format": out_format, **opts.describe(),
-            "compute_dtype": str(opts.compute_dtype).removeprefix("torch."), "device": opts.device,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        modules = finalize(results, opts, lf.dtype)
-        if modules:
-            report.warnings += pad_text_encoders(modules, out_format, tgt)
-        out = LoraFile(out_format, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
-    if not modules and out_path is not None:
-        raise NothingTransferredError(
-            f"no layer of {lf.path or 'the LoRA'} passed the similarity gate (min phi {report.summary()['min_phi']}"
-            f" < tau {opts.tau:g}); nothing written. Lower --tau or pass --skipped copy")
-    if out_path is not None:
-        write_lora(out_path, out, out_format)
-        out.path = out_path
-    report.info["seconds"] = round(time.perf_counter() - t0, 3)
-    return TransferResult(out, report, out_path)
+    batch = _run(source, target, [(lora, out_path)], opts, progress, strict=True)
+    res = batch.results[0]
+    res.report.info["engine"] = asdict(batch.stats)
+    return res
+
+
+def lora_files(folder: PathLike) -> list[Path]:
+    """The .safetensors files directly inside `folder`, sorted."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise InputFileError(f"{d}: not a folder")
+    return sorted(p for p in d.iterdir() if p.suffix == ".safetensors" and p.is_file())
+
+
+def transfer_many(source: PathLike | BaseModel, target: PathLike | BaseModel, loras: list[PathLike | LoraFile],
+                  output_dir: PathLike, options: TransferOptions | None = None, *, overwrite: bool = False,
+                  progress: ProgressFactory | None = None,
+                  on_result: Callable[[TransferResult | Failure], None] | None = None,
+                  **option_kwargs: Any) -> BatchResult:
+    """Transfer many LoRAs in one pass over the base models into `output_dir` (same file names).
+
+    Each output is written as soon as its last layer is done; a LoRA that fails is reported in
+    `failures` (and to `on_result`) and does not stop the others.
+    """
+    opts = _options(options, option_kwargs)
+    out_dir = Path(output_dir)
+    if not out_dir.is_dir():
+        raise OutputPathError(f"{out_dir}: output folder does not exist")
+    items: list[tuple[Any, Path | None]] = []
+    pre_failures: list[Failure] = []
+    seen: set[str] = set()
+    for lora in loras:
+        name = Path(lora.path).name if isinstance(lora, LoraFile) and lora.path else Path(str(lora)).name
+        try:
+            if name in seen:
+                raise OutputPathError(f"{lora}: another LoRA of the batch has the file name {name}")
+            seen.add(name)
+            items.append((lora, resolve_output(out_dir / name, lora, [source, target, *loras], overwrite)))
+        except ProloraError as e:
+            pre_failures.append(Failure(str(lora), str(e), e))
+            if on_result:
+                on_result(pre_failures[-1])
+    batch = _run(source, target, items, opts, progress, strict=False, on_result=on_result)
+    batch.failures[:0] = pre_failures
+    return batch
 
 
 def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
                subspace: KMode | str = "energy:0.9", tau: float = 0.8, layers: str | None = None,
-               compute_dtype: torch.dtype = torch.float64, device: str = "cpu",
-               backends: dict[str, str] | None = None, progress: ProgressFactory | None = None) -> SimilarityResult:
+               device: str = "cpu", backends: dict[str, str] | None = None, cache: bool = True,
+               cache_dir: str | None = None, max_memory: int | str | None = None,
+               progress: ProgressFactory | None = None) -> SimilarityResult:
     """Per-layer subspace similarity (phi) of every weight the two models share by name and shape.
 
     `layers` is a regular expression on canonical module names (e.g. 'attn|ff') to limit the work.
     """
-    opts = TransferOptions(subspace=subspace, tau=tau, compute_dtype=compute_dtype, device=device,
-                           backends=backends or {})
+    opts = TransferOptions(subspace=subspace, tau=tau, device=device, backends=backends or {}, cache=cache,
+                           cache_dir=cache_dir, max_memory=max_memory)
     try:
         pattern = re.compile(layers) if layers else None
     except re.error as e:
@@ -176,26 +299,43 @@ def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
         if not names:
             raise InputFileError(f"{src.name} and {tgt.name} share no weights"
                                  + (f" matching {layers!r}" if layers else ""))
-        S, T = BasisSource(src, opts), BasisSource(tgt, opts)
+        engine = Engine(src, tgt, opts, _cache(opts))
+        provider = BasisProvider(src, tgt, opts, engine.cache)
         step = progress(len(names), "similarity") if progress else None
         records = []
-        for m in names:
-            t1 = time.perf_counter()
-            shape = src.weights[m].shape
-            dims = (shape[0], int(torch.Size(shape[1:]).numel()))
-            sb = S.basis(m)
-            k = opts.subspace.choose(min(dims), sb.S, sb.energy)
-            sims = layer_similarity(sb.truncate(k), T.basis(m, k), dims)
-            ok = min(sims["phi_left"], sims["phi_right"]) >= tau
-            records.append(LayerRecord(m, m, m, shape, ok, "above tau" if ok else "below tau", k=k,
-                                       gap=sb.truncate(k).gap(), seconds=round(time.perf_counter() - t1, 6),
-                                       **sims))
-            if step:
-                step(1)
+        for chunk in engine.chunks(names):
+            for m, (sb, tb) in provider.bases(provider.prefetch(chunk)).items():
+                shape = src.weights[m].shape
+                sims = layer_similarity(sb, tb, (shape[0], math.prod(shape[1:])))
+                ok = min(sims["phi_left"], sims["phi_right"]) >= tau
+                records.append(LayerRecord(m, m, m, shape, ok, "above tau" if ok else "below tau", k=sb.k,
+                                           gap=sb.gap(), **sims))
+                if step:
+                    step(1)
         info = {"source": src.name, "source_id": src.identity(), "target": tgt.name,
                 "target_id": tgt.identity(), "subspace": str(opts.subspace), "tau": tau,
-                "seconds": round(time.perf_counter() - t0, 3)}
+                "backend": provider.svd_choice.backend.name, "seconds": round(time.perf_counter() - t0, 3)}
     return SimilarityResult(Report(records, info))
+
+
+def build_cache(model: PathLike | BaseModel, *, layers: str | None = None, subspace: str = "energy:0.9",
+                backends: dict[str, str] | None = None, device: str = "cpu", max_memory: int | str | None = None,
+                cache_dir: str | None = None, progress: ProgressFactory | None = None) -> int:
+    """Compute and store the bases of a model's layers (those matching `layers`); returns how many."""
+    opts = TransferOptions(subspace=subspace, backends=backends or {}, device=device, max_memory=max_memory,
+                           cache_dir=cache_dir)
+    pattern = re.compile(layers) if layers else None
+    with ExitStack() as stack:
+        m = _model(model, stack)
+        names = [n for n in m.weights if pattern is None or pattern.search(n)]
+        engine = Engine(m, m, opts, BasisCache(cache_dir))
+        provider = BasisProvider(m, m, opts, engine.cache)
+        step = progress(len(names), "cache") if progress else None
+        for chunk in engine.chunks(names):
+            provider.bases(provider.prefetch(chunk))
+            if step:
+                step(len(chunk))
+    return len(names)
 
 
 def _looks_like_lora(path: Path) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import ProloraError
+from .errors import OptionError, ProloraError
 from .lora import FORMATS
 from .ops.projection import METHODS
 from .options import DEFAULT_METHOD, DEFAULT_SUBSPACE, DEFAULT_TAU
@@ -29,13 +30,8 @@ def _progress_factory(quiet: bool):
         return bar.update
 
     factory.close = lambda: [b.close() for b in bars]  # type: ignore[attr-defined]
+    factory.write = lambda line, file=None: tqdm.write(line, file=file)  # type: ignore[attr-defined]
     return factory
-
-
-def _precision(name: str):
-    import torch
-
-    return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -44,10 +40,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=DEFAULT_TAU,
                    help="transfer a layer only if min(phi_left, phi_right) >= tau (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
-    p.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                   help="compute precision of the bases and projection (default %(default)s)")
     p.add_argument("--backend", default=None, metavar="SPEC",
-                   help="force backends: NAME or op=NAME,op=NAME (also PROLORA_BACKEND)")
+                   help="force backends: NAME or op=NAME,... (e.g. reference: the float64 full-SVD path; "
+                        "also PROLORA_BACKEND); see `prolora backends`")
+    p.add_argument("--max-memory", metavar="SIZE", help="host memory budget for weights in flight, e.g. 2GB")
+    p.add_argument("--max-gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 16GB")
+    p.add_argument("--cache-dir", metavar="DIR", help="basis cache folder (default $PROLORA_CACHE_DIR or ~/.cache/prolora)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the basis cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
 
 
@@ -57,11 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("transfer", help="move a LoRA from SOURCE_BASE to TARGET_BASE")
+    t = sub.add_parser("transfer", help="move LoRAs from SOURCE_BASE to TARGET_BASE")
     t.add_argument("source", metavar="SOURCE_BASE", help="diffusers folder or .safetensors checkpoint the LoRA was trained on")
     t.add_argument("target", metavar="TARGET_BASE", help="diffusers folder or .safetensors checkpoint to move it to")
-    t.add_argument("lora", metavar="LORA", help="LoRA .safetensors (kohya, diffusers/PEFT, old diffusers, ComfyUI)")
-    t.add_argument("-o", "--output", required=True, metavar="OUT", help="output .safetensors file (or an existing folder)")
+    t.add_argument("loras", metavar="LORA", nargs="*",
+                   help="LoRA .safetensors files (kohya, diffusers/PEFT, old diffusers, ComfyUI)")
+    t.add_argument("--lora-dir", metavar="DIR", help="also every .safetensors LoRA in DIR")
+    t.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output .safetensors file, or a folder (required for several LoRAs; created if missing)")
     t.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="(default %(default)s)")
     t.add_argument("--rank", default="same", help="output rank: same (input rank), 2r (exact), or N (default %(default)s)")
     t.add_argument("--format", choices=("same",) + FORMATS, default="same", help="output format (default: as the input)")
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the input's alpha/r convention, or write alpha = rank (default %(default)s)")
     t.add_argument("--skipped", choices=("drop", "copy"), default="drop",
                    help="layers below tau: drop their adapter or copy it unchanged (default %(default)s)")
-    t.add_argument("--report", metavar="FILE", help="write the per-layer report as JSON")
+    t.add_argument("--report", metavar="FILE", help="write the per-layer report(s) as JSON")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     _add_common(t)
 
@@ -85,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="FILE")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    c = sub.add_parser("cache", help="manage the on-disk basis cache")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    cb = csub.add_parser("build", help="compute and store the bases of a model's layers")
+    cb.add_argument("model", metavar="MODEL")
+    cb.add_argument("--layers", metavar="REGEX", help="only modules whose canonical name matches")
+    cb.add_argument("--subspace", default=DEFAULT_SUBSPACE, metavar="MODE",
+                    help="how many vectors to store per layer (default %(default)s, as transfer; energy:1.0 = all)")
+    cb.add_argument("--backend", default=None, metavar="SPEC")
+    cb.add_argument("--device", default="cpu")
+    cb.add_argument("--max-memory", metavar="SIZE")
+    cb.add_argument("--cache-dir", metavar="DIR")
+    cb.add_argument("-q", "--quiet", action="store_true")
+    cl = csub.add_parser("ls", help="list cached models")
+    cl.add_argument("--cache-dir", metavar="DIR")
+    cr = csub.add_parser("rm", help="remove cached bases")
+    cr.add_argument("model", nargs="?", metavar="ID_OR_NAME", help="a model id prefix or name (default: everything)")
+    cr.add_argument("--cache-dir", metavar="DIR")
+
+    sub.add_parser("backends", help="list every op's backends, available or not, and why")
+
     d = sub.add_parser("demo", help="generate a tiny SDXL-shaped pair and a LoRA, transfer it, print the report")
     d.add_argument("--dir", metavar="DIR", help="keep the demo files in DIR (default: a temporary folder)")
     d.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
@@ -97,31 +119,65 @@ def _overrides(spec: str | None) -> dict[str, str]:
     return {**overrides_from_env(), **parse_overrides(spec)}
 
 
-def cmd_transfer(a: argparse.Namespace) -> int:
-    from .api import transfer
+def _options(a: argparse.Namespace, **extra):
     from .options import TransferOptions
 
-    opts = TransferOptions(method=a.method, subspace=a.subspace, tau=a.tau, rank=a.rank, format=a.format,
-                           alpha=a.alpha, skipped=a.skipped, device=a.device,
-                           compute_dtype=_precision(a.precision), backends=_overrides(a.backend))
-    if a.report:
-        from .api import resolve_report_path
+    return TransferOptions(subspace=a.subspace, tau=a.tau, device=a.device, backends=_overrides(a.backend),
+                           max_memory=a.max_memory, max_gpu_memory=a.max_gpu_memory, cache=not a.no_cache,
+                           cache_dir=a.cache_dir, **extra)
 
-        resolve_report_path(a.report, [a.source, a.target, a.lora])
+
+def cmd_transfer(a: argparse.Namespace) -> int:
+    from .api import lora_files, resolve_report_path, transfer, transfer_many
+
+    opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped)
+    loras = list(a.loras) + (lora_files(a.lora_dir) if a.lora_dir else [])
+    if not loras:
+        raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
+    if a.report:
+        resolve_report_path(a.report, [a.source, a.target, *loras])
     progress = _progress_factory(a.quiet)
+    batch = len(loras) > 1 or a.lora_dir is not None
     try:
-        res = transfer(a.source, a.target, a.lora, a.output, opts, overwrite=a.overwrite, progress=progress)
+        if not batch:
+            res = transfer(a.source, a.target, loras[0], a.output, opts, overwrite=a.overwrite, progress=progress)
+        else:
+            out_dir = Path(a.output)
+            if out_dir.suffix == ".safetensors":
+                raise OptionError(f"{out_dir}: several LoRAs need an output folder, not a file")
+            out_dir.mkdir(parents=True, exist_ok=True)
+
+            def say(r) -> None:
+                if hasattr(r, "report"):
+                    s = r.report.summary()
+                    line = f"ok     {r.output}  ({s['transferred']}/{s['layers']} layers)"
+                    (progress.write if progress else print)(line)
+                else:
+                    line = f"FAILED {r.error}"
+                    progress.write(line, file=sys.stderr) if progress else print(line, file=sys.stderr)
+
+            res = transfer_many(a.source, a.target, loras, out_dir, opts, overwrite=a.overwrite,
+                                progress=progress, on_result=say)
     finally:
         if progress:
             progress.close()
+    if not batch:
+        if a.report:
+            res.report.write_json(a.report)
+        if not a.quiet:
+            print(res.report.table())
+        for w in res.report.warnings:
+            print(f"prolora: warning: {w}", file=sys.stderr)
+        print(f"wrote {res.output}")
+        return 0
     if a.report:
-        res.report.write_json(a.report)
-    if not a.quiet:
-        print(res.report.table())
-    for w in res.report.warnings:
-        print(f"prolora: warning: {w}", file=sys.stderr)
-    print(f"wrote {res.output}")
-    return 0
+        from .report import write_batch_json
+
+        write_batch_json(a.report, res)
+    s = res.stats
+    print(f"{len(res.results)} written, {len(res.failures)} failed; {s.modules} layers in {s.chunks} chunks, "
+          f"{s.seconds.get('total', 0):.1f} s, peak RSS {s.peak_rss / 2**30:.2f} GiB")
+    return 2 if res.failures else 0
 
 
 def cmd_similarity(a: argparse.Namespace) -> int:
@@ -133,9 +189,9 @@ def cmd_similarity(a: argparse.Namespace) -> int:
         resolve_report_path(p, [a.source, a.target])
     progress = _progress_factory(a.quiet)
     try:
-        res = similarity(a.source, a.target, subspace=a.subspace, tau=a.tau, layers=a.layers,
-                         compute_dtype=_precision(a.precision), device=a.device,
-                         backends=_overrides(a.backend), progress=progress)
+        res = similarity(a.source, a.target, subspace=a.subspace, tau=a.tau, layers=a.layers, device=a.device,
+                         backends=_overrides(a.backend), cache=not a.no_cache, cache_dir=a.cache_dir,
+                         max_memory=a.max_memory, progress=progress)
     finally:
         if progress:
             progress.close()
@@ -188,7 +244,65 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo}
+def cmd_cache(a: argparse.Namespace) -> int:
+    from .cache import BasisCache
+
+    cache = BasisCache(a.cache_dir)
+    if a.cache_command == "ls":
+        models = cache.models()
+        print(f"basis cache: {cache.root}")
+        for m in models:
+            print(f"  {m.model_id[:16]}  {m.family:<7} {m.layers:>5} layers {m.bytes / 2**20:>10.1f} MiB  {m.name}")
+        if not models:
+            print("  (empty)")
+        return 0
+    if a.cache_command == "rm":
+        n = cache.remove(a.model)
+        stale = cache.clean_stale()
+        print(f"removed {n} model(s)" + (f" and {stale} stale temporary file(s)" if stale else "") + f" from {cache.root}")
+        return 0
+    from .api import build_cache
+
+    progress = _progress_factory(a.quiet)
+    try:
+        n = build_cache(a.model, layers=a.layers, subspace=a.subspace, backends=_overrides(a.backend),
+                        device=a.device, max_memory=a.max_memory, cache_dir=a.cache_dir, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    print(f"cached bases of {n} layers in {cache.root}")
+    return 0
+
+
+def cmd_backends(a: argparse.Namespace) -> int:
+    from .ops import ALL_OPS, Problem
+    from .ops.registry import device_missing
+
+    for device in ("cpu", "cuda"):
+        problem = Problem(device=device, dtype="float32")
+        print(f"{device}:")
+        for op in ALL_OPS:
+            choice = None
+            try:
+                choice = op.choose(problem)
+            except ProloraError:
+                pass
+            print(f"  {op.name}")
+            for b in op.backends.values():
+                why = device_missing(device) or b.available() or b.check(problem)
+                mark = "*" if choice and choice.backend is b else " "
+                state = "available" if not why else f"unavailable: {why}"
+                print(f"   {mark} {b.name:<12} {state}{'  (reference)' if b.reference else ''}")
+    from . import _native
+
+    print(f"native module: {'built' if _native.available() else _native.why_unavailable()}"
+          + (" with CUDA" if _native.available() and _native.has_cuda() else ""))
+    print("* = chosen by default; override with --backend or PROLORA_BACKEND")
+    return 0
+
+
+COMMANDS = {"transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
+            "cache": cmd_cache, "backends": cmd_backends}
 
 
 def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ctrl-C
@@ -205,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"prolora: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("prolora: interrupted; no partial output was left behind", file=sys.stderr)
         return 130

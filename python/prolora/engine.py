@@ -1,24 +1,169 @@
-"""Run a plan's layer jobs: load weights, compute bases, apply the method, build output modules."""
+"""Run layer jobs for one or many LoRAs in one pass over the base models.
+
+Modules are processed in model order, in chunks sized to a memory budget. While one chunk
+computes, a background thread reads the next chunk's weights (and cached bases). Bases come from
+the on-disk cache when present and are computed batched over same-shape layers otherwise; each
+module's bases serve every LoRA of the batch that touches it, and a LoRA's output is handed back
+as soon as its last module is done.
+"""
 from __future__ import annotations
 
+import math
+import resource
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .cache import BasisCache
 from .checkpoints import BaseModel
-from .lora import LoraModule
+from .lora import LoraFile, LoraModule
 from .method import LayerMath, transfer_layer
-from .ops import Basis, truncated_svd
-from .ops.projection import project_lora
-from .ops.registry import Op, override_for
-from .ops.svd import problem_for
+from .ops import Basis, project_lora, truncated_svd
+from .ops.registry import Op, Problem, override_for
 from .options import TransferOptions
 from .plan import LayerJob, Plan
 from .report import LayerRecord
 
 Progress = Callable[[int], None]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss()
+
+
+def module_bytes(shape: tuple[int, ...], raw_itemsize: int, weights: int) -> int:
+    """Working memory for one module whose `weights` (0-2) weights must be loaded: raw bytes,
+    float32 copies, Gram matrix, eigenvectors and workspace, and the bases kept."""
+    m, n = shape[0], math.prod(shape[1:])
+    d = min(m, n)
+    per_weight = m * n * (raw_itemsize + 4) + 3 * 4 * d * d
+    bases = 2 * 4 * (m + n) * d
+    return weights * per_weight + bases
+
+
+# ----------------------------------------------------------------------------- bases
+
+
+def _dispatch(op: Op, opts: TransferOptions, problem: Problem):
+    return op.choose(problem, override_for(op, opts.backends))
+
+
+@dataclass
+class Prefetched:
+    """What the loader thread found or read for one module."""
+
+    src: Basis | None = None
+    Ws: torch.Tensor | None = None
+    Wt: torch.Tensor | None = None
+    tgt_stored_k: int = 0
+
+
+class BasisProvider:
+    """Top-k bases of matching source and target layers: from the cache, else computed."""
+
+    def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions, cache: BasisCache | None):
+        self.source, self.target, self.opts, self.cache = source, target, opts, cache
+        problem = Problem(device=opts.device.split(":")[0], dtype="float32")
+        self.svd_choice = _dispatch(truncated_svd, opts, problem)
+        self.project_choice = _dispatch(project_lora, opts, problem)
+        # the reference computes in float64, every fast backend in float32
+        self.dtype = torch.float64 if self.svd_choice.backend.reference else torch.float32
+        self.bytes_read = 0
+        self.seconds = {"load": 0.0, "basis": 0.0, "project": 0.0}
+        if cache is not None:
+            for m in (source, target):
+                cache.register(m.identity(), m.name, m.family)
+
+    def _chooser(self, module: str):
+        shape = self.source.weights[module].shape
+        d = min(shape[0], math.prod(shape[1:]))
+        mode = self.opts.subspace
+        return lambda S, energy: mode.choose(d, S, energy)
+
+    def _flat_shape(self, model: BaseModel, module: str) -> tuple[int, int]:
+        s = model.weights[module].shape
+        return s[0], math.prod(s[1:])
+
+    def _read(self, model: BaseModel, module: str) -> torch.Tensor:
+        ref = model.weights[module]
+        W = model.load(module, dtype=None)
+        self.bytes_read += W.numel() * W.element_size()
+        return W.reshape(ref.shape[0], -1)
+
+    def prefetch(self, modules: list[str]) -> dict[str, Prefetched]:
+        """Runs in the loader thread: cached source bases, and the weights that are not cached."""
+        t0 = time.perf_counter()
+        out = {}
+        for m in modules:
+            p = Prefetched()
+            if self.cache is not None:
+                p.src = self.cache.get(self.source.identity(), m, self._flat_shape(self.source, m),
+                                       self._chooser(m), self.dtype)
+                p.tgt_stored_k = self.cache.stored_k(self.target.identity(), m, self.dtype)
+            if p.src is None:
+                p.Ws = self._read(self.source, m)
+            if p.tgt_stored_k == 0:
+                p.Wt = self._read(self.target, m)
+            out[m] = p
+        self.seconds["load"] += time.perf_counter() - t0
+        return out
+
+    def _compute(self, model: BaseModel, weights: dict[str, torch.Tensor], ks: dict[str, object]) -> dict[str, Basis]:
+        """Batched bases for same-shape weights; stored in the cache."""
+        t0 = time.perf_counter()
+        by_shape: dict[tuple, list[str]] = {}
+        for m, W in weights.items():
+            by_shape.setdefault(tuple(W.shape), []).append(m)
+        fn = self.svd_choice.backend.fn
+        out = {}
+        for names in by_shape.values():
+            stack = torch.stack([weights[m] for m in names]).to(self.opts.device)
+            bases = fn(stack, [ks[m] for m in names], dtype=self.dtype)
+            del stack
+            for m, b in zip(names, bases):
+                b = Basis(b.U.cpu(), b.S.cpu(), b.V.cpu(), b.energy)
+                out[m] = b
+                if self.cache is not None:
+                    self.cache.put(model.identity(), m, b, self._flat_shape(model, m), self.svd_choice.backend.name)
+        self.seconds["basis"] += time.perf_counter() - t0
+        return out
+
+    def bases(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]]:
+        """(source basis at its chosen k, target basis at the same k) per module."""
+        src = {m: p.src for m, p in pre.items() if p.src is not None}
+        missing = {m: p.Ws for m, p in pre.items() if p.src is None}
+        src.update(self._compute(self.source, missing, {m: self._chooser(m) for m in missing}))
+        tgt: dict[str, Basis] = {}
+        need: dict[str, torch.Tensor] = {}
+        for m, p in pre.items():
+            k = src[m].k
+            if p.Wt is None and p.tgt_stored_k >= k:
+                hit = self.cache.get(self.target.identity(), m, self._flat_shape(self.target, m), k, self.dtype)
+                if hit is not None:
+                    tgt[m] = hit
+                    continue
+            need[m] = p.Wt if p.Wt is not None else self._read(self.target, m)
+        tgt.update(self._compute(self.target, need, {m: src[m].k for m in need}))
+        return {m: (src[m], tgt[m].truncate(src[m].k)) for m in pre}
+
+
+# ----------------------------------------------------------------------------- jobs
 
 
 @dataclass
@@ -29,30 +174,24 @@ class JobResult:
     seconds: float
 
 
-def _backend(op: Op, opts: TransferOptions, W: torch.Tensor | None = None):
-    problem = problem_for(W) if W is not None else problem_for(torch.empty(0, 0, dtype=opts.compute_dtype))
-    return op.choose(problem, override_for(op, opts.backends)).backend.fn
+@dataclass
+class LoraTask:
+    """One LoRA of a batch and its progress through the engine."""
+
+    lora: LoraFile
+    plan: Plan
+    output: Path | None = None
+    results: list[JobResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.results) == len(self.plan.jobs)
 
 
-class BasisSource:
-    """Bases of one model's weights, computed on demand (the basis cache of issue 3 plugs in here)."""
-
-    def __init__(self, model: BaseModel, opts: TransferOptions):
-        self.model, self.opts = model, opts
-
-    def weight(self, module: str) -> torch.Tensor:
-        W = self.model.load(module, dtype=self.opts.compute_dtype).to(self.opts.device)
-        return W.reshape(W.shape[0], -1)
-
-    def basis(self, module: str, k: int | None = None) -> Basis:
-        """Top-k triplets (all of them for k=None) of the module's weight."""
-        W = self.weight(module)
-        return _backend(truncated_svd, self.opts, W)(W, k, dtype=self.opts.compute_dtype)
-
-
-def _folded_module(job: LayerJob, math: LayerMath) -> LoraModule:
+def _folded_module(job: LayerJob, math_: LayerMath) -> LoraModule:
     """The transferred factors as a module with scale 1 (alpha None), conv shapes restored."""
-    lm, up, down = job.lora, math.up, math.down
+    lm, up, down = job.lora, math_.up, math_.down
     r = up.shape[1]
     if lm.is_conv:
         up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *lm.down.shape[1:])
@@ -64,6 +203,30 @@ def _copied(job: LayerJob) -> LoraModule:
     return LoraModule(job.out_key, lm.down, lm.up, lm.alpha, lm.bias)
 
 
+def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferOptions,
+            project=None) -> JobResult:
+    """One LoRA module through the method (no bases needed for `copy`)."""
+    t0 = time.perf_counter()
+    lm = job.lora
+    if opts.method == "copy":
+        return JobResult(job, LayerMath(None, None, True, "copied"), _copied(job), time.perf_counter() - t0)
+    m = job.shape[0]
+    B = lm.up.reshape(m, lm.rank).to(src.U.dtype) * lm.scale
+    A = lm.down.reshape(lm.rank, -1).to(src.U.dtype)
+    if src.U.device != B.device:
+        B, A = B.to(src.U.device), A.to(src.U.device)
+    res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=lm.rank,
+                         project=project)
+    if res.transferred:
+        res.up, res.down = res.up.cpu(), res.down.cpu()
+        out = _folded_module(job, res)
+    elif opts.skipped == "copy":
+        out, res.reason = _copied(job), res.reason + " (copied unchanged)"
+    else:
+        out = None
+    return JobResult(job, res, out, time.perf_counter() - t0)
+
+
 def _with_alpha(m: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraModule:
     """The same dW = scale * up @ down written with `alpha` (None: scale 1), in `dtype`."""
     new_scale = 1.0 if alpha is None else alpha / m.rank
@@ -71,7 +234,7 @@ def _with_alpha(m: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraM
     return LoraModule(m.key, m.down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, m.bias)
 
 
-def finalize(results: list["JobResult"], opts: TransferOptions, dtype: torch.dtype) -> dict[str, LoraModule]:
+def finalize(results: list[JobResult], opts: TransferOptions, dtype: torch.dtype) -> dict[str, LoraModule]:
     """Output modules in the chosen alpha convention: `keep` writes each module with its input
     alpha; `rank` writes one alpha (the largest output rank) for all, since loaders such as
     diffusers apply one alpha per component. Copied modules stay bit-for-bit unless converted."""
@@ -90,43 +253,6 @@ def finalize(results: list["JobResult"], opts: TransferOptions, dtype: torch.dty
     return out
 
 
-def run_job(job: LayerJob, src: BasisSource, tgt: BasisSource, opts: TransferOptions,
-            dtype: torch.dtype) -> JobResult:
-    t0 = time.perf_counter()
-    lm = job.lora
-    if opts.method == "copy":
-        math = LayerMath(None, None, True, "copied")
-        return JobResult(job, math, _copied(job), time.perf_counter() - t0)
-    m = job.shape[0]
-    dim = min(m, lm.in_features)
-    sb = src.basis(job.module)
-    k = opts.subspace.choose(dim, sb.S, sb.energy)
-    tb = tgt.basis(job.target_module, k)
-    B = lm.up.reshape(m, lm.rank).to(opts.compute_dtype).to(opts.device) * lm.scale
-    A = lm.down.reshape(lm.rank, -1).to(opts.compute_dtype).to(opts.device)
-    math = transfer_layer(B, A, sb.truncate(k), tb, method=opts.method, tau=opts.tau, rank=opts.rank,
-                          r_in=lm.rank, project=_backend(project_lora, opts))
-    if math.transferred:
-        out = _folded_module(job, math)
-    elif opts.skipped == "copy":
-        out, math.reason = _copied(job), math.reason + " (copied unchanged)"
-    else:
-        out = None
-    return JobResult(job, math, out, time.perf_counter() - t0)
-
-
-def run_plan(plan: Plan, source: BaseModel, target: BaseModel, opts: TransferOptions, dtype: torch.dtype,
-             progress: Progress | None = None) -> list[JobResult]:
-    """Every job in order; `progress(1)` after each."""
-    src, tgt = BasisSource(source, opts), BasisSource(target, opts)
-    results = []
-    for job in plan.jobs:
-        results.append(run_job(job, src, tgt, opts, dtype))
-        if progress:
-            progress(1)
-    return results
-
-
 def record(res: JobResult) -> LayerRecord:
     m, job = res.math, res.job
     return LayerRecord(
@@ -135,3 +261,110 @@ def record(res: JobResult) -> LayerRecord:
         phi_right=m.phi_right, phi_null_left=m.phi_null_left, phi_null_right=m.phi_null_right, gap=m.gap,
         rank_in=job.lora.rank, rank_out=res.module.rank if res.module else None,
         retained_energy=m.retained_energy, seconds=round(res.seconds, 6))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class EngineStats:
+    modules: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    peak_rss: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    backends: dict[str, str] = field(default_factory=dict)
+
+
+class Engine:
+    """Streams the modules of many LoRA tasks through bases and the method under a memory budget."""
+
+    def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions,
+                 cache: BasisCache | None = None, progress: Progress | None = None):
+        self.source, self.target, self.opts, self.cache = source, target, opts, cache
+        self.progress = progress
+        self.stats = EngineStats()
+
+    def chunks(self, modules: list[str]) -> list[list[str]]:
+        """Consecutive modules whose working memory fits the budget (at least one per chunk)."""
+        budget = self.opts.max_memory
+        if budget is None:
+            return [modules[i:i + 16] for i in range(0, len(modules), 16)]
+        # the chunk computing plus the next one's raw weights in flight, over what is resident now
+        avail = max(budget - current_rss(), 0) / 1.5
+        out: list[list[str]] = []
+        cur: list[str] = []
+        used = 0
+        for m in modules:
+            ref = self.source.weights[m]
+            need = module_bytes(ref.shape, 2 if ref.dtype in ("F16", "BF16") else 4, 2)
+            if cur and used + need > avail:
+                out.append(cur)
+                cur, used = [], 0
+            cur.append(m)
+            used += need
+        if cur:
+            out.append(cur)
+        return out
+
+    def run(self, tasks: list[LoraTask], on_done: Callable[[LoraTask], None]) -> EngineStats:
+        """Process every task; call on_done(task) as soon as each one is complete (or failed)."""
+        t0 = time.perf_counter()
+        work: dict[str, list[tuple[LoraTask, LayerJob]]] = {}
+        for task in tasks:
+            for job in task.plan.jobs:
+                work.setdefault(job.module, []).append((task, job))
+        for task in tasks:
+            if task.done:
+                on_done(task)
+        order = [m for m in self.source.weights if m in work]
+        self.stats.modules = len(order)
+        if self.opts.method == "copy":
+            for m in order:
+                self._apply(m, work[m], None, None, on_done)
+            self.stats.seconds = {"total": time.perf_counter() - t0}
+            return self.stats
+        provider = BasisProvider(self.source, self.target, self.opts, self.cache)
+        project = provider.project_choice.backend.fn
+        self.stats.backends = {"truncated_svd": provider.svd_choice.backend.name,
+                               "project_lora": provider.project_choice.backend.name}
+        chunks = self.chunks(order)
+        self.stats.chunks = len(chunks)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool:
+            ahead: Future | None = pool.submit(provider.prefetch, chunks[0]) if chunks else None
+            for i, chunk in enumerate(chunks):
+                pre = ahead.result()
+                ahead = pool.submit(provider.prefetch, chunks[i + 1]) if i + 1 < len(chunks) else None
+                try:
+                    bases = provider.bases(pre)
+                    del pre
+                    t1 = time.perf_counter()
+                    for m in chunk:
+                        src, tgt = bases.pop(m)
+                        self._apply(m, work[m], src, tgt, on_done, project)
+                    provider.seconds["project"] += time.perf_counter() - t1
+                except BaseException:
+                    if ahead is not None:
+                        ahead.cancel()
+                    raise
+        self.stats.bytes_read = provider.bytes_read
+        self.stats.seconds = {**provider.seconds, "total": time.perf_counter() - t0}
+        if self.cache is not None:
+            self.stats.cache_hits, self.stats.cache_misses = self.cache.hits, self.cache.misses
+        self.stats.peak_rss = peak_rss()
+        return self.stats
+
+    def _apply(self, module: str, items, src, tgt, on_done, project=None) -> None:
+        for task, job in items:
+            if task.error is not None:
+                continue
+            try:
+                task.results.append(run_job(job, src, tgt, self.opts, project))
+            except Exception as e:  # one LoRA's failure must not stop the others
+                task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
+            if task.done:
+                on_done(task)
+        if self.progress:
+            self.progress(1)

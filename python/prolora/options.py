@@ -17,6 +17,24 @@ DEFAULT_SUBSPACE = "energy:0.9"
 DEFAULT_TAU = 0.8
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '1.5GiB', '800M', '123456' -> bytes."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise OptionError(f"size {text!r}: expected a number with an optional unit (e.g. 2GB, 512MiB)") from None
+    if value <= 0:
+        raise OptionError(f"size {text!r} must be positive")
+    return int(value)
+
+
 @dataclass
 class TransferOptions:
     """Everything that decides a transfer's result (besides the three input files)."""
@@ -29,8 +47,11 @@ class TransferOptions:
     alpha: str = "keep"  # keep: the input's alpha/r convention; rank: alpha = output rank (scale 1)
     skipped: str = "drop"  # what a layer below tau gets: drop (no adapter) or copy (the input's)
     device: str = "cpu"
-    compute_dtype: torch.dtype = torch.float64
     backends: dict[str, str] = field(default_factory=dict)  # op name -> backend override
+    max_memory: int | None = None  # host bytes for weights in flight (None: fixed-size chunks)
+    max_gpu_memory: int | None = None
+    cache: bool = True  # reuse and store bases in the on-disk basis cache
+    cache_dir: str | None = None  # default: $PROLORA_CACHE_DIR or ~/.cache/prolora
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -48,8 +69,12 @@ class TransferOptions:
             raise OptionError(f"skipped {self.skipped!r}: choose drop or copy")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(f"device {self.device!r}: no CUDA device is available here")
-        if self.compute_dtype not in (torch.float32, torch.float64):
-            raise OptionError("compute_dtype must be torch.float32 or torch.float64")
+        for name in ("max_memory", "max_gpu_memory"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, parse_size(v))
+            elif v is not None and v <= 0:
+                raise OptionError(f"{name} must be positive")
 
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""

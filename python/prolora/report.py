@@ -108,3 +108,15 @@ def _reason_class(reason: str) -> str:
 
 def _f(x, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def write_batch_json(path: str | Path, batch: Any) -> None:
+    """One JSON for a batch: every LoRA's report, the failures and the engine's figures."""
+    data = {
+        "results": [{"lora": r.report.info.get("lora"), "output": str(r.output), **r.report.to_dict()}
+                    for r in batch.results],
+        "failures": [{"lora": f.lora, "error": f.error} for f in batch.failures],
+        "engine": asdict(batch.stats),
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -177,17 +177,19 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 class SafetensorsFile:
-    """A validated safetensors file whose tensors are read lazily (whole or by row range)."""
+    """A validated safetensors file whose tensors are read on demand (whole or by row range).
+
+    Reads use pread into fresh buffers, not mmap: the bytes read become the tensor, the file's
+    pages never count against the process, and threads can read concurrently.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.header = read_header(path)
         self.path = self.header.path
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
-        except Exception as e:  # the Rust reader's own checks, phrased its way
-            raise _corrupt(self.path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise InputFileError(f"{self.path}: cannot open: {e.strerror or e}") from None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -205,20 +207,46 @@ class SafetensorsFile:
         except KeyError:
             raise InputFileError(f"{self.path}: no tensor named '{name}'") from None
 
+    def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        if self._fd is None:
+            raise InputFileError(f"{self.path}: file already closed")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.preadv(self._fd, [view[done:]], self.header.data_start + offset + done)
+            except OSError as e:
+                raise InputFileError(f"{self.path}: cannot read '{name}': {e.strerror or e}") from None
+            if n == 0:
+                raise _corrupt(self.path, f"file ends inside the data of key '{name}' (truncated?)")
+            done += n
+        return buf
+
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in its stored dtype."""
-        self.info(name)
-        return self._handle.get_tensor(name)
+        info = self.info(name)
+        return self._read(name, info.start, info.nbytes).view(DTYPES[info.dtype]).reshape(info.shape)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the tensor's first dimension, reading only those bytes."""
         info = self.info(name)
         if not info.shape or not 0 <= start <= stop <= info.shape[0]:
             raise InputFileError(f"{self.path}: rows {start}:{stop} out of range for '{name}' {info.shape}")
-        return self._handle.get_slice(name)[start:stop]
+        row = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
+        buf = self._read(name, info.start + start * row, (stop - start) * row)
+        return buf.view(DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
 
     def close(self) -> None:
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "SafetensorsFile":
         return self

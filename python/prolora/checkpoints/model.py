@@ -173,8 +173,9 @@ class BaseModel:
                 h = self._handles[path] = SafetensorsFile(path)
             return h
 
-    def load(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight of `module` (row slice / transpose applied), read lazily, as `dtype`."""
+    def load(self, module: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The weight of `module` (row slice / transpose applied), read lazily, as `dtype`
+        (None: as stored)."""
         ref = self.weights.get(module)
         if ref is None:
             raise ModelError(f"{self.path}: no weight '{module}' in this model")
@@ -182,7 +183,7 @@ class BaseModel:
         t = f.get_rows(ref.key, *ref.rows) if ref.rows else f.get(ref.key)
         if ref.transposed:
             t = t.t()
-        return t.to(dtype).contiguous()
+        return (t if dtype is None else t.to(dtype)).contiguous()
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> str:

@@ -22,7 +22,7 @@ def _left(B, Us, Ut):
 @project_lora.register("reference", reference=True)
 def _project_reference(B: torch.Tensor, A: torch.Tensor, Us: torch.Tensor, Vs: torch.Tensor,
                        Ut: torch.Tensor, Vt: torch.Tensor, method: str,
-                       dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """B (m x r, scale already folded in), A (r x n) -> (up, down) with dW_t = up @ down.
 
     prolora:      up = [B_par | B_perp], down = [A_par ; A_perp]    (rank <= 2r)
@@ -32,6 +32,7 @@ def _project_reference(B: torch.Tensor, A: torch.Tensor, Us: torch.Tensor, Vs: t
     """
     if method == "copy":
         return B, A
+    dtype = dtype or torch.float64
     B, A, Us, Vs, Ut, Vt = (x.to(dtype) for x in (B, A, Us, Vs, Ut, Vt))
     B_par, B_perp = _left(B, Us, Ut)
     At_par, At_perp = _left(A.T, Vs, Vt)  # the right side is the left side of A^T
@@ -43,3 +44,9 @@ def _project_reference(B: torch.Tensor, A: torch.Tensor, Us: torch.Tensor, Vs: t
     if method == "subspace":
         return B_par, A_par
     raise ValueError(f"unknown method {method!r}")
+
+
+@project_lora.register("torch", priority=10)
+def _project_torch(B, A, Us, Vs, Ut, Vt, method: str, dtype: torch.dtype | None = None):
+    """The same thin-GEMM chain in float32 (or `dtype`): what every device runs fast."""
+    return _project_reference(B, A, Us, Vs, Ut, Vt, method, dtype=dtype or torch.float32)

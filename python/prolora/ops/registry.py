@@ -65,8 +65,9 @@ class Op:
     def choose(self, problem: Problem, override: str | None = None) -> Choice:
         """Pick the highest-priority eligible backend, or `override` if it is eligible."""
         rejected: dict[str, str] = {}
+        no_device = device_missing(problem.device)
         for b in self.backends.values():
-            why = b.available() or b.check(problem)
+            why = no_device or b.available() or b.check(problem)
             if why:
                 rejected[b.name] = why
         if override:
@@ -85,6 +86,15 @@ class Op:
             if b is not chosen and b.name not in rejected:
                 rejected[b.name] = f"eligible, lower priority than {chosen.name}" if not override else "not requested"
         return Choice(chosen, rejected)
+
+
+def device_missing(device: str) -> str | None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
 
 
 def parse_overrides(spec: str | None) -> dict[str, str]:

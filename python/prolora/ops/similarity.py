@@ -9,8 +9,9 @@ principal_cosines = Op("principal_cosines", "cosines of the principal angles bet
 
 
 @principal_cosines.register("reference", reference=True)
-def _cosines_reference(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _cosines_reference(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Singular values of A^T B, clamped to [0, 1], descending."""
+    dtype = dtype or torch.float64
     M = A.to(dtype).T @ B.to(dtype)
     return torch.linalg.svdvals(M).clamp_(0.0, 1.0)
 

@@ -1,8 +1,14 @@
 """truncated_svd: the top-k singular subspaces of a weight, plus as much of its spectrum as the
-backend knows (the reference knows all of it)."""
+backend knows.
+
+k may be an int, None (all), or a chooser called with (spectrum, energy) once the spectrum is
+known, so that energy-based k costs no second pass. Backends accept one matrix (m, n) or a batch
+(b, m, n) of same-shape matrices with one k spec per matrix.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -38,17 +44,77 @@ class Basis:
             return None
         return float(self.S[k - 1] / self.S[k])
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
+
+
+KChooser = Callable[[torch.Tensor, float], int]
+KSpec = Union[int, None, KChooser]
+
+
+def resolve_k(k: KSpec, S: torch.Tensor, energy: float) -> int:
+    d = S.numel()
+    if k is None:
+        return d
+    if callable(k):
+        k = k(S, energy)
+    return max(0, min(int(k), d))
+
+
+def _as_batch(W: torch.Tensor, k: KSpec | Sequence[KSpec]) -> tuple[torch.Tensor, list[KSpec], bool]:
+    if W.dim() == 2:
+        return W[None], [k], False
+    ks = list(k) if isinstance(k, (list, tuple)) else [k] * W.shape[0]
+    if len(ks) != W.shape[0]:
+        raise ValueError(f"{len(ks)} k specs for a batch of {W.shape[0]}")
+    return W, ks, True
+
 
 truncated_svd = Op("truncated_svd", "top-k left/right singular vectors and the spectrum of W")
 
 
 @truncated_svd.register("reference", reference=True)
-def _svd_reference(W: torch.Tensor, k: int | None = None, dtype: torch.dtype = torch.float64) -> Basis:
-    """Full torch.linalg.svd (what existing tools do), in `dtype` (float64 by default)."""
-    W = W.to(dtype)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    k = S.numel() if k is None else min(k, S.numel())
-    return Basis(U[:, :k], S, Vh[:k].T, float((S.double() ** 2).sum()))
+def _svd_reference(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
+                   dtype: torch.dtype | None = None) -> Basis | list[Basis]:
+    """Full torch.linalg.svd per matrix (what existing tools do), in float64 unless told."""
+    Wb, ks, batched = _as_batch(W, k)
+    out = []
+    for Wi, ki in zip(Wb, ks):
+        U, S, Vh = torch.linalg.svd(Wi.to(dtype or torch.float64), full_matrices=False)
+        energy = float((S.double() ** 2).sum())
+        kk = resolve_k(ki, S, energy)
+        out.append(Basis(U[:, :kk], S, Vh[:kk].T, energy))
+    return out if batched else out[0]
+
+
+@truncated_svd.register("gram", priority=10)
+def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
+              dtype: torch.dtype | None = None) -> Basis | list[Basis]:
+    """Gram matrix of the smaller side (fp32 accumulation from fp16/bf16), symmetric
+    eigensolver, the other side recovered as W^T U / S for the k vectors kept.
+
+    Matrices of a batch are computed one by one, so a layer's basis does not depend on which
+    layers share its batch (chunking never changes an answer); batching gains little on a CPU.
+    """
+    Wb, ks, batched = _as_batch(W, k)
+    out = [_gram_one(Wi.to(dtype or torch.float32), ki) for Wi, ki in zip(Wb, ks)]
+    return out if batched else out[0]
+
+
+def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
+    m, n = W.shape
+    wide = m <= n
+    G = W @ W.T if wide else W.T @ W
+    energy = float(G.diagonal().double().sum())
+    evals, evecs = torch.linalg.eigh(G)
+    del G
+    S = evals.flip(-1).clamp_min(0).sqrt()
+    kk = resolve_k(k, S, energy)
+    Q = evecs[:, evecs.shape[1] - kk:].flip(-1)
+    inv = torch.where(S[:kk] > 0, 1.0 / S[:kk], torch.zeros_like(S[:kk]))
+    if wide:
+        return Basis(Q, S, (W.T @ Q) * inv, energy)
+    return Basis((W @ Q) * inv, S, Q, energy)
 
 
 def problem_for(W: torch.Tensor, k: int | None = None) -> Problem:
