@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="list every op's backends, available or not, and why")
 
+    b = sub.add_parser("bench", help="measure the reference and the fast path side by side on synthetic models")
+    b.add_argument("--family", default="sdxl", choices=("sd15", "sdxl", "ssd-1b"))
+    b.add_argument("--width", type=float, default=1.0, help="channel scale (1.0: real layer shapes)")
+    b.add_argument("--depth", type=float, default=1.0, help="transformer-block scale (1.0: every block)")
+    b.add_argument("--dir", default="prolora-bench", help="where models, LoRAs and the cache go (reused)")
+    b.add_argument("--loras", type=int, default=4, help="LoRAs in the warm-cache batch (default %(default)s)")
+    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--subspace", default=DEFAULT_SUBSPACE)
+    b.add_argument("--max-memory", default="2GB")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--skip-reference", action="store_true", help="skip the slow full-SVD end-to-end run")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
     d = sub.add_parser("demo", help="generate a tiny SDXL-shaped pair and a LoRA, transfer it, print the report")
     d.add_argument("--dir", metavar="DIR", help="keep the demo files in DIR (default: a temporary folder)")
     d.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
@@ -301,7 +314,17 @@ def cmd_backends(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run, table
+
+    cfg = BenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), loras=a.loras, rank=a.rank,
+                      subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
+                      skip_reference=a.skip_reference)
+    print(table(run(cfg, Path(a.json) if a.json else None)))
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
             "cache": cmd_cache, "backends": cmd_backends}
 
 

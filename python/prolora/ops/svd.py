@@ -87,6 +87,13 @@ def _svd_reference(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
     return out if batched else out[0]
 
 
+@truncated_svd.register("svd", priority=1)
+def _svd_full(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
+              dtype: torch.dtype | None = None) -> Basis | list[Basis]:
+    """Full torch.linalg.svd per matrix in float32: the speed baseline of existing tools."""
+    return _svd_reference(W, k, dtype=dtype or torch.float32)
+
+
 @truncated_svd.register("gram", priority=10)
 def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
               dtype: torch.dtype | None = None) -> Basis | list[Basis]:
