@@ -104,7 +104,8 @@ class BasisProvider:
         ref = model.weights[module]
         W = model.load(module, dtype=None)
         self.bytes_read += W.numel() * W.element_size()
-        return W.reshape(ref.shape[0], -1)
+        W = W.reshape(ref.shape[0], -1)
+        return W.pin_memory() if self.opts.device.startswith("cuda") else W
 
     def prefetch(self, modules: list[str]) -> dict[str, Prefetched]:
         """Runs in the loader thread: cached source bases, and the weights that are not cached."""
@@ -132,8 +133,10 @@ class BasisProvider:
             by_shape.setdefault(tuple(W.shape), []).append(m)
         fn = self.svd_choice.backend.fn
         out = {}
+        dev = torch.device(self.opts.device)
         for names in by_shape.values():
-            stack = torch.stack([weights[m] for m in names]).to(self.opts.device)
+            # pinned host tensors (see _read) copy asynchronously; the stack is built on the device
+            stack = torch.stack([weights[m].to(dev, non_blocking=True) for m in names])
             bases = fn(stack, [ks[m] for m in names], dtype=self.dtype)
             del stack
             for m, b in zip(names, bases):
@@ -289,11 +292,16 @@ class Engine:
 
     def chunks(self, modules: list[str]) -> list[list[str]]:
         """Consecutive modules whose working memory fits the budget (at least one per chunk)."""
-        budget = self.opts.max_memory
-        if budget is None:
+        budget, gpu = self.opts.max_memory, self.opts.max_gpu_memory
+        if budget is None and gpu is None:
             return [modules[i:i + 16] for i in range(0, len(modules), 16)]
         # the chunk computing plus the next one's raw weights in flight, over what is resident now
-        avail = max(budget - current_rss(), 0) / 1.5
+        limits = []
+        if budget is not None:
+            limits.append(max(budget - current_rss(), 0) / 1.5)
+        if gpu is not None and self.opts.device.startswith("cuda"):
+            limits.append(gpu / 1.5)
+        avail = min(limits) if limits else float("inf")
         out: list[list[str]] = []
         cur: list[str] = []
         used = 0

@@ -104,8 +104,21 @@ def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
     layers share its batch (chunking never changes an answer); batching gains little on a CPU.
     """
     Wb, ks, batched = _as_batch(W, k)
-    out = [_gram_one(Wi.to(dtype or torch.float32), ki) for Wi, ki in zip(Wb, ks)]
+    if Wb.is_cuda:  # one batched GEMM and eigensolver call on the GPU
+        out = _gram_batched(Wb.to(dtype or torch.float32), ks)
+    else:
+        out = [_gram_one(Wi.to(dtype or torch.float32), ki) for Wi, ki in zip(Wb, ks)]
     return out if batched else out[0]
+
+
+def _gram_batched(Wb: torch.Tensor, ks: list[KSpec]) -> list[Basis]:
+    wide = Wb.shape[1] <= Wb.shape[2]
+    G = Wb @ Wb.mT if wide else Wb.mT @ Wb
+    energies = G.diagonal(dim1=-2, dim2=-1).double().sum(-1).tolist()
+    evals, evecs = torch.linalg.eigh(G)
+    del G
+    S_all = evals.flip(-1).clamp_min(0).sqrt()
+    return [_finish(Wb[i], S_all[i], evecs[i], ks[i], energies[i], wide) for i in range(Wb.shape[0])]
 
 
 def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
@@ -115,7 +128,11 @@ def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
     energy = float(G.diagonal().double().sum())
     evals, evecs = torch.linalg.eigh(G)
     del G
-    S = evals.flip(-1).clamp_min(0).sqrt()
+    return _finish(W, evals.flip(-1).clamp_min(0).sqrt(), evecs, k, energy, wide)
+
+
+def _finish(W: torch.Tensor, S: torch.Tensor, evecs: torch.Tensor, k: KSpec, energy: float, wide: bool) -> Basis:
+    """Keep the top-k eigenvectors (ascending order from eigh) and recover the other side."""
     kk = resolve_k(k, S, energy)
     Q = evecs[:, evecs.shape[1] - kk:].flip(-1)
     inv = torch.where(S[:kk] > 0, 1.0 / S[:kk], torch.zeros_like(S[:kk]))
