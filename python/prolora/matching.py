@@ -1,0 +1,137 @@
+"""Layer matching between models whose transformer depths differ (SDXL -> SSD-1B).
+
+Names alone cannot say which source block a shallower target's block 3 came from, so blocks are
+matched by subspace similarity: for every attention module present in both models, each target
+transformer block is assigned a distinct source block of the same attention module, maximising
+the summed similarity (mean phi over the block's linears of equal role and shape). Source blocks
+left unassigned have no counterpart in the target.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .ops import Basis, phi
+
+_BLOCK = re.compile(r"^(?P<attn>unet\.(?:(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+))"
+                    r"\.transformer_blocks\.(?P<idx>\d+)\.(?P<role>.+)$")
+
+
+def split_block(module: str) -> tuple[str, int, str] | None:
+    """'unet.up_blocks.0.attentions.1.transformer_blocks.3.attn1.to_q' -> (attention, 3, 'attn1.to_q')."""
+    m = _BLOCK.match(module)
+    return (m["attn"], int(m["idx"]), m["role"]) if m else None
+
+
+def blocks(weights: dict) -> dict[str, dict[int, dict[str, tuple]]]:
+    """attention module -> block index -> role -> weight shape."""
+    out: dict[str, dict[int, dict[str, tuple]]] = {}
+    for module, ref in weights.items():
+        hit = split_block(module)
+        if hit:
+            attn, idx, role = hit
+            out.setdefault(attn, {}).setdefault(idx, {})[role] = tuple(ref.shape)
+    return out
+
+
+def depths_differ(source_weights: dict, target_weights: dict) -> bool:
+    """True when some attention module has a different number of transformer blocks."""
+    s, t = blocks(source_weights), blocks(target_weights)
+    return any(len(s[a]) != len(t.get(a, {})) for a in s) or any(a not in s for a in t)
+
+
+def assign(score: list[list[float]]) -> list[int]:
+    """Maximum-weight assignment of rows (target blocks) to distinct columns (source blocks).
+
+    Rows must not outnumber columns. Returns the column of each row. Hungarian algorithm
+    (shortest augmenting paths with potentials), O(rows^2 * cols)."""
+    n, m = len(score), len(score[0]) if score else 0
+    if n > m:
+        raise ValueError(f"{n} rows cannot take distinct columns among {m}")
+    big = max((abs(x) for row in score for x in row), default=0.0) + 1.0
+    cost = [[big - x for x in row] for row in score]  # minimise
+    u, v = [0.0] * (n + 1), [0.0] * (m + 1)
+    owner = [0] * (m + 1)  # column -> row (1-based, 0 = free)
+    for i in range(1, n + 1):
+        owner[0] = i
+        j0 = 0
+        minv = [math.inf] * (m + 1)
+        used = [False] * (m + 1)
+        way = [0] * (m + 1)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = owner[j0], math.inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    col = [0] * n
+    for j in range(1, m + 1):
+        if owner[j]:
+            col[owner[j] - 1] = j - 1
+    return col
+
+
+@dataclass
+class BlockMatch:
+    attention: str
+    target_block: int
+    source_block: int
+    score: float  # mean phi over the block's compared linears
+
+
+BasisOf = Callable[[str, str, int | None], Basis]  # (side, module, k) -> basis; side "source"/"target"
+
+
+def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
+                 roles: tuple[str, ...] | None = None) -> list[BlockMatch]:
+    """Assign every target transformer block to a source block of the same attention module.
+
+    `basis_of(side, module, k)` gives a basis (k=None: the module's own k from the subspace mode);
+    the target side is asked at the source module's k. `roles` limits the compared linears."""
+    s_blocks, t_blocks = blocks(source_weights), blocks(target_weights)
+    out: list[BlockMatch] = []
+    for attn, t_idx in t_blocks.items():
+        s_idx = s_blocks.get(attn)
+        if not s_idx:
+            continue
+        t_list, s_list = sorted(t_idx), sorted(s_idx)
+        score = []
+        for tb in t_list:
+            row = []
+            for sb in s_list:
+                common = [r for r, shape in t_idx[tb].items()
+                          if s_idx[sb].get(r) == shape and (roles is None or r in roles)]
+                vals = []
+                for role in common:
+                    src = basis_of("source", f"{attn}.transformer_blocks.{sb}.{role}", None)
+                    tgt = basis_of("target", f"{attn}.transformer_blocks.{tb}.{role}", src.k)
+                    vals.append(0.5 * (phi(src.U, tgt.U) + phi(src.V, tgt.V)))
+                row.append(sum(vals) / len(vals) if vals else 0.0)
+            score.append(row)
+        if len(t_list) <= len(s_list):
+            cols = assign(score)
+            out += [BlockMatch(attn, tb, s_list[c], score[i][c]) for i, (tb, c) in enumerate(zip(t_list, cols))]
+        else:  # a deeper target: each source block goes to its best distinct target block
+            transposed = [list(col) for col in zip(*score)]
+            rows = assign(transposed)
+            out += [BlockMatch(attn, t_list[r], sb, transposed[i][r]) for i, (sb, r) in enumerate(zip(s_list, rows))]
+    return out
