@@ -19,6 +19,7 @@ from .errors import (InputFileError, NothingTransferredError, OptionError, Outpu
                      ProloraError)
 from .formats import read_lora, summarize, write_lora
 from .lora import LoraFile
+from .matching import block_mapping, depths_differ, match_blocks
 from .method import KMode, similarity as layer_similarity
 from .options import TransferOptions
 from .plan import build_plan
@@ -188,13 +189,19 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
 
     with ExitStack() as stack:
         src, tgt = _model(source, stack), _model(target, stack)
+        cache = _cache(opts)
+        mapping, matches = _matching(src, tgt, opts, cache)
         tasks: list[LoraTask] = []
         for lora, out in items:
             name = str(lora.path if isinstance(lora, LoraFile) else lora)
             try:
                 lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
                 fmt = lf.format if opts.format == "same" else opts.format
-                tasks.append(LoraTask(lf, build_plan(lf, src, tgt, fmt), out))
+                plan = build_plan(lf, src, tgt, fmt, mapping)
+                if matches:
+                    plan.warnings.append(f"{len(matches)} target transformer blocks matched to source blocks "
+                                         "by subspace similarity (see info.matching)")
+                tasks.append(LoraTask(lf, plan, out))
             except ProloraError as e:
                 fail(name, e)
 
@@ -214,9 +221,22 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
 
         modules = {j.module for t in tasks for j in t.plan.jobs}
         step = progress(len(modules), "layers") if progress else None
-        engine = Engine(src, tgt, opts, _cache(opts), step)
+        engine = Engine(src, tgt, opts, cache, step)
         stats = engine.run(tasks, on_done)
+        stats.matching = [asdict(m) for m in matches]
     return BatchResult(results, failures, stats)
+
+
+def _matching(src: BaseModel, tgt: BaseModel, opts: TransferOptions, cache: BasisCache | None):
+    """(source module -> target module, block matches) when layers are matched by similarity."""
+    mode = opts.match
+    if mode == "auto":
+        mode = "similarity" if depths_differ(src.weights, tgt.weights) else "name"
+    if mode == "name":
+        return None, []
+    provider = BasisProvider(src, tgt, opts, cache)
+    matches = match_blocks(src.weights, tgt.weights, provider.basis_of)
+    return block_mapping(src.weights, matches), matches
 
 
 def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: PathLike | LoraFile,
@@ -232,6 +252,8 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: P
     batch = _run(source, target, [(lora, out_path)], opts, progress, strict=True)
     res = batch.results[0]
     res.report.info["engine"] = asdict(batch.stats)
+    if batch.stats.matching:
+        res.report.info["matching"] = batch.stats.matching
     return res
 
 

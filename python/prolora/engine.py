@@ -68,6 +68,7 @@ def _dispatch(op: Op, opts: TransferOptions, problem: Problem):
 class Prefetched:
     """What the loader thread found or read for one module."""
 
+    target: str = ""  # the matching target module
     src: Basis | None = None
     Ws: torch.Tensor | None = None
     Wt: torch.Tensor | None = None
@@ -107,20 +108,21 @@ class BasisProvider:
         W = W.reshape(ref.shape[0], -1)
         return W.pin_memory() if self.opts.device.startswith("cuda") else W
 
-    def prefetch(self, modules: list[str]) -> dict[str, Prefetched]:
-        """Runs in the loader thread: cached source bases, and the weights that are not cached."""
+    def prefetch(self, modules: list[str], targets: dict[str, str] | None = None) -> dict[str, Prefetched]:
+        """Runs in the loader thread: cached source bases, and the weights that are not cached.
+        `targets` maps a source module to its target module (default: the same name)."""
         t0 = time.perf_counter()
         out = {}
         for m in modules:
-            p = Prefetched()
+            p = Prefetched(target=(targets or {}).get(m, m))
             if self.cache is not None:
                 p.src = self.cache.get(self.source.identity(), m, self._flat_shape(self.source, m),
                                        self._chooser(m), self.dtype)
-                p.tgt_stored_k = self.cache.stored_k(self.target.identity(), m, self.dtype)
+                p.tgt_stored_k = self.cache.stored_k(self.target.identity(), p.target, self.dtype)
             if p.src is None:
                 p.Ws = self._read(self.source, m)
             if p.tgt_stored_k == 0:
-                p.Wt = self._read(self.target, m)
+                p.Wt = self._read(self.target, p.target)
             out[m] = p
         self.seconds["load"] += time.perf_counter() - t0
         return out
@@ -154,16 +156,29 @@ class BasisProvider:
         src.update(self._compute(self.source, missing, {m: self._chooser(m) for m in missing}))
         tgt: dict[str, Basis] = {}
         need: dict[str, torch.Tensor] = {}
+        ks: dict[str, int] = {}
         for m, p in pre.items():
-            k = src[m].k
+            t, k = p.target, src[m].k
+            ks[t] = max(ks.get(t, 0), k)
             if p.Wt is None and p.tgt_stored_k >= k:
-                hit = self.cache.get(self.target.identity(), m, self._flat_shape(self.target, m), k, self.dtype)
+                hit = self.cache.get(self.target.identity(), t, self._flat_shape(self.target, t), k, self.dtype)
                 if hit is not None:
-                    tgt[m] = hit
+                    tgt[t] = hit
                     continue
-            need[m] = p.Wt if p.Wt is not None else self._read(self.target, m)
-        tgt.update(self._compute(self.target, need, {m: src[m].k for m in need}))
-        return {m: (src[m], tgt[m].truncate(src[m].k)) for m in pre}
+            need[t] = p.Wt if p.Wt is not None else self._read(self.target, t)
+        tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}))
+        return {m: (src[m], tgt[p.target].truncate(src[m].k)) for m, p in pre.items()}
+
+    def basis_of(self, side: str, module: str, k: int | None = None) -> Basis:
+        """One basis: the source module at its own k (k=None), or any module at a given k."""
+        model = self.source if side == "source" else self.target
+        spec = self._chooser(module) if k is None else k
+        hit = None
+        if self.cache is not None:
+            hit = self.cache.get(model.identity(), module, self._flat_shape(model, module), spec, self.dtype)
+        if hit is None:
+            hit = self._compute(model, {module: self._read(model, module)}, {module: spec})[module]
+        return hit
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -279,6 +294,7 @@ class EngineStats:
     cache_hits: int = 0
     cache_misses: int = 0
     backends: dict[str, str] = field(default_factory=dict)
+    matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
 
 
 class Engine:
@@ -321,9 +337,12 @@ class Engine:
         """Process every task; call on_done(task) as soon as each one is complete (or failed)."""
         t0 = time.perf_counter()
         work: dict[str, list[tuple[LoraTask, LayerJob]]] = {}
+        targets: dict[str, str] = {}
         for task in tasks:
             for job in task.plan.jobs:
                 work.setdefault(job.module, []).append((task, job))
+                if targets.setdefault(job.module, job.target_module) != job.target_module:
+                    raise ValueError(f"{job.module} maps to two target modules in one batch")
         for task in tasks:
             if task.done:
                 on_done(task)
@@ -341,10 +360,10 @@ class Engine:
         chunks = self.chunks(order)
         self.stats.chunks = len(chunks)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool:
-            ahead: Future | None = pool.submit(provider.prefetch, chunks[0]) if chunks else None
+            ahead: Future | None = pool.submit(provider.prefetch, chunks[0], targets) if chunks else None
             for i, chunk in enumerate(chunks):
                 pre = ahead.result()
-                ahead = pool.submit(provider.prefetch, chunks[i + 1]) if i + 1 < len(chunks) else None
+                ahead = pool.submit(provider.prefetch, chunks[i + 1], targets) if i + 1 < len(chunks) else None
                 try:
                     bases = provider.bases(pre)
                     del pre

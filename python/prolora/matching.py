@@ -103,7 +103,8 @@ BasisOf = Callable[[str, str, int | None], Basis]  # (side, module, k) -> basis;
 
 def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
                  roles: tuple[str, ...] | None = None) -> list[BlockMatch]:
-    """Assign every target transformer block to a source block of the same attention module.
+    """Assign every target transformer block to a source block of the same attention module,
+    for the attention modules whose depths differ.
 
     `basis_of(side, module, k)` gives a basis (k=None: the module's own k from the subspace mode);
     the target side is asked at the source module's k. `roles` limits the compared linears."""
@@ -111,8 +112,8 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
     out: list[BlockMatch] = []
     for attn, t_idx in t_blocks.items():
         s_idx = s_blocks.get(attn)
-        if not s_idx:
-            continue
+        if not s_idx or sorted(s_idx) == sorted(t_idx):
+            continue  # absent in the source, or same depth: names are trusted there
         t_list, s_list = sorted(t_idx), sorted(s_idx)
         score = []
         for tb in t_list:
@@ -134,4 +135,19 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
             transposed = [list(col) for col in zip(*score)]
             rows = assign(transposed)
             out += [BlockMatch(attn, t_list[r], sb, transposed[i][r]) for i, (sb, r) in enumerate(zip(s_list, rows))]
+    return out
+
+
+def block_mapping(source_weights: dict, matches: list[BlockMatch]) -> dict[str, str | None]:
+    """Source module -> target module (None: its block has no counterpart) for every linear of
+    the attention modules that were matched; other modules keep their names."""
+    assigned = {(m.attention, m.source_block): m.target_block for m in matches}
+    matched = {m.attention for m in matches}
+    out: dict[str, str | None] = {}
+    for module in source_weights:
+        hit = split_block(module)
+        if hit and hit[0] in matched:
+            attn, idx, role = hit
+            tb = assigned.get((attn, idx))
+            out[module] = None if tb is None else f"{attn}.transformer_blocks.{tb}.{role}"
     return out

@@ -46,6 +46,7 @@ class TransferOptions:
     format: str = "same"  # output file format, or "same" as the input
     alpha: str = "keep"  # keep: the input's alpha/r convention; rank: alpha = output rank (scale 1)
     skipped: str = "drop"  # what a layer below tau gets: drop (no adapter) or copy (the input's)
+    match: str = "auto"  # layer matching: name, similarity, or auto (similarity where depths differ)
     device: str = "cpu"
     backends: dict[str, str] = field(default_factory=dict)  # op name -> backend override
     max_memory: int | None = None  # host bytes for weights in flight (None: fixed-size chunks)
@@ -65,6 +66,8 @@ class TransferOptions:
             raise OptionError(f"format {self.format!r}: choose from same, {', '.join(FORMATS)}")
         if self.alpha not in ("keep", "rank"):
             raise OptionError(f"alpha {self.alpha!r}: choose keep or rank")
+        if self.match not in ("name", "similarity", "auto"):
+            raise OptionError(f"match {self.match!r}: choose name, similarity or auto")
         if self.skipped not in ("drop", "copy"):
             raise OptionError(f"skipped {self.skipped!r}: choose drop or copy")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -79,4 +82,4 @@ class TransferOptions:
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""
         return {"method": self.method, "subspace": str(self.subspace), "tau": f"{self.tau:g}",
-                "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped}
+                "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped, "match": self.match}

@@ -66,8 +66,11 @@ def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseM
             f"does not fit the weight of shape {shape}{hint}")
 
 
-def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None) -> Plan:
-    """Resolve every LoRA module in the source, check shapes, find its target counterpart."""
+def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None,
+               mapping: dict[str, str | None] | None = None) -> Plan:
+    """Resolve every LoRA module in the source, check shapes, find its target counterpart: the
+    same canonical module, or `mapping[module]` where layers were matched by similarity (None:
+    the block was removed in the target)."""
     out_format = out_format or lora.format
     warnings: list[str] = []
     if source.family != target.family and "unknown" not in (source.family, target.family):
@@ -102,13 +105,17 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
         lm = lora.modules[key]
         shape = source.weights[module].shape
         _check_fits(lm, shape, where, source)
-        tw = target.weights.get(module)
+        tmodule = mapping.get(module, module) if mapping else module
+        if tmodule is None:
+            skipped.append(Skip(key, module, shape, "block removed in the target (similarity matching)"))
+            continue
+        tw = target.weights.get(tmodule)
         if tw is None:
             skipped.append(Skip(key, module, shape, "no counterpart in the target model"))
             continue
         if tw.shape != shape:
             skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}"))
             continue
-        out_key = target.spell(module, _out_spelling(lora.format, out_format, spelling, target))
-        jobs.append(LayerJob(key, module, module, out_key, shape, lm))
+        out_key = target.spell(tmodule, _out_spelling(lora.format, out_format, spelling, target))
+        jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm))
     return Plan(jobs, skipped, out_format, warnings)
