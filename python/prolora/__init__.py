@@ -1,6 +1,7 @@
 """prolora: zero-shot transfer of LoRA adapters between diffusion base models (ProLoRA).
 
-Public API: transfer(), similarity(), inspect(), and the error classes in prolora.errors.
+Public API: transfer(), transfer_many(), similarity(), compare(), inspect(), TransferOptions, and
+the error classes in prolora.errors.
 """
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from .errors import ProloraError
 
 __version__ = "0.1.0"
 
-_API = {"transfer", "similarity", "inspect", "TransferOptions", "TransferResult", "SimilarityResult"}
+_API = {"transfer", "transfer_many", "similarity", "inspect", "compare", "TransferOptions", "TransferResult",
+        "SimilarityResult", "BatchResult", "CompareResult"}
 
 
 def __getattr__(name: str):  # keep `import prolora` light: torch-heavy modules load on first use

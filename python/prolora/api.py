@@ -13,10 +13,11 @@ from typing import Any, Callable
 from . import __version__
 from .cache import BasisCache
 from .checkpoints import BaseModel, open_model
+from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
 from .engine import BasisProvider, Engine, EngineStats, LoraTask, finalize, record
-from .errors import (InputFileError, NothingTransferredError, OptionError, OutputPathError,
-                     ProloraError)
+from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
+                     OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
@@ -358,6 +359,41 @@ def build_cache(model: PathLike | BaseModel, *, layers: str | None = None, subsp
             if step:
                 step(len(chunk))
     return len(names)
+
+
+@dataclass
+class CompareResult:
+    agreement: Agreement
+    names: dict[str, str]  # "a"/"b" -> file
+
+
+def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: PathLike | BaseModel | None = None) -> CompareResult:
+    """Per-layer and overall agreement of two LoRAs for the same base (e.g. a transfer against a
+    LoRA trained on the target). With `base`, module names are matched through the model, so the
+    two files may be in different formats; without it they must spell modules alike."""
+    a = lora_a if isinstance(lora_a, LoraFile) else read_lora(lora_a)
+    b = lora_b if isinstance(lora_b, LoraFile) else read_lora(lora_b)
+    if base is None:
+        if a.format != b.format:
+            raise OptionError(f"the LoRAs are in different formats ({a.format} vs {b.format}): pass --base MODEL "
+                              "so their module names can be matched")
+        ma, mb = a.modules, b.modules
+    else:
+        with ExitStack() as stack:
+            model = _model(base, stack)
+
+            def canon(lf: LoraFile) -> dict:
+                return {(model.resolve(k) or (k,))[0]: m for k, m in lf.modules.items()}
+
+            ma, mb = canon(a), canon(b)
+    try:
+        agreement = compare_modules(ma, mb)
+    except ValueError as e:
+        raise LoraMismatchError(f"{a.path} vs {b.path}: {e}") from None
+    if not agreement.layers:
+        raise LoraMismatchError(f"{a.path} and {b.path} share no module"
+                                + ("" if base else "; pass --base MODEL to match names across spellings"))
+    return CompareResult(agreement, {"a": str(a.path), "b": str(b.path)})
 
 
 def _looks_like_lora(path: Path) -> bool:
