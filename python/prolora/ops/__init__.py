@@ -2,9 +2,15 @@
 from .projection import METHODS, project_lora
 from .registry import Choice, Op, Problem, overrides_from_env, parse_overrides
 from .similarity import phi, phi_null, principal_cosines
+from .small_svd import small_svd
+from .subspace_phi import subspace_phi
 from .svd import Basis, truncated_svd
 
-ALL_OPS = (truncated_svd, principal_cosines, project_lora)
+# backends that register themselves on the ops above: native (prolora._C) and Triton (kernels/)
+from . import backends_native, backends_triton  # noqa: E402,F401  isort: skip
+
+ALL_OPS = (truncated_svd, principal_cosines, project_lora, subspace_phi, small_svd)
 
 __all__ = ["ALL_OPS", "Basis", "Choice", "METHODS", "Op", "Problem", "overrides_from_env",
-           "parse_overrides", "phi", "phi_null", "principal_cosines", "project_lora", "truncated_svd"]
+           "parse_overrides", "phi", "phi_null", "principal_cosines", "project_lora", "small_svd",
+           "subspace_phi", "truncated_svd"]

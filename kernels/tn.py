@@ -1,0 +1,164 @@
+"""Batched transposed products C = A^T X with float32 accumulation: the one GEMM shape that the
+basis (Gram matrices W W^T / W^T W, the other side W^T Q), the similarity (U_s^T U_t and its
+squared Frobenius norm) and the projection (U^T B) all need.
+
+Every matrix of a batch is computed by the same tiles in the same order, whatever the batch
+size, and nothing is accumulated across programs (no atomics): a layer's result does not
+depend on which layers share its launch. float16/bfloat16 pairs go to the tensor cores with
+float32 accumulation (their products are exact in float32); any other mix is upcast to float32
+and multiplied in IEEE float32 (no TF32), as torch does by default.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import INTERP_TILE, autotune, check_device, interp_meta
+
+_TN_CONFIGS = [
+    dict(BP=64, BQ=64, BL=32, num_warps=4, num_stages=3),
+    dict(BP=128, BQ=64, BL=32, num_warps=4, num_stages=3),
+    dict(BP=64, BQ=128, BL=32, num_warps=4, num_stages=3),
+    dict(BP=128, BQ=128, BL=32, num_warps=8, num_stages=3),
+    dict(BP=64, BQ=32, BL=64, num_warps=4, num_stages=3),
+    dict(BP=32, BQ=16, BL=128, num_warps=4, num_stages=3),
+]
+_GRAM_CONFIGS = [
+    dict(BT=64, BL=32, num_warps=4, num_stages=3),
+    dict(BT=64, BL=64, num_warps=4, num_stages=4),
+    dict(BT=128, BL=32, num_warps=8, num_stages=3),
+]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _tn_acc(a_ptr, x_ptr, L, P, Q, sal, sap, sxl, sxq, p0, q0,
+            BP: tl.constexpr, BQ: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
+    """The (BP, BQ) tile of A^T X at rows p0.., columns q0.., summed over all L rows."""
+    rp = p0 + tl.arange(0, BP)
+    rq = q0 + tl.arange(0, BQ)
+    rl = tl.arange(0, BL)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    for l0 in range(0, L, BL):
+        ll = l0 + rl
+        a = tl.load(a_ptr + rp[:, None] * sap + ll[None, :] * sal,
+                    mask=(rp[:, None] < P) & (ll[None, :] < L), other=0.0)
+        x = tl.load(x_ptr + ll[:, None] * sxl + rq[None, :] * sxq,
+                    mask=(ll[:, None] < L) & (rq[None, :] < Q), other=0.0)
+        if UPCAST:
+            acc += tl.dot(a.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, x)
+    return acc
+
+
+@autotune(_TN_CONFIGS, key=["L", "P", "Q", "UPCAST"], reset_to_zero=["sq_ptr"])
+@triton.jit
+def _tn_kernel(a_ptr, x_ptr, c_ptr, sq_ptr, L, P, Q,
+               sab, sal, sap, sxb, sxl, sxq, scb, scp, scq, sqb,
+               BP: tl.constexpr, BQ: tl.constexpr, BL: tl.constexpr,
+               UPCAST: tl.constexpr, STORE: tl.constexpr, SQ: tl.constexpr):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    nq = tl.cdiv(Q, BQ)
+    p0 = (t // nq) * BP
+    q0 = (t % nq) * BQ
+    acc = _tn_acc(a_ptr + b * sab, x_ptr + b * sxb, L, P, Q, sal, sap, sxl, sxq, p0, q0,
+                  BP, BQ, BL, UPCAST)
+    if STORE:
+        rp = p0 + tl.arange(0, BP)
+        rq = q0 + tl.arange(0, BQ)
+        tl.store(c_ptr + b * scb + rp[:, None] * scp + rq[None, :] * scq, acc,
+                 mask=(rp[:, None] < P) & (rq[None, :] < Q))
+    if SQ:  # one partial sum of squares per tile, summed on the host in a fixed order
+        tl.store(sq_ptr + b * sqb + t, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@autotune(_GRAM_CONFIGS, key=["L", "D", "UPCAST"])
+@triton.jit
+def _gram_kernel(a_ptr, c_ptr, L, D, sab, sal, sad, scb, scr, scc,
+                 BT: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
+    # program t computes lower-triangle tile (ti, tj), ti >= tj, t = ti (ti + 1) / 2 + tj
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ti = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    ti = tl.where((ti + 1) * (ti + 2) // 2 <= t, ti + 1, ti)
+    ti = tl.where(ti * (ti + 1) // 2 > t, ti - 1, ti)
+    tj = t - ti * (ti + 1) // 2
+    a = a_ptr + b * sab
+    acc = _tn_acc(a, a, L, D, D, sal, sad, sal, sad, ti * BT, tj * BT, BT, BT, BL, UPCAST)
+    rr = ti * BT + tl.arange(0, BT)
+    rc = tj * BT + tl.arange(0, BT)
+    mask = (rr[:, None] < D) & (rc[None, :] < D)
+    c = c_ptr + b * scb
+    tl.store(c + rr[:, None] * scr + rc[None, :] * scc, acc, mask=mask)
+    if ti != tj:  # the mirrored tile: the output is the full symmetric matrix
+        tl.store(c + rc[None, :] * scr + rr[:, None] * scc, acc, mask=mask)
+
+
+def _upcast(*ts: torch.Tensor) -> bool:
+    d = ts[0].dtype
+    return not (d in _LOW_PRECISION and all(t.dtype == d for t in ts))
+
+
+def _batched(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    if t.dim() != 3:
+        raise ValueError(f"{what}: expected (b, L, P) or (L, P), got shape {tuple(t.shape)}")
+    return t
+
+
+def tn(a: torch.Tensor, x: torch.Tensor, *, store: bool = True,
+       squares: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """C = A^T X for A (b, L, P) and X (b, L, Q) (or 2-D, any strides), float32 (b, P, Q).
+
+    squares: also return ||C_i||_F^2 per matrix (float64, (b,)), summed from per-tile partials
+    in a fixed order. store=False skips writing C (when only the norms are wanted).
+    """
+    squeeze = a.dim() == 2
+    a, x = _batched(a, "tn: A"), _batched(x, "tn: X")
+    check_device(a, x)
+    b, L, P = a.shape
+    if x.shape[:2] != (b, L):
+        raise ValueError(f"tn: A {tuple(a.shape)} and X {tuple(x.shape)} do not match")
+    Q = x.shape[2]
+    c = torch.empty(b, P, Q, dtype=torch.float32, device=a.device) if store else None
+    meta = interp_meta(BP=INTERP_TILE, BQ=INTERP_TILE, BL=INTERP_TILE)
+    # partial sums: one slot per tile of the config with the most tiles, zeroed before each
+    # run (the autotuner runs several configs), so unused slots add nothing
+    sq = torch.zeros(b, _max_tiles(P, Q), dtype=torch.float32, device=a.device) if squares else None
+    if b and P and Q:
+        grid = lambda m: (triton.cdiv(P, m["BP"]) * triton.cdiv(Q, m["BQ"]), b)  # noqa: E731
+        cs = c.stride() if c is not None else (0, 0, 0)
+        _tn_kernel[grid](a, x, c if c is not None else a, sq if sq is not None else a, L, P, Q,
+                         *a.stride(), *x.stride(), *cs, sq.stride(0) if sq is not None else 0,
+                         UPCAST=_upcast(a, x), STORE=store, SQ=squares, **meta)
+    norms = sq.double().sum(dim=1) if sq is not None else None
+    if squeeze:
+        return (c[0] if c is not None else None), (norms[0] if norms is not None else None)
+    return c, norms
+
+
+def _max_tiles(P: int, Q: int) -> int:
+    shapes = [(INTERP_TILE, INTERP_TILE)] + [(c["BP"], c["BQ"]) for c in _TN_CONFIGS]
+    return max(triton.cdiv(P, bp) * triton.cdiv(Q, bq) for bp, bq in shapes)
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """G = A^T A for A (b, L, D) (or 2-D, any strides): float32 (b, D, D), symmetric, from the
+    lower-triangle tiles only (half the multiply-adds of a general product)."""
+    squeeze = a.dim() == 2
+    a = _batched(a, "gram")
+    check_device(a)
+    b, L, D = a.shape
+    c = torch.empty(b, D, D, dtype=torch.float32, device=a.device)
+    meta = interp_meta(BT=INTERP_TILE, BL=INTERP_TILE)
+    if b and D:
+        def grid(m):
+            nt = triton.cdiv(D, m["BT"])
+            return (nt * (nt + 1) // 2, b)
+
+        _gram_kernel[grid](a, c, L, D, *a.stride(), *c.stride(), UPCAST=_upcast(a), **meta)
+    return c[0] if squeeze else c

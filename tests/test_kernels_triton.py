@@ -1,0 +1,267 @@
+"""Triton kernels (prolora.kernels) and their op backends against the float64 references.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set before Triton is imported) on CPU
+tensors in float32 with small shapes; with one, the same tests run compiled on CUDA tensors.
+Errors are judged against plain torch in the same precision (FlashAttention's habit): our error
+vs float64 must be at most RATIO times torch's float32 error (floored at float32 eps).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from prolora.kernels import lowrank, tn as tnk  # noqa: E402
+from prolora.kernels._config import NO_GPU  # noqa: E402
+from prolora.kernels.projection import project, project_batched  # noqa: E402
+from prolora.method import KMode  # noqa: E402
+from prolora.ops import (Problem, phi, principal_cosines, project_lora, subspace_phi,  # noqa: E402
+                         truncated_svd)
+from prolora.ops import backends_triton  # noqa: E402
+from prolora.synthetic import _generator, spectral_weight  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+RATIO = 2.0
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def rel(x: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((x.double() - exact).norm() / exact.norm())
+
+
+def within(ours: float, torch_err: float) -> bool:
+    return ours <= RATIO * max(torch_err, EPS32)
+
+
+def orth(g: torch.Generator, m: int, k: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+
+
+# ---- the batched A^T X product and the Gram kernel -----------------------------------------
+
+
+@pytest.mark.parametrize("b,L,P,Q", [(3, 50, 37, 21), (1, 1, 5, 1), (2, 33, 16, 40)])
+def test_tn_matches_float64_and_torch(b, L, P, Q):
+    g = torch.Generator().manual_seed(b * 100 + L)
+    a = torch.randn(b, L, P, generator=g, dtype=torch.float64)
+    x = torch.randn(b, L, Q, generator=g, dtype=torch.float64)
+    exact = a.mT @ x
+    c, sq = tnk.tn(a.float().to(DEV), x.float().to(DEV), squares=True)
+    assert c.dtype == torch.float32 and c.shape == (b, P, Q)
+    assert within(rel(c.cpu(), exact), rel(a.float().mT @ x.float(), exact))
+    assert torch.allclose(sq.cpu(), (exact ** 2).sum((1, 2)), rtol=1e-5)
+
+
+def test_tn_takes_any_strides_and_single_matrices():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 30, generator=g)
+    a = base.T.to(DEV)          # (30, 40), column-major
+    x = torch.randn(64, 30, generator=g)[::2].T.to(DEV)  # (30, 32), strided rows
+    c, sq = tnk.tn(a, x)
+    assert sq is None and c.shape == (40, 32)
+    exact = a.double().T @ x.double()
+    assert rel(c, exact) < 1e-6
+
+
+def test_tn_norms_without_storing():
+    g = torch.Generator().manual_seed(2)
+    a, x = torch.randn(2, 20, 18, generator=g), torch.randn(2, 20, 19, generator=g)
+    c, sq = tnk.tn(a.to(DEV), x.to(DEV), store=False, squares=True)
+    assert c is None
+    exact = ((a.double().mT @ x.double()) ** 2).sum((1, 2))
+    assert torch.allclose(sq.cpu(), exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 45, 29), (1, 20, 70)])
+def test_gram_is_the_symmetric_product(shape):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    exact = a.mT @ a
+    G = tnk.gram(a.float().to(DEV)).cpu()
+    assert torch.equal(G, G.mT)  # mirrored tiles: exactly symmetric
+    assert within(rel(G, exact), rel(a.float().mT @ a.float(), exact))
+
+
+def test_one_matrix_gives_the_same_bits_alone_or_in_a_batch():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 37, 23, generator=g).to(DEV)
+    x = torch.randn(4, 37, 17, generator=g).to(DEV)
+    batch_c, _ = tnk.tn(a, x)
+    alone_c, _ = tnk.tn(a[2:3], x[2:3])
+    assert torch.equal(batch_c[2], alone_c[0])
+    assert torch.equal(tnk.gram(a)[1], tnk.gram(a[1])[...])
+
+
+def test_expand_writes_both_outputs_and_their_sum():
+    g = torch.Generator().manual_seed(5)
+    b, m, k, r = 2, 35, 20, 3
+    u1, u2 = torch.randn(b, m, k, generator=g), torch.randn(b, m, k, generator=g)
+    c1, c2, c3 = (torch.randn(b, k, r, generator=g) for _ in range(3))
+    x = torch.randn(b, m, r, generator=g)
+    oa = torch.empty(b, m, r, device=DEV)
+    ob = torch.empty(b, r, m, device=DEV).mT  # a strided output
+    args = [t.to(DEV) for t in (u1, c1, u2, c2, c3, x)]
+    lowrank.expand(args[0], args[1], out_a=oa, u2=args[2], c2=args[3], c3=args[4], x=args[5], out_b=ob)
+    d = [t.double() for t in (u1, c1, u2, c2, c3, x)]
+    ea = d[0] @ d[1]
+    eb = d[5] + d[2] @ d[3] + d[0] @ d[4]
+    assert rel(oa.cpu(), ea) < 1e-6 and rel(ob.cpu(), eb) < 1e-6
+    s = torch.empty(b, m, r, device=DEV)
+    lowrank.expand(args[0], args[1], out_a=s, u2=args[2], c2=args[3], c3=args[4], x=args[5], add=True)
+    assert rel(s.cpu(), ea + eb) < 1e-6
+
+
+# ---- project_lora/triton ---------------------------------------------------------------------
+
+
+def _layer(seed: int, m: int = 40, n: int = 56, k: int = 12, r: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    Us, Ut, Vs, Vt = orth(g, m, k), orth(g, m, k), orth(g, n, k), orth(g, n, k)
+    B = torch.randn(m, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64)
+    return B, A, Us, Vs, Ut, Vt
+
+
+@pytest.mark.parametrize("method", ["prolora", "prolora-full", "subspace"])
+@pytest.mark.parametrize("dims", [(40, 56, 12, 4), (70, 33, 20, 6), (24, 24, 0, 2)])
+def test_projection_meets_the_contract(method, dims):
+    args = _layer(7, *dims)
+    up0, down0 = project_lora.reference.fn(*args, method)
+    exact = up0 @ down0
+    f32 = [t.float() for t in args]
+    up_t, down_t = project_lora.backends["torch"].fn(*f32, method)
+    up, down = project_lora.backends["triton"].fn(*(t.to(DEV) for t in f32), method)
+    assert up.dtype == down.dtype == torch.float32
+    assert up.shape == up0.shape and down.shape == down0.shape
+    # each factor, not only the product: the output layout is the reference's
+    for ours, theirs, ref in ((up, up_t, up0), (down, down_t, down0)):
+        if ref.norm() > 0:
+            assert within(rel(ours.cpu(), ref), rel(theirs, ref))
+    if exact.norm() > 0:
+        assert within(rel(up.cpu().double() @ down.cpu().double(), exact),
+                      rel(up_t.double() @ down_t.double(), exact))
+
+
+def test_projection_k0_keeps_everything_in_the_complement():
+    B, A, Us, Vs, Ut, Vt = (t.float() for t in _layer(8, k=0))
+    up, down = project(*(t.to(DEV) for t in (B, A, Us, Vs, Ut, Vt)), "prolora")
+    r = B.shape[1]
+    assert torch.equal(up[:, :r].cpu(), torch.zeros_like(B)) and torch.allclose(up[:, r:].cpu(), B)
+    assert torch.allclose(down[r:].cpu(), A)
+
+
+def test_projection_copy_is_identity_and_unknown_method_fails():
+    B, A, *rest = (t.float() for t in _layer(9))
+    up, down = project_lora.backends["triton"].fn(B, A, *rest, "copy")
+    assert up is B and down is A
+    with pytest.raises(ValueError, match="unknown method"):
+        project(B, A, *rest, "nope")
+
+
+def test_projection_batched_equals_per_layer_and_takes_strided_inputs():
+    layers = [[t.float() for t in _layer(s)] for s in (10, 11, 12)]
+    stacked = [torch.stack([lay[i] for lay in layers]).to(DEV) for i in range(6)]
+    # A as a transposed view of a (b, n, r) buffer: the kernel reads strides, copies nothing
+    stacked[1] = stacked[1].mT.contiguous().mT
+    up, down = project_batched(*stacked, "prolora")
+    for i, lay in enumerate(layers):
+        u1, d1 = project(*(t.to(DEV) for t in lay), "prolora")
+        assert torch.equal(up[i], u1) and torch.equal(down[i], d1)
+
+
+def test_projection_rejects_other_dtypes_and_mismatched_shapes():
+    args = [t.float() for t in _layer(13)]
+    with pytest.raises(ValueError, match="float32"):
+        project_lora.backends["triton"].fn(*args, "prolora", dtype=torch.float64)
+    bad = [t[None] for t in args]
+    bad[2] = bad[2][:, :-1]
+    with pytest.raises(ValueError, match="do not match"):
+        project_batched(*bad, "prolora")
+
+
+# ---- truncated_svd/gram-triton(-jacobi) --------------------------------------------------------
+
+
+def realistic(shape, seed=0):
+    return spectral_weight(shape, _generator("kernels", seed, str(shape)))
+
+
+@pytest.mark.parametrize("backend", ["gram-triton", "gram-triton-jacobi"])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_gram_triton_basis_meets_the_contract(backend, shape):
+    if backend.endswith("jacobi"):
+        from prolora import _native
+        if not _native.available():
+            pytest.skip(str(_native.why_unavailable()))
+    W = realistic(shape, 1)
+    d = min(shape)
+    mode = KMode.parse("energy:0.9")
+    chooser = lambda S, e: mode.choose(d, S, e)  # noqa: E731
+    exact = truncated_svd.reference.fn(W, chooser)
+    base = truncated_svd.backends["gram"].fn(W, exact.k)
+    fast = truncated_svd.backends[backend].fn(W.to(DEV), chooser)
+    assert fast.k == exact.k and fast.U.dtype == torch.float32
+    assert fast.U.shape == (shape[0], exact.k) and fast.V.shape == (shape[1], exact.k)
+    for side in ("U", "V"):
+        ours = phi(getattr(exact, side), getattr(fast, side).cpu().double())
+        theirs = phi(getattr(exact, side), getattr(base, side).double())
+        assert ours >= 0.999 and 1 - ours <= RATIO * max(1 - theirs, EPS32)
+    assert within(rel(fast.S.cpu(), exact.S), rel(base.S, exact.S))
+    assert fast.energy == pytest.approx(exact.energy, rel=1e-5)
+
+
+def test_gram_triton_batched_equals_single():
+    Ws = torch.stack([realistic((40, 64), s) for s in range(3)]).to(DEV)
+    ks = [5, 12, None]
+    fn = truncated_svd.backends["gram-triton"].fn
+    batch = fn(Ws, ks)
+    assert [b.k for b in batch] == [5, 12, 40]
+    for W, k, b in zip(Ws, ks, batch):
+        one = fn(W, k)
+        assert torch.equal(b.U, one.U) and torch.equal(b.V, one.V) and torch.equal(b.S, one.S)
+
+
+# ---- similarity --------------------------------------------------------------------------------
+
+
+def test_subspace_phi_and_cosines_match_the_reference():
+    g = torch.Generator().manual_seed(14)
+    A = torch.stack([orth(g, 50, 10) for _ in range(3)])
+    B = torch.stack([orth(g, 50, 14) for _ in range(3)])
+    B[1, :, :5] = A[1, :, :5]  # a partly shared subspace
+    ref = subspace_phi.reference.fn(A, B)
+    torch_phi = subspace_phi.backends["torch"].fn(A.float(), B.float())
+    ours = subspace_phi.backends["triton"].fn(A.float().to(DEV), B.float().to(DEV)).cpu()
+    assert ours.dtype == torch.float64 and ours.shape == (3,)
+    assert within(rel(ours, ref), rel(torch_phi, ref))
+    assert float(ours[1]) > float(ours[0]) + 0.2
+    assert float(subspace_phi.backends["triton"].fn(A[0].float().to(DEV), A[0].float().to(DEV))) == \
+        pytest.approx(1.0, abs=1e-5)
+    cos_ref = principal_cosines.reference.fn(A[1], B[1])
+    cos = principal_cosines.backends["triton"].fn(A[1].float().to(DEV), B[1].float().to(DEV)).cpu()
+    assert torch.allclose(cos.double(), cos_ref, atol=1e-5)
+    assert torch.allclose(cos[:5].double(), torch.ones(5, dtype=torch.float64), atol=1e-5)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_a_gpu_triton_is_never_chosen_and_says_why():
+    assert backends_triton.triton_missing() == NO_GPU
+    for op in (project_lora, truncated_svd, subspace_phi, principal_cosines):
+        for name, b in op.backends.items():
+            if "triton" in name:
+                assert b.available() == NO_GPU
+        choice = op.choose(Problem(device="cpu", dtype="float32", shape=(64, 64)))
+        assert "triton" not in choice.backend.name
+        assert all(choice.rejected[n] == NO_GPU for n in op.backends if "triton" in n)
