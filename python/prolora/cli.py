@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import OptionError, ProloraError
+from .errors import OptionError, OutputPathError, ProloraError
 from .lora import FORMATS
 from .ops.projection import METHODS
 from .options import DEFAULT_METHOD, DEFAULT_SUBSPACE, DEFAULT_TAU
@@ -71,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the input's alpha/r convention, or write alpha = rank (default %(default)s)")
     t.add_argument("--skipped", choices=("drop", "copy"), default="drop",
                    help="layers below tau: drop their adapter or copy it unchanged (default %(default)s)")
+    t.add_argument("--match", choices=("auto", "name", "similarity"), default="auto",
+                   help="layer matching: by name, by subspace similarity (targets with fewer blocks, e.g. "
+                        "SSD-1B), or auto: similarity where depths differ (default %(default)s)")
     t.add_argument("--report", metavar="FILE", help="write the per-layer report(s) as JSON")
+    t.add_argument("--plot", metavar="FILE.png", help="write a per-block heatmap of phi and of what was transferred")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     _add_common(t)
 
@@ -82,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="FILE", help="write the per-layer report as JSON")
     s.add_argument("--plot", metavar="FILE.png", help="write a figure of phi per layer")
     _add_common(s)
+
+    cp = sub.add_parser("compare", help="agreement of two LoRAs for the same base (cosine, error, energy)")
+    cp.add_argument("lora_a", metavar="LORA_A")
+    cp.add_argument("lora_b", metavar="LORA_B", help="the reference (e.g. a LoRA trained on the target)")
+    cp.add_argument("--base", metavar="MODEL", help="match module names through this model (formats may differ)")
+    cp.add_argument("--json", metavar="FILE", help="write per-layer figures as JSON")
+    cp.add_argument("--rows", type=int, default=30, help="table rows to print (default %(default)s)")
 
     i = sub.add_parser("inspect", help="describe a LoRA file or a base model")
     i.add_argument("path", metavar="FILE")
@@ -126,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextmanager
+def _writing(path):
+    """An OS error while writing `path` (a full disk, ...) becomes a one-line error naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputPathError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 def _overrides(spec: str | None) -> dict[str, str]:
     from .ops import overrides_from_env, parse_overrides
 
@@ -143,7 +165,8 @@ def _options(a: argparse.Namespace, **extra):
 def cmd_transfer(a: argparse.Namespace) -> int:
     from .api import lora_files, resolve_report_path, transfer, transfer_many
 
-    opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped)
+    opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped,
+                    match=a.match)
     loras = list(a.loras) + (lora_files(a.lora_dir) if a.lora_dir else [])
     if not loras:
         raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
@@ -176,9 +199,19 @@ def cmd_transfer(a: argparse.Namespace) -> int:
             progress.close()
     if not batch:
         if a.report:
-            res.report.write_json(a.report)
+            with _writing(a.report):
+                res.report.write_json(a.report)
+        if a.plot:
+            from .plot import transfer_heatmap
+
+            with _writing(a.plot):
+                transfer_heatmap(res.report, a.plot, tau=opts.tau, title=f"{res.report.info['source']} -> "
+                                 f"{res.report.info['target']}: {Path(loras[0]).name}")
         if not a.quiet:
             print(res.report.table())
+            for m in res.report.info.get("matching", []):
+                print(f"matched {m['attention']} block {m['target_block']} <- source block {m['source_block']} "
+                      f"(mean phi {m['score']:.3f})")
         for w in res.report.warnings:
             print(f"prolora: warning: {w}", file=sys.stderr)
         print(f"wrote {res.output}")
@@ -186,7 +219,8 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     if a.report:
         from .report import write_batch_json
 
-        write_batch_json(a.report, res)
+        with _writing(a.report):
+            write_batch_json(a.report, res)
     s = res.stats
     print(f"{len(res.results)} written, {len(res.failures)} failed; {s.modules} layers in {s.chunks} chunks, "
           f"{s.seconds.get('total', 0):.1f} s, peak RSS {s.peak_rss / 2**30:.2f} GiB")
@@ -209,11 +243,13 @@ def cmd_similarity(a: argparse.Namespace) -> int:
         if progress:
             progress.close()
     if a.json:
-        res.report.write_json(a.json)
+        with _writing(a.json):
+            res.report.write_json(a.json)
     if a.plot:
         from .plot import phi_plot
 
-        phi_plot(res.report, a.plot, tau=a.tau, title=f"{res.report.info['source']} -> {res.report.info['target']}")
+        with _writing(a.plot):
+            phi_plot(res.report, a.plot, tau=a.tau, title=f"{res.report.info['source']} -> {res.report.info['target']}")
     if not a.quiet:
         print(res.report.table())
     return 0
@@ -228,6 +264,38 @@ def _print_facts(facts: dict, indent: str = "") -> None:
             if isinstance(v, (list, tuple, set)):
                 v = ", ".join(map(str, sorted(v, key=str))) if v else "-"
             print(f"{indent}{k}: {v}")
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .api import compare, resolve_report_path
+
+    if a.json:
+        resolve_report_path(a.json, [a.lora_a, a.lora_b])
+    res = compare(a.lora_a, a.lora_b, a.base)
+    ag = res.agreement
+    print(f"{'module':<64} {'cosine':>7} {'rel.err':>8} {'energy':>7}")
+    worst = sorted(ag.layers, key=lambda x: x.cosine if x.cosine is not None else -2)
+    for x in worst[: a.rows]:
+        name = x.module if len(x.module) <= 64 else "..." + x.module[-61:]
+        f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        print(f"{name:<64} {f(x.cosine, '7.4f')} {f(x.rel_error, '8.4f')} {f(x.energy_ratio, '7.3f')}")
+    if len(ag.layers) > a.rows:
+        print(f"  ... {len(ag.layers) - a.rows} more layers (lowest cosine first)")
+    s = ag.summary()
+    g = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"\n{s['shared_layers']} shared layers ({s['only_in_a']} only in A, {s['only_in_b']} only in B); overall "
+          f"cosine {g(s['cosine'], '.4f')}, relative error {g(s['rel_error'], '.4f')}, energy ratio "
+          f"{g(s['energy_ratio'], '.3f')}, mean layer cosine {g(s['mean_layer_cosine'], '.4f')}")
+    if a.json:
+        from .safetensors_io import atomic_path
+
+        with _writing(a.json), atomic_path(a.json) as tmp:
+            tmp.write_text(json.dumps({"a": res.names["a"], "b": res.names["b"], "summary": s,
+                                       "layers": [asdict(x) for x in ag.layers], "only_in_a": ag.only_a,
+                                       "only_in_b": ag.only_b}, indent=2) + "\n")
+    return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -324,7 +392,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
+COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
             "cache": cmd_cache, "backends": cmd_backends}
 
 
@@ -332,11 +400,18 @@ def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ct
     raise KeyboardInterrupt
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"prolora: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # e.g. an unwritable cache: one line, not file:line and source
+                warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except ProloraError as e:
         if args.debug:
             raise
@@ -345,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # the environment (a full disk, a vanished folder), not a bug
+        if args.debug:
+            raise
+        msg = " ".join(f"{e.filename + ': ' if isinstance(e.filename, str) else ''}{e.strerror or e}".split())
+        print(f"prolora: error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("prolora: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
