@@ -47,6 +47,19 @@ def current_rss() -> int:
         return peak_rss()
 
 
+def default_budget() -> int:
+    """Without --max-memory: 2 GiB, or half the available memory if that is less."""
+    budget = 2 * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    budget = min(budget, int(line.split()[1]) * 1024 // 2)
+    except OSError:
+        pass
+    return budget
+
+
 def module_bytes(shape: tuple[int, ...], raw_itemsize: int, weights: int) -> int:
     """Working memory for one module whose `weights` (0-2) weights must be loaded: raw bytes,
     float32 copies, Gram matrix, eigenvectors and workspace, and the bases kept."""
@@ -309,8 +322,8 @@ class Engine:
     def chunks(self, modules: list[str]) -> list[list[str]]:
         """Consecutive modules whose working memory fits the budget (at least one per chunk)."""
         budget, gpu = self.opts.max_memory, self.opts.max_gpu_memory
-        if budget is None and gpu is None:
-            return [modules[i:i + 16] for i in range(0, len(modules), 16)]
+        if budget is None:
+            budget = default_budget()
         # the chunk computing plus the next one's raw weights in flight, over what is resident now
         limits = []
         if budget is not None:

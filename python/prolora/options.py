@@ -49,7 +49,7 @@ class TransferOptions:
     match: str = "auto"  # layer matching: name, similarity, or auto (similarity where depths differ)
     device: str = "cpu"
     backends: dict[str, str] = field(default_factory=dict)  # op name -> backend override
-    max_memory: int | None = None  # host bytes for weights in flight (None: fixed-size chunks)
+    max_memory: int | None = None  # host memory budget in bytes (None: 2 GiB or half the available memory)
     max_gpu_memory: int | None = None
     cache: bool = True  # reuse and store bases in the on-disk basis cache
     cache_dir: str | None = None  # default: $PROLORA_CACHE_DIR or ~/.cache/prolora
