@@ -265,3 +265,54 @@ def test_without_a_gpu_triton_is_never_chosen_and_says_why():
         choice = op.choose(Problem(device="cpu", dtype="float32", shape=(64, 64)))
         assert "triton" not in choice.backend.name
         assert all(choice.rejected[n] == NO_GPU for n in op.backends if "triton" in n)
+
+
+# ---- on a GPU: half precision and real sizes (benchmarks/gpu_check.sh runs these) ---------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_half_precision_inputs(dtype):
+    args = [t.to(dtype) for t in _layer(20, m=1280, n=1280, k=640, r=16)]
+    exact_args = [t.double() for t in args]  # the quantized inputs, exactly
+    up0, down0 = project_lora.reference.fn(*exact_args, "prolora")
+    up_t, down_t = project_lora.backends["torch"].fn(*(t.cuda() for t in args), "prolora")
+    up, down = project_lora.backends["triton"].fn(*(t.cuda() for t in args), "prolora")
+    assert within(rel(up.cpu(), up0), rel(up_t.cpu(), up0))
+    assert within(rel(down.cpu(), down0), rel(down_t.cpu(), down0))
+    W = realistic((640, 1280), 3).to(dtype)
+    exact = truncated_svd.reference.fn(W, 256)
+    for name in ("gram-triton", "gram-triton-jacobi"):
+        fast = truncated_svd.backends[name].fn(W.cuda(), 256)
+        assert phi(exact.U, fast.U.cpu().double()) >= 0.999 and phi(exact.V, fast.V.cpu().double()) >= 0.999
+    a = torch.randn(8, 1280, 320, device="cuda").to(dtype)
+    G = tnk.gram(a)
+    exactG = a.double().mT @ a.double()
+    assert within(rel(G.cpu(), exactG.cpu()), rel((a.float().mT @ a.float()).cpu(), exactG.cpu()))
+
+
+# ---- the real compiler, without a GPU ----------------------------------------------------------
+
+AOT_SAMPLE = ["tn[fp16,upcast=False,store=True,sq=False]", "tn[fp32,upcast=True,store=False,sq=True]",
+              "gram[bf16]", "expand[fp16,HAS_U2,HAS_X,WRITE_A,WRITE_B]", "expand[fp32,HAS_U2,HAS_X,WRITE_A,WRITE_B,SUM]"]
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Lowers a sample of the kernel variants to sm_90 cubin through Triton's real pipeline and
+    ptxas (the interpreter checks the math, not that the kernels compile). In a subprocess: this
+    process may be interpreting."""
+    import subprocess
+    import sys
+
+    from prolora.kernels.aot import variants
+
+    labels = {v[0] for v in variants()}
+    assert set(AOT_SAMPLE) <= labels
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = ("from prolora.kernels.aot import compile_all; import sys; "
+            f"done = compile_all(90, set({AOT_SAMPLE!r})); "
+            "print(done); sys.exit(0 if len(done) == %d and all(n > 0 for _, n in done) else 1)" % len(AOT_SAMPLE))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,9 +3,9 @@ eigensolver, csrc/): registered where they are the right tool, chosen only where
 
 CPU, measured here (2-core x86_64, one thread each, thread CPU time per matrix, square matrices,
 min of 5 runs; benchmarks/bench_kernels.py reproduces the rows):
-    SVD   n=4: Jacobi 1.1x (b=1) .. 3.7x (b=64) faster than LAPACK gesdd; n=8: 1.2x .. 2.2x;
-          n=16: 0.97-1.05x (a tie); n=32: 0.6x; n=64: 0.3x; n=128: 0.17x (float32; float64 alike
-          up to 8, worse above).
+    SVD   n=4: Jacobi 1.1x (b=1) .. 3.7x (b=64) faster than LAPACK gesdd; n=8: 1.5x .. 2.3x;
+          n=12: 1.5x .. 1.6x; n=16: 0.87-1.14x (a tie); n=32: 0.6x; n=64: 0.3x; n=128: 0.17x
+          (float32; float64 alike up to 8, worse above).
     eigh  n=4: 0.9x (b=1), 1.7x (b=64); n=8: 0.8-0.9x; n=16: 0.4x; n=32: 0.26x; n=128: 0.06x
           against LAPACK syevd.
 With all cores the Jacobi launcher also spreads a batch over threads, which torch's batched
@@ -27,7 +27,7 @@ from .registry import Problem
 from .small_svd import compute_dtype, small_svd
 from .svd import Basis, KSpec, truncated_svd
 
-CPU_SVD_MAX = 8  # largest matrix side where the CPU Jacobi SVD beat LAPACK at every batch size
+CPU_SVD_MAX = 12  # largest matrix side where the CPU Jacobi SVD beat LAPACK at every batch size
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -44,10 +44,10 @@ def _check_small_svd(p: Problem) -> str | None:
         return f"device {p.device} not supported"
     if not p.shape:
         return (f"chosen per shape: on CPU only up to {CPU_SVD_MAX}x{CPU_SVD_MAX}, where the "
-                f"measured Jacobi SVD beats LAPACK (it loses from 32x32 up)")
+                f"measured Jacobi SVD beats LAPACK (a tie at 16x16, it loses from 32x32 up)")
     if max(p.shape) > CPU_SVD_MAX:
         return (f"{p.shape[0]}x{p.shape[1]} > {CPU_SVD_MAX}x{CPU_SVD_MAX}: LAPACK gesdd is faster "
-                f"there on CPU (measured: Jacobi 0.6x at 32x32, 0.17x at 128x128)")
+                f"there on CPU (measured: Jacobi ~1x at 16x16, 0.6x at 32x32, 0.17x at 128x128)")
     return None
 
 
