@@ -127,6 +127,38 @@ def test_small_svd_gpu(benchmark, backend, b, n):
     _small_svd_bench(benchmark, backend, b, n, "cuda")
 
 
+def _compress(up: torch.Tensor, down: torch.Tensor, rank: int, svd: Callable):
+    """method.compress with its core SVD taken from `svd` (the proposed small_svd wiring)."""
+    Q1, R1 = torch.linalg.qr(up)
+    Q2, R2 = torch.linalg.qr(down.T)
+    Uc, Sc, Vch = svd(R1 @ R2.T)
+    root = Sc[:rank].sqrt()
+    return (Q1 @ Uc[:, :rank]) * root, root[:, None] * (Vch[:rank] @ Q2.T)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("r", [4, 16])
+def test_compress_cpu(benchmark, backend, r):
+    """The whole per-layer compress step (2 QRs + the 2r x 2r core SVD) over 32 layers of
+    1280 x 1280, with the core SVD from torch or from small_svd dispatch (native up to 12x12)."""
+    g = torch.Generator().manual_seed(r)
+    layers = [(torch.randn(1280, 2 * r, generator=g), torch.randn(2 * r, 1280, generator=g)) for _ in range(32)]
+    core = torch.zeros(2 * r, 2 * r)
+    svd = small_svd.backends["torch"].fn if backend == "torch" else small_svd.choose(svd_problem(core)).backend.fn
+    benchmark.extra_info["core_svd"] = "torch" if backend == "torch" else small_svd.choose(svd_problem(core)).backend.name
+
+    def run():
+        return [_compress(u, d, r, svd) for u, d in layers]
+    out = measure(benchmark, run, (), op="compress", backend=backend, dtype=torch.float32,
+                  shape=(1280, 1280), batch=32, rounds=5)
+    errs = []
+    for (u, d), (nu, nd) in zip(layers[:4], out[:4]):
+        U, S, Vh = torch.linalg.svd(u.double() @ d.double())
+        best = (U[:, :r] * S[:r]) @ Vh[:r]
+        errs.append(float((nu.double() @ nd.double() - best).norm() / best.norm()))
+    record_accuracy(benchmark, max(errs), None)
+
+
 # ---- truncated_svd: the basis ------------------------------------------------------------------
 
 

@@ -29,13 +29,12 @@ def triton_missing() -> str | None:
 
 
 def gpu_missing() -> str | None:
-    """None when Triton kernels can run on a CUDA device here, else why not (for `available`)."""
-    why = triton_missing()
-    if why:
-        return why
+    """None when Triton kernels can run on a CUDA device here, else why not (for `available`).
+    The device comes first: without one, Triton is not even imported (dispatch asks this on
+    every run, and importing Triton takes seconds)."""
     if not torch.cuda.is_available():
         return NO_GPU
-    return None
+    return triton_missing()
 
 
 def autotune(configs: list[dict], key: list[str], reset_to_zero: list[str] | None = None):

@@ -127,15 +127,17 @@ def tn(a: torch.Tensor, x: torch.Tensor, *, store: bool = True,
     c = torch.empty(b, P, Q, dtype=torch.float32, device=a.device) if store else None
     meta = interp_meta(BP=INTERP_TILE, BQ=INTERP_TILE, BL=INTERP_TILE)
     # partial sums: one slot per tile of the config with the most tiles, zeroed before each
-    # run (the autotuner runs several configs), so unused slots add nothing
-    sq = torch.zeros(b, _max_tiles(P, Q), dtype=torch.float32, device=a.device) if squares else None
+    # run (the autotuner runs several configs), so unused slots add nothing. Without squares a
+    # one-element scratch stands in: the autotuner zeroes whatever is passed as sq_ptr.
+    sq = torch.zeros(b if squares else 1, _max_tiles(P, Q) if squares else 1, dtype=torch.float32,
+                     device=a.device)
     if b and P and Q:
         grid = lambda m: (triton.cdiv(P, m["BP"]) * triton.cdiv(Q, m["BQ"]), b)  # noqa: E731
         cs = c.stride() if c is not None else (0, 0, 0)
-        _tn_kernel[grid](a, x, c if c is not None else a, sq if sq is not None else a, L, P, Q,
-                         *a.stride(), *x.stride(), *cs, sq.stride(0) if sq is not None else 0,
+        _tn_kernel[grid](a, x, c if c is not None else sq, sq, L, P, Q,
+                         *a.stride(), *x.stride(), *cs, sq.stride(0),
                          UPCAST=_upcast(a, x), STORE=store, SQ=squares, **meta)
-    norms = sq.double().sum(dim=1) if sq is not None else None
+    norms = sq.double().sum(dim=1) if squares else None
     if squeeze:
         return (c[0] if c is not None else None), (norms[0] if norms is not None else None)
     return c, norms

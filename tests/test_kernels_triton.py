@@ -287,6 +287,12 @@ def test_gpu_half_precision_inputs(dtype):
         fast = truncated_svd.backends[name].fn(W.cuda(), 256)
         assert phi(exact.U, fast.U.cpu().double()) >= 0.999 and phi(exact.V, fast.V.cpu().double()) >= 0.999
     a = torch.randn(8, 1280, 320, device="cuda").to(dtype)
+    x = torch.randn(8, 1280, 48, device="cuda").to(dtype)
+    a0, x0 = a.clone(), x.clone()
+    c, _ = tnk.tn(a, x)  # first call of this key: the autotuner runs every config
+    assert torch.equal(a, a0) and torch.equal(x, x0)  # inputs untouched (reset_to_zero, scratch)
+    exactC = a.double().mT @ x.double()
+    assert within(rel(c.cpu(), exactC.cpu()), rel((a.float().mT @ x.float()).cpu(), exactC.cpu()))
     G = tnk.gram(a)
     exactG = a.double().mT @ a.double()
     assert within(rel(G.cpu(), exactG.cpu()), rel((a.float().mT @ a.float()).cpu(), exactG.cpu()))
