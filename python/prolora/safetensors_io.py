@@ -139,7 +139,7 @@ def read_header(path: str | os.PathLike) -> Header:
         if not isinstance(entry, dict):
             raise _corrupt(path, f"entry for key '{name}' is not an object")
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:  # a list or an object is unhashable
             raise _corrupt(path, f"key '{name}' has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
