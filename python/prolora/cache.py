@@ -70,9 +70,12 @@ class BasisCache:
         info = d / "model.json"
         if info.exists():
             return
-        d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(info) as tmp:
-            tmp.write_text(json.dumps({"id": model_id, "name": name, "family": family}))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with atomic_path(info) as tmp:
+                tmp.write_text(json.dumps({"id": model_id, "name": name, "family": family}))
+        except OSError as e:  # a read-only or full cache folder: run without caching
+            self._write_failed(e)
 
     def get(self, model_id: str, module: str, shape: tuple[int, int], k: KSpec,
             dtype: torch.dtype) -> Basis | None:
@@ -122,10 +125,13 @@ class BasisCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             save(path, tensors, meta)
         except OSError as e:  # a full disk or a removed folder costs the cache entry, not the run
-            self.write_errors += 1
-            if self.write_errors == 1:
-                warnings.warn(f"basis cache {self.root}: cannot write ({e.strerror or e}); "
-                              "continuing without caching", RuntimeWarning, stacklevel=2)
+            self._write_failed(e)
+
+    def _write_failed(self, e: OSError) -> None:
+        self.write_errors += 1
+        if self.write_errors == 1:
+            warnings.warn(f"basis cache {self.root}: cannot write ({e.strerror or e}); "
+                          "continuing without caching", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ management
     def models(self) -> list[ModelEntry]:
