@@ -23,6 +23,11 @@ from collections import Counter
 
 import torch
 
+try:  # the regular-expression parser of the re module (sre_parse before Python 3.11)
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
 from ..errors import InvalidLoraError
 from ..lora import LoraFile, LoraModule
 from .common import BIAS, DOWN, UP
@@ -83,12 +88,90 @@ def parse_adapter_metadata(path: object, metadata: dict[str, str]) -> dict[str, 
     return configs
 
 
+# a pattern with more repeats (*, +, {m,n}) than this is refused (each one multiplies the work of a
+# backtracking match by the length of the name)
+_MAX_FREE_REPEATS = 2
+_MAX_PATTERN_CHARS = 1000
+
+
+def _slow_construct(items, inside_repeat: bool = False) -> str | None:
+    """What in a parsed pattern can make a backtracking match take exponential time (a repeat or an
+    alternation inside a repeat, a backreference), or None."""
+    for op, av in items:
+        name = str(op)
+        if name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a backreference"
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            lo, hi, sub = av
+            if hi > 1 and inside_repeat:
+                return "a repeat inside a repeat"
+            why = _slow_construct(sub, inside_repeat or hi > 1)
+        elif name == "BRANCH":
+            if inside_repeat:
+                return "an alternation inside a repeat"
+            why = next(filter(None, (_slow_construct(b, inside_repeat) for b in av[1])), None)
+        elif name == "SUBPATTERN":
+            why = _slow_construct(av[-1], inside_repeat)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            why = _slow_construct(av[1], inside_repeat)
+        elif name == "ATOMIC_GROUP":
+            why = _slow_construct(av, inside_repeat)
+        else:
+            continue
+        if why is not None:
+            return why
+    return None
+
+
+def _free_repeats(items) -> int:
+    """How many repeats of more than one (e.g. `*`, `+`, `{2,9}`) a match may have to try in turn."""
+    n = 0
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            n += (av[1] > 1) + _free_repeats(av[2])
+        elif name == "BRANCH":
+            n += max((_free_repeats(b) for b in av[1]), default=0)
+        elif name == "SUBPATTERN":
+            n += _free_repeats(av[-1])
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            n += _free_repeats(av[1])
+        elif name == "ATOMIC_GROUP":
+            n += _free_repeats(av)
+    return n
+
+
+def _check_pattern(path: object, where: str, key: str) -> None:
+    """Refuse a pattern key that is not a regular expression, or that a hostile file could use to
+    make the match run for hours (peft matches keys with Python's backtracking `re`)."""
+    def refuse(why: str) -> InvalidLoraError:
+        return InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' field '{where}' has a pattern {key[:80]!r} "
+                                f"that {why}; prolora refuses it rather than risk an endless match")
+
+    if not isinstance(key, str):  # JSON object keys are strings; kept for safety
+        raise refuse("is not a string")
+    if len(key) > _MAX_PATTERN_CHARS:
+        raise refuse(f"is longer than {_MAX_PATTERN_CHARS} characters")
+    try:
+        items = _sre_parse.parse(key)
+    except (re.error, RecursionError, OverflowError):
+        raise InvalidLoraError(
+            f"{path}: metadata '{METADATA_KEY}' field '{where}' has an invalid pattern '{key}'") from None
+    why = _slow_construct(items)
+    if why is not None:
+        raise refuse(f"has {why}")
+    if _free_repeats(items) > _MAX_FREE_REPEATS:
+        raise refuse(f"has more than {_MAX_FREE_REPEATS} repeats such as * or +")
+
+
 def _pattern_value(path: object, where: str, patterns: object, names: list[str]) -> object | None:
     """The value of the first pattern key matching any of `names`, as peft's get_pattern_key does."""
     if not patterns:
         return None
     if not isinstance(patterns, dict):
         raise InvalidLoraError(f"{path}: metadata '{METADATA_KEY}' field '{where}' is not an object")
+    for key in patterns:
+        _check_pattern(path, where, key)
     for name in names:
         for key, value in patterns.items():
             try:
