@@ -146,19 +146,21 @@ class BasisProvider:
         by_shape: dict[tuple, list[str]] = {}
         for m, W in weights.items():
             by_shape.setdefault(tuple(W.shape), []).append(m)
-        fn = self.svd_choice.backend.fn
         out = {}
         dev = torch.device(self.opts.device)
-        for names in by_shape.values():
+        for shape, names in by_shape.items():
+            # per shape and batch: size-based rules and measured GPU winners apply here
+            problem = Problem(device=dev.type, dtype="float32", shape=shape, batch=len(names))
+            backend = _dispatch(truncated_svd, self.opts, problem).backend
             # pinned host tensors (see _read) copy asynchronously; the stack is built on the device
             stack = torch.stack([weights[m].to(dev, non_blocking=True) for m in names])
-            bases = fn(stack, [ks[m] for m in names], dtype=self.dtype)
+            bases = backend.fn(stack, [ks[m] for m in names], dtype=self.dtype)
             del stack
             for m, b in zip(names, bases):
                 b = Basis(b.U.cpu(), b.S.cpu(), b.V.cpu(), b.energy)
                 out[m] = b
                 if self.cache is not None:
-                    self.cache.put(model.identity(), m, b, self._flat_shape(model, m), self.svd_choice.backend.name)
+                    self.cache.put(model.identity(), m, b, self._flat_shape(model, m), backend.name)
         self.seconds["basis"] += time.perf_counter() - t0
         return out
 

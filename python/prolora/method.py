@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import OptionError
-from .ops import Basis, phi, phi_null, project_lora
+from .ops import Basis, phi, phi_null, project_lora, small_svd
+from .ops.small_svd import problem_for as small_svd_problem
 from .ops.projection import METHODS
 
 
@@ -101,7 +102,8 @@ def compress(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Ten
     """
     Q1, R1 = torch.linalg.qr(up)
     Q2, R2 = torch.linalg.qr(down.T)
-    Uc, Sc, Vch = torch.linalg.svd(R1 @ R2.T)
+    core = R1 @ R2.T  # 2r x 2r at most: the small solver dispatch picks (native Jacobi where it wins)
+    Uc, Sc, Vch = small_svd.choose(small_svd_problem(core)).backend.fn(core)
     total = float((Sc.double() ** 2).sum())
     kept = float((Sc[:rank].double() ** 2).sum())
     root = Sc[:rank].sqrt()

@@ -11,10 +11,12 @@ project_lora = Op("project_lora", "project a LoRA (B, A) from source to target s
 
 
 def _left(B, Us, Ut):
-    """(B_par, B_perp) = (P_Ut P_Us B, Q_Ut Q_Us B)."""
+    """(B_par, B_perp) = (P_Ut P_Us B, Q_Ut Q_Us B), as thin products only: O(m k r), never
+    the k x k product Ut^T Us (O(m k^2), which dominates when k >> r)."""
     Bs = Us.T @ B
-    B_par = Ut @ ((Ut.T @ Us) @ Bs)
-    QB = B - Us @ Bs
+    PB = Us @ Bs
+    B_par = Ut @ (Ut.T @ PB)
+    QB = B - PB
     B_perp = QB - Ut @ (Ut.T @ QB)
     return B_par, B_perp
 
