@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -215,6 +215,7 @@ def migrate(source: PathLike, target: PathLike, loras: list[PathLike], output_di
     with ExitStack() as stack:
         stack.enter_context(_locked(out_dir))
         _remove_stale_temps(out_dir, list(inputs))
+        stack.callback(_remove_stale_temps, out_dir, list(inputs))  # after the workers: a crash mid-write
         opts.cache_dir = str(BasisCache(opts.cache_dir).root.absolute())
         source_id, target_id = model_ids(source, target)
         described = {**opts.describe(), "format": opts.format, "backends": dict(sorted(opts.backends.items())),

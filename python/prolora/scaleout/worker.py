@@ -17,6 +17,7 @@ from typing import Any
 from ..api import Failure, TransferResult, transfer_many
 from ..cache import BasisCache
 from ..checkpoints import BaseModel, open_model
+from ..engine import EngineStats
 from ..options import TransferOptions
 from ..safetensors_io import atomic_path
 from .manifest import file_sha256
@@ -117,12 +118,14 @@ class BatchWorker:
             if isinstance(r, TransferResult) and r.output is not None:
                 _fault("kill", r.output.name)
 
+        if not before:
+            return {"worker": self.name, "results": [], "failures": failures, "stats": _stats(None, t0)}
         batch = transfer_many(src, tgt, list(before), self.out_dir, self.opts, overwrite=True, on_result=written)
         results = []
         for r in batch.results:
             p = str(r.report.info.get("lora"))
             name = r.output.name
-            if _stat(p) != before[p][0]:
+            if not _unchanged(p, before[p][0]):  # the output may not be what the input is now
                 failures.append({"name": name, "error": f"{p}: changed while it was being transferred; rerun"})
                 continue
             s = r.report.summary()
@@ -130,8 +133,18 @@ class BatchWorker:
                             "output_sha256": file_sha256(r.output), "layers": f"{s['transferred']}/{s['layers']}",
                             "warnings": list(r.report.warnings)})
         failures += [{"name": Path(f.lora).name, "error": f.error} for f in batch.failures]
-        st = batch.stats
-        return {"worker": self.name, "results": results, "failures": failures,
-                "stats": {"bytes_read": st.bytes_read, "cache_hits": st.cache_hits, "cache_misses": st.cache_misses,
-                          "seconds": {**{k: round(v, 4) for k, v in st.seconds.items()},
-                                      "wall": round(time.perf_counter() - t0, 4)}}}
+        return {"worker": self.name, "results": results, "failures": failures, "stats": _stats(batch.stats, t0)}
+
+
+def _unchanged(path: str, stat: tuple[int, int]) -> bool:
+    try:
+        return _stat(path) == stat
+    except OSError:
+        return False
+
+
+def _stats(st: EngineStats | None, t0: float) -> dict[str, Any]:
+    """A batch's engine figures, for the driver's totals."""
+    st = st or EngineStats()
+    return {"bytes_read": st.bytes_read, "cache_hits": st.cache_hits, "cache_misses": st.cache_misses,
+            "seconds": {**{k: round(v, 4) for k, v in st.seconds.items()}, "wall": round(time.perf_counter() - t0, 4)}}
