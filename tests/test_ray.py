@@ -218,3 +218,18 @@ def test_workers_that_cannot_start_fail_the_job_cleanly(cluster, loras, sdxl_pai
     assert all("no worker left" in e for e in res.failed.values()), res.failed
     assert _outputs(out) == {}
     assert all(e["status"] == "failed" for e in _manifest(out).values())
+
+
+def test_changed_options_redo_the_output(cluster, loras, sdxl_pair, tmp_path):
+    from prolora.scaleout import migrate
+
+    out, one = tmp_path / "out", loras["paths"][:1]
+    first = migrate(sdxl_pair["source"], sdxl_pair["target"], one, out, cache_dir=loras["cache"], workers=1)
+    key = _manifest(out)[one[0].name]["options_key"]
+    again = migrate(sdxl_pair["source"], sdxl_pair["target"], one, out, cache_dir=loras["cache"], workers=1,
+                    format="kohya")
+    assert first.written == again.written == [one[0].name]
+    assert _manifest(out)[one[0].name]["options_key"] != key
+    assert read_lora(out / one[0].name).format == "kohya"
+    assert migrate(sdxl_pair["source"], sdxl_pair["target"], one, out, cache_dir=loras["cache"],
+                   format="kohya").skipped == [one[0].name]

@@ -231,8 +231,11 @@ def migrate(source: PathLike, target: PathLike, loras: list[PathLike], output_di
             if driver.connect(address):
                 stack.callback(driver.shutdown)
         t_ray = time.perf_counter() - t_ray
-        warm = warm_cache(source, target, [inputs[n] for n in todo], opts,
-                          _bar_factory(stack) if progress else None) if todo else WarmStats()
+        warm = WarmStats()
+        if todo:
+            with ExitStack() as bars:  # closed before the LoRA bar starts
+                warm = warm_cache(source, target, [inputs[n] for n in todo], opts,
+                                  _bar_factory(bars) if progress else None)
         for n in todo:  # write-ahead: these outputs are ours from now on
             manifest.entries[n] = Entry(str(inputs[n]), PENDING, key)
         manifest.save()
