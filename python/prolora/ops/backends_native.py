@@ -25,7 +25,7 @@ from . import measured
 from .gram_basis import bases_from_eigh, gram_operand, torch_recover
 from .registry import Problem
 from .small_svd import compute_dtype, small_svd
-from .svd import Basis, KSpec, truncated_svd
+from .svd import Basis, KSpec, as_batch, truncated_svd
 
 CPU_SVD_MAX = 12  # largest matrix side where the CPU Jacobi SVD beat LAPACK at every batch size
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -68,16 +68,6 @@ def _check_gram_jacobi(p: Problem) -> str | None:
         return _native.cuda_unavailable_reason() or measured.verdict("truncated_svd", "gram-jacobi", p)
     return ("not on CPU: LAPACK syevd beats the Jacobi eigensolver from 8x8 up (measured 0.26x at "
             "32x32, 0.06x at 128x128) and real Gram matrices are 320x320 and larger")
-
-
-def as_batch(W: torch.Tensor, k: KSpec | Sequence[KSpec]) -> tuple[torch.Tensor, list[KSpec], bool]:
-    """(b, m, n) view, one k spec per matrix, and whether the input was batched."""
-    if W.dim() == 2:
-        return W[None], [k], False
-    ks = list(k) if isinstance(k, (list, tuple)) else [k] * W.shape[0]
-    if len(ks) != W.shape[0]:
-        raise ValueError(f"{len(ks)} k specs for a batch of {W.shape[0]}")
-    return W, ks, True
 
 
 @truncated_svd.register("gram-jacobi", priority=20, check=_check_gram_jacobi, available=_native_missing)

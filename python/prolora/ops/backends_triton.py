@@ -15,7 +15,7 @@ import torch
 
 from .. import _native
 from . import measured
-from .backends_native import as_batch
+from .svd import as_batch
 from .gram_basis import bases_from_eigh, gram_operand
 from .projection import project_lora
 from .registry import Problem

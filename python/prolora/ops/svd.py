@@ -61,7 +61,8 @@ def resolve_k(k: KSpec, S: torch.Tensor, energy: float) -> int:
     return max(0, min(int(k), d))
 
 
-def _as_batch(W: torch.Tensor, k: KSpec | Sequence[KSpec]) -> tuple[torch.Tensor, list[KSpec], bool]:
+def as_batch(W: torch.Tensor, k: KSpec | Sequence[KSpec]) -> tuple[torch.Tensor, list[KSpec], bool]:
+    """(b, m, n) view, one k spec per matrix, and whether the input was batched."""
     if W.dim() == 2:
         return W[None], [k], False
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * W.shape[0]
@@ -77,7 +78,7 @@ truncated_svd = Op("truncated_svd", "top-k left/right singular vectors and the s
 def _svd_reference(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
                    dtype: torch.dtype | None = None) -> Basis | list[Basis]:
     """Full torch.linalg.svd per matrix (what existing tools do), in float64 unless told."""
-    Wb, ks, batched = _as_batch(W, k)
+    Wb, ks, batched = as_batch(W, k)
     out = []
     for Wi, ki in zip(Wb, ks):
         U, S, Vh = torch.linalg.svd(Wi.to(dtype or torch.float64), full_matrices=False)
@@ -103,7 +104,7 @@ def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
     Matrices of a batch are computed one by one, so a layer's basis does not depend on which
     layers share its batch (chunking never changes an answer); batching gains little on a CPU.
     """
-    Wb, ks, batched = _as_batch(W, k)
+    Wb, ks, batched = as_batch(W, k)
     if Wb.is_cuda:  # one batched GEMM and eigensolver call on the GPU
         out = _gram_batched(Wb.to(dtype or torch.float32), ks)
     else:
