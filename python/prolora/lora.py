@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 # File formats the readers recognise and the writers produce.
-FORMATS = ("kohya", "peft", "diffusers-old", "comfy")
+FORMATS = ("kohya", "peft", "diffusers-old", "comfy", "xlabs")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
 from .errors import InvalidLoraError, LoraMismatchError, ModelError
+from .formats.parts import part_key, split_module
 from .lora import LoraFile, LoraModule
 
 # families whose weights share names and shapes closely enough for name matching
@@ -49,7 +50,50 @@ def _out_spelling(in_format: str, out_format: str, in_spelling: str, target: Bas
     if out_format == in_format:
         return in_spelling
     return {"kohya": target.kohya_spelling, "peft": "peft", "diffusers-old": "peft",
-            "comfy": "comfy"}[out_format]
+            "comfy": "comfy", "xlabs": "xlabs"}[out_format]
+
+
+# ----------------------------------------------------------------------------- fused-layer hooks
+# A LoRA key may adapt a fused weight (Flux: img_attn.qkv, linear1, ...) whose logical slices are
+# separate canonical modules; it then becomes one job per slice, and a slice that the output
+# format fuses with others is written under a part key (formats.parts). For UNet models every key
+# names one module and these hooks change nothing.
+
+
+def _resolve(source: BaseModel, key: str, lm: LoraModule,
+             where: str) -> list[tuple[str, str, LoraModule | None]] | None:
+    """(canonical module, spelling, the LoRA's part on it; None: zero there) for every module
+    `key` adapts, or None when the source has no such module."""
+    hit = source.resolve(key)
+    if hit is not None:
+        return [(hit[0], hit[1], lm)]
+    fused = source.resolve_fused(key)
+    if fused is None:
+        return None
+    if lm.is_conv or lm.out_features != fused.rows:
+        raise LoraMismatchError(
+            f"{where}: LoRA module '{key}' (up {tuple(lm.up.shape)}) does not fit the fused weight of "
+            f"{fused.rows} rows it names in {source.name} ({source.family}); is the LoRA for another model?")
+    return [(s.module, fused.spelling, split_module(lm, s.rows)) for s in fused.slices]
+
+
+def _out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None, str | None]:
+    """(output key, None), or (None, why the output format has no name for the module)."""
+    why = target.unspellable(module, spelling)
+    if why is not None:
+        return None, why
+    fused = target.spell_fused(module, spelling)
+    if fused is None:
+        return target.spell(module, spelling), None
+    key, total, rows = fused
+    return part_key(key, rows, total), None
+
+
+def _check_format(out_format: str, target: BaseModel) -> None:
+    if out_format == "xlabs" and target.family != "flux":
+        raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}")
+    if out_format == "diffusers-old" and target.family == "flux":
+        raise ModelError("the old diffusers LoRA format has no Flux layout; choose peft, kohya, comfy or xlabs")
 
 
 def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseModel) -> None:
@@ -72,6 +116,7 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     same canonical module, or `mapping[module]` where layers were matched by similarity (None:
     the block was removed in the target)."""
     out_format = out_format or lora.format
+    _check_format(out_format, target)
     warnings: list[str] = []
     if source.family != target.family and "unknown" not in (source.family, target.family):
         if (source.family, target.family) not in COMPATIBLE:
@@ -79,43 +124,52 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
                              f"{target.family}: cross-family transfer is not supported")
         warnings.append(f"{source.family} -> {target.family}: layers matched by name")
 
-    resolved: dict[str, tuple[str, str]] = {}
+    where = str(lora.path or "LoRA")
+    resolved: dict[str, list[tuple[str, str, LoraModule | None]]] = {}
     missing: list[str] = []
     for key in lora.modules:
-        hit = source.resolve(key)
+        hit = _resolve(source, key, lora.modules[key], where)
         if hit is None:
             missing.append(key)
         else:
             resolved[key] = hit
-    where = str(lora.path or "LoRA")
     if lora.modules and len(resolved) < MIN_MATCH_SHARE * len(lora.modules):
         raise LoraMismatchError(
             f"{where}: only {len(resolved)} of {len(lora.modules)} modules exist in source model "
             f"{source.name} ({source.family}), e.g. '{missing[0]}': is the LoRA for another model?")
 
     seen: dict[str, str] = {}
-    for key, (module, _) in resolved.items():
-        if module in seen:
-            raise InvalidLoraError(f"{where}: modules '{seen[module]}' and '{key}' both adapt {module}")
-        seen[module] = key
+    for key, parts in resolved.items():
+        for module, _, _ in parts:
+            if module in seen:
+                raise InvalidLoraError(f"{where}: modules '{seen[module]}' and '{key}' both adapt {module}")
+            seen[module] = key
 
     jobs: list[LayerJob] = []
     skipped = [Skip(k, None, None, "no such module in the source model") for k in missing]
-    for key, (module, spelling) in resolved.items():
-        lm = lora.modules[key]
-        shape = source.weights[module].shape
-        _check_fits(lm, shape, where, source)
-        tmodule = mapping.get(module, module) if mapping else module
-        if tmodule is None:
-            skipped.append(Skip(key, module, shape, "block removed in the target (similarity matching)"))
-            continue
-        tw = target.weights.get(tmodule)
-        if tw is None:
-            skipped.append(Skip(key, module, shape, "no counterpart in the target model"))
-            continue
-        if tw.shape != shape:
-            skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}"))
-            continue
-        out_key = target.spell(tmodule, _out_spelling(lora.format, out_format, spelling, target))
-        jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm))
+    for key, parts in resolved.items():
+        for module, spelling, lm in parts:
+            shape = source.weights[module].shape
+            if lm is None:
+                skipped.append(Skip(key, module, shape, "the LoRA is zero on this slice of the fused weight"))
+                continue
+            _check_fits(lm, shape, where, source)
+            tmodule = mapping.get(module, module) if mapping else module
+            if tmodule is None:
+                skipped.append(Skip(key, module, shape, "block removed in the target (similarity matching)"))
+                continue
+            tw = target.weights.get(tmodule)
+            if tw is None:
+                hint = target.missing_hint(tmodule)
+                skipped.append(Skip(key, module, shape, "no counterpart in the target model" +
+                                    (f": {hint}; dropped" if hint else "")))
+                continue
+            if tw.shape != shape:
+                skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}"))
+                continue
+            out_key, why = _out_key(target, tmodule, _out_spelling(lora.format, out_format, spelling, target))
+            if out_key is None:
+                skipped.append(Skip(key, module, shape, f"{out_format} output: {why}"))
+                continue
+            jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm))
     return Plan(jobs, skipped, out_format, warnings)

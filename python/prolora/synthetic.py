@@ -114,10 +114,68 @@ def shrink(cfg: ModelConfig, width: float = 1.0, depth: float = 1.0) -> ModelCon
     return ModelConfig(cfg.family, u, tes)
 
 
-def preset(name: str, scale: str = "full") -> ModelConfig:
-    """A named configuration ("sd15", "sd2", "sdxl", "ssd-1b") at "full", "small" or "tiny" size."""
+@dataclass(frozen=True)
+class FluxConfig:
+    """A Flux transformer: diffusers' FluxTransformer2DModel config fields (FLUX.1 at full size:
+    19 double + 38 single blocks, 24 heads of 128, MLP ratio 4 as in diffusers). guidance_embeds:
+    FLUX.1-dev has the guidance embedder, schnell does not."""
+
+    family: str = "flux"
+    num_layers: int = 19
+    num_single_layers: int = 38
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    in_channels: int = 64
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+
+    @property
+    def hidden(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def diffusers_config(self) -> dict:
+        """config.json of the transformer folder (what FluxTransformer2DModel(**...) takes)."""
+        d = {k: v for k, v in asdict(self).items() if k != "family"}
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0", "patch_size": 1,
+                "out_channels": None, **d}
+
+
+FLUX_PRESETS: dict[str, FluxConfig] = {"flux-dev": FluxConfig(), "flux-schnell": FluxConfig(guidance_embeds=False)}
+# scale -> (double blocks, single blocks, heads, head dim, in channels, joint dim, pooled dim, rope axes)
+FLUX_SCALES = {
+    "full": None,
+    "small": (5, 10, 6, 64, 64, 512, 128, (8, 28, 28)),
+    "tiny": (2, 4, 2, 16, 16, 32, 32, (4, 6, 6)),
+}
+
+
+def flux_config(name: str = "flux-dev", scale: str = "full", blocks: tuple[int, int] | None = None) -> FluxConfig:
+    """A Flux preset ("flux-dev", "flux-schnell") at "full", "small" (h=384) or "tiny" (h=32)
+    width, optionally with `blocks` = (double, single) blocks instead of the scale's."""
+    if name not in FLUX_PRESETS:
+        raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(FLUX_PRESETS)}")
+    if scale not in FLUX_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(FLUX_SCALES)}")
+    cfg = FLUX_PRESETS[name]
+    if FLUX_SCALES[scale] is not None:
+        d, s_, heads, hd, cin, joint, pooled, axes = FLUX_SCALES[scale]
+        cfg = replace(cfg, num_layers=d, num_single_layers=s_, num_attention_heads=heads, attention_head_dim=hd,
+                      in_channels=cin, joint_attention_dim=joint, pooled_projection_dim=pooled, axes_dims_rope=axes)
+    if blocks is not None:
+        cfg = replace(cfg, num_layers=int(blocks[0]), num_single_layers=int(blocks[1]))
+    return cfg
+
+
+def preset(name: str, scale: str = "full") -> "ModelConfig | FluxConfig":
+    """A named configuration ("sd15", "sd2", "sdxl", "ssd-1b", "flux-dev", "flux-schnell") at
+    "full", "small" or "tiny" size."""
+    if name in FLUX_PRESETS:
+        return flux_config(name, scale)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(FLUX_PRESETS)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
     return shrink(PRESETS[name], *SCALES[scale])
@@ -278,8 +336,51 @@ def clip_params(te: TextEncoderConfig) -> Params:
     return list(p)
 
 
-def model_params(cfg: ModelConfig) -> dict[str, Params]:
-    """{component: params} for the UNet and every text encoder."""
+def flux_params(cfg: FluxConfig) -> Params:
+    """(diffusers name, shape) of every FluxTransformer2DModel parameter, in state_dict order."""
+    h = cfg.hidden
+    mlp = 4 * h
+    hd = cfg.attention_head_dim
+    p = _P()
+    p.linear("time_text_embed.timestep_embedder.linear_1", h, 256)
+    p.linear("time_text_embed.timestep_embedder.linear_2", h, h)
+    if cfg.guidance_embeds:
+        p.linear("time_text_embed.guidance_embedder.linear_1", h, 256)
+        p.linear("time_text_embed.guidance_embedder.linear_2", h, h)
+    p.linear("time_text_embed.text_embedder.linear_1", h, cfg.pooled_projection_dim)
+    p.linear("time_text_embed.text_embedder.linear_2", h, h)
+    p.linear("context_embedder", h, cfg.joint_attention_dim)
+    p.linear("x_embedder", h, cfg.in_channels)
+    for i in range(cfg.num_layers):
+        b = f"transformer_blocks.{i}"
+        p.linear(f"{b}.norm1.linear", 6 * h, h)
+        p.linear(f"{b}.norm1_context.linear", 6 * h, h)
+        p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
+        for x in ("to_q", "to_k", "to_v", "to_out.0"):
+            p.linear(f"{b}.attn.{x}", h, h)
+        p += [(f"{b}.attn.norm_added_q.weight", (hd,)), (f"{b}.attn.norm_added_k.weight", (hd,))]
+        for x in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            p.linear(f"{b}.attn.{x}", h, h)
+        for ff in ("ff", "ff_context"):
+            p.linear(f"{b}.{ff}.net.0.proj", mlp, h)
+            p.linear(f"{b}.{ff}.net.2", h, mlp)
+    for i in range(cfg.num_single_layers):
+        b = f"single_transformer_blocks.{i}"
+        p.linear(f"{b}.norm.linear", 3 * h, h)
+        p.linear(f"{b}.proj_mlp", mlp, h)
+        p.linear(f"{b}.proj_out", h, h + mlp)
+        p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
+        for x in ("to_q", "to_k", "to_v"):
+            p.linear(f"{b}.attn.{x}", h, h)
+    p.linear("norm_out.linear", 2 * h, h)
+    p.linear("proj_out", cfg.in_channels, h)
+    return list(p)
+
+
+def model_params(cfg: "ModelConfig | FluxConfig") -> dict[str, Params]:
+    """{component: params}: the UNet and every text encoder, or Flux's transformer."""
+    if isinstance(cfg, FluxConfig):
+        return {"transformer": flux_params(cfg)}
     out = {"unet": unet_params(cfg.unet)}
     out.update({name: clip_params(te) for name, te in cfg.text_encoders.items()})
     return out
@@ -381,11 +482,11 @@ def perturb(w: torch.Tensor, name: str, p: Perturbation) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- writing models
 
-ConfigLike = Union[ModelConfig, str]
+ConfigLike = Union[ModelConfig, FluxConfig, str]
 
 
-def _config(cfg: ConfigLike) -> ModelConfig:
-    if isinstance(cfg, ModelConfig):
+def _config(cfg: ConfigLike) -> "ModelConfig | FluxConfig":
+    if isinstance(cfg, (ModelConfig, FluxConfig)):
         return cfg
     name, _, scale = cfg.partition(":")
     return preset(name, scale or "full")
@@ -448,11 +549,15 @@ def _write_file(path: Path, items: list[tuple[str, tuple[int, ...], object]], dt
 
 def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
                 dtype: torch.dtype = torch.float16, seed: int = 0, base=None,
-                perturbation: Perturbation | float = Perturbation(), threads: int | None = None) -> Path:
+                perturbation: Perturbation | float = Perturbation(), threads: int | None = None,
+                shard_bytes: int = 10 * 2**30) -> Path:
     """Write a synthetic base model; returns its path.
 
-    `cfg`: a ModelConfig or a preset name ("sdxl", "sd15:tiny", "ssd-1b:small", ...).
-    `layout`: "diffusers" (a pipeline folder at `path`) or "single-file" (one .safetensors file).
+    `cfg`: a ModelConfig / FluxConfig or a preset name ("sdxl", "sd15:tiny", "ssd-1b:small",
+    "flux-dev", "flux-schnell:tiny", ...).
+    `layout`: "diffusers" (a pipeline folder at `path`; Flux: transformer/ in shards of at most
+    `shard_bytes`, with an index) or "single-file" (one .safetensors file; Flux: BFL keys), and for
+    Flux "single-file-prefixed" (BFL keys under ComfyUI's `model.diffusion_model.`).
     `base`: a source model (path or BaseModel) written earlier with the same config and seed;
     the result is then a TARGET: each source weight plus a `perturbation` (relative Frobenius
     size, or a Perturbation); other parameters equal the source's.
@@ -460,9 +565,10 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     """
     from .checkpoints import BaseModel, open_model
 
-    if layout not in ("diffusers", "single-file"):
-        raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
     cfg = _config(cfg)
+    layouts = ("diffusers", "single-file") + (("single-file-prefixed",) if isinstance(cfg, FluxConfig) else ())
+    if layout not in layouts:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(layouts)}")
     if isinstance(perturbation, (int, float)):
         perturbation = Perturbation(size=float(perturbation))
     path = Path(path)
@@ -478,7 +584,10 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
         threads = 1 if sum(math.prod(s) for plist in params.values() for _, s in plist) < 100_000_000 else 0
     try:
         with _threads(threads):
-            _write_layout(path, cfg, params, layout, values, dtype, meta)
+            if isinstance(cfg, FluxConfig):
+                _write_flux(path, cfg, params["transformer"], layout, values, dtype, meta, shard_bytes)
+            else:
+                _write_layout(path, cfg, params, layout, values, dtype, meta)
     finally:
         if opened is not None:
             opened.close()
@@ -522,6 +631,61 @@ def _write_layout(path: Path, cfg: ModelConfig, params: dict[str, Params], layou
         raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
 
 
+def _write_flux(path: Path, cfg: FluxConfig, params: Params, layout: str, values: _Values, dtype: torch.dtype,
+                meta: dict[str, str], shard_bytes: int) -> None:
+    """Flux in BFL single-file layout (q, k, v[, mlp] concatenated, final modulation halves
+    swapped) or as a diffusers pipeline folder with a sharded transformer/."""
+    from .checkpoints.flux import COMPONENT, bfl_file_plan
+
+    shapes = dict(params)
+    if layout.startswith("single-file"):
+        prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+        items = []
+        for e in bfl_file_plan(params, prefix):
+            def make(e=e):
+                parts = [values(COMPONENT, n, shapes[n]) for n in e.sources]
+                t = torch.cat(parts) if len(parts) > 1 else parts[0]
+                if e.swap:
+                    a, b = t.chunk(2)
+                    t = torch.cat([b, a])
+                return t
+            items.append((e.key, e.shape, make))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(path, items, dtype, meta)
+        return
+    folder = path / COMPONENT
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg.diffusers_config(), indent=2))
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in params:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    n = len(shards)
+    base = "diffusion_pytorch_model"
+    if n == 1:
+        names = [f"{base}.safetensors"]
+    else:
+        names = [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        items = [(k, s, (lambda k=k, s=s: values(COMPONENT, k, s))) for k, s in shard]
+        _write_file(folder / fname, items, dtype, meta)
+        weight_map.update({k: fname for k, _ in shard})
+    if n > 1:
+        total = sum(math.prod(s) * itemsize for _, s in params)
+        (folder / f"{base}.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
+         "transformer": ["diffusers", "FluxTransformer2DModel"]}, indent=2))
+
+
 # ----------------------------------------------------------------------------- LoRAs
 
 _ATTN = (".attn1.", ".attn2.", ".self_attn.")
@@ -555,12 +719,20 @@ def lora_targets(modules, targets: str = "transformer", conv: bool = False) -> I
 
 
 def write_lora(model, path: str | os.PathLike, format: str = "kohya", rank: int = 4, alpha: float | None = None,
-               targets: str = "transformer", seed: int = 0, conv: bool = False, size: float = 0.05) -> Path:
+               targets: str = "transformer", seed: int = 0, conv: bool = False, size: float = 0.05,
+               split_qkv: bool = False, spelling: str | None = None) -> Path:
     """Write a synthetic LoRA for `model` (a path or BaseModel); returns `path`.
 
     Keys are spelled for `format` through the model (kohya: the family's kohya spelling). Each
     module's delta scale * up @ down has Frobenius norm about `size` * sqrt(out), i.e. `size`
     relative to the synthetic weights. alpha defaults to rank / 2 (scale 0.5).
+
+    Flux: formats kohya (BFL names; `spelling="kohya-diffusers"` for `lora_transformer_` names),
+    comfy, xlabs and peft. kohya/comfy/xlabs modules are the fused BFL ones (one down for q, k, v
+    [and mlp]); `split_qkv` writes them in kohya's split_qkv form (a rank-`rank` pair per slice:
+    down [n*rank, in], block-diagonal up). targets: "attn" (attention projections), "transformer"
+    (every linear of the double and single blocks, kohya's default), "all" (also the embedders,
+    guidance_in and the final layer); XLabs files hold only what XLabs can name.
     """
     from .checkpoints import BaseModel, open_model
     from .formats import write_lora as write_lora_file
@@ -569,6 +741,14 @@ def write_lora(model, path: str | os.PathLike, format: str = "kohya", rank: int 
     opened = None if isinstance(model, BaseModel) else open_model(model)
     m = opened or model
     try:
+        if m.family == "flux":
+            mods = _flux_lora(m, format, rank, rank / 2 if alpha is None else float(alpha), targets, seed, size,
+                              split_qkv, spelling)
+            meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2 if alpha is None else float(alpha)),
+                    "ss_base_model_version": "flux1", "prolora.synthetic": "1"}
+            path = Path(path)
+            write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
+            return path
         spelling = {"kohya": m.kohya_spelling, "peft": "peft", "diffusers-old": "peft", "comfy": "comfy"}.get(format)
         if spelling is None:
             raise ValueError(f"unknown format {format!r}")
@@ -594,6 +774,59 @@ def write_lora(model, path: str | os.PathLike, format: str = "kohya", rank: int 
     finally:
         if opened is not None:
             opened.close()
+
+
+def flux_lora_targets(modules, targets: str = "transformer") -> Iterator[str]:
+    """Canonical Flux transformer ids a LoRA of this kind adapts (see write_lora)."""
+    if targets not in ("attn", "transformer", "all"):
+        raise ValueError(f"unknown targets {targets!r}; use 'attn', 'transformer' or 'all'")
+    for module in modules:
+        if not module.startswith("transformer."):
+            continue
+        in_block = module.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
+        if targets == "attn":
+            ok = ".attn." in module
+        elif targets == "transformer":
+            ok = in_block
+        else:
+            ok = True
+        if ok:
+            yield module
+
+
+def _flux_lora(m, format: str, rank: int, alpha: float, targets: str, seed: int, size: float, split_qkv: bool,
+               spelling: str | None) -> dict:
+    from .lora import LoraModule
+
+    spelling = spelling or {"kohya": m.kohya_spelling, "peft": "peft", "comfy": "comfy", "xlabs": "xlabs"}.get(format)
+    if spelling is None:
+        raise ValueError(f"format {format!r} has no Flux layout")
+    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}
+    for module in flux_lora_targets(m.weights, targets):
+        if m.unspellable(module, spelling) is not None:
+            continue
+        fused = m.spell_fused(module, spelling)
+        if fused is None:
+            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
+        else:
+            key, total, rows = fused
+            groups.setdefault(key, []).append((module, rows, total))
+    mods = {}
+    for key, members in groups.items():
+        g = _generator("lora", seed, key)
+        total = members[0][2]
+        inp = m.weights[members[0][0]].shape[1]
+        n = len(members) if split_qkv and members[0][1] is not None else 1
+        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, n * rank)
+        for j, (module, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
+            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
+            for a, b in rows or ((0, total),):
+                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
+        delta = (up @ down).norm() * (alpha / (n * rank))
+        up *= size * math.sqrt(total) / delta
+        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    return mods
 
 
 # ----------------------------------------------------------------------------- demo

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "unknown")
+FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "flux", "unknown")  # flux: checkpoints.flux
 
 _BLOCK = re.compile(r"^unet\.(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.")
 

@@ -42,7 +42,9 @@ class WeightRef:
     `module` is the canonical id: component + diffusers/transformers path of the module, e.g.
     ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` or
     ``text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj``.
-    `rows` is a row range of the stored tensor for fused weights (OpenCLIP in_proj_weight).
+    `rows` is a row range of the stored tensor for fused weights (OpenCLIP in_proj_weight, Flux
+    qkv / linear1); `pieces`, where set, are several row ranges concatenated in order (Flux's final
+    adaLN modulation, whose two halves diffusers stores swapped).
     `transposed` marks tensors stored as [in, out] (OpenCLIP text_projection).
     `shape` is the weight's own shape (after slicing/transposing): (out, in) or (out, in, kh, kw).
     """
@@ -54,6 +56,7 @@ class WeightRef:
     dtype: str
     rows: tuple[int, int] | None = None
     transposed: bool = False
+    pieces: tuple[tuple[int, int], ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -61,6 +64,25 @@ class WeightRef:
         for d in self.shape:
             n *= d
         return n
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One canonical module inside a fused LoRA module: the up rows `rows` (ranges, concatenated in
+    order) are that module's output rows."""
+
+    module: str
+    rows: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class FusedHit:
+    """A LoRA module key that adapts a fused weight: how the file spells it, how many rows its up
+    has, and the canonical modules its rows belong to."""
+
+    spelling: str
+    rows: int
+    slices: tuple[Slice, ...]
 
 
 def _flat(path: str) -> str:
@@ -165,6 +187,26 @@ class BaseModel:
         """(canonical module id, spelling) for a LoRA module key as a file spells it, or None."""
         return self._alias_table().get(lora_key)
 
+    # Fused-layer hooks (used by the plan). UNet models have no fused LoRA modules, so these say
+    # "nothing fused" here; Flux (checkpoints.flux.FluxModel) overrides them.
+    def resolve_fused(self, lora_key: str) -> "FusedHit | None":
+        """For a LoRA key that adapts a fused weight (several canonical modules stacked by rows,
+        e.g. Flux's img_attn.qkv): its spelling and which up rows are which module. Else None."""
+        return None
+
+    def spell_fused(self, module: str, spelling: str) -> tuple[str, int, tuple[tuple[int, int], ...]] | None:
+        """Where `module` goes in a `spelling` that fuses it with others: (LoRA module key, rows of
+        that module's up, the up row ranges that are `module`'s rows). None: `spell()` names it whole."""
+        return None
+
+    def unspellable(self, module: str, spelling: str) -> str | None:
+        """Why `module` has no name in `spelling` (the output then drops it), or None."""
+        return None
+
+    def missing_hint(self, module: str) -> str | None:
+        """Why this model may lack `module` (said when a source module has no counterpart here)."""
+        return None
+
     # ------------------------------------------------------------------ tensors
     def _file(self, path: Path) -> SafetensorsFile:
         with self._lock:  # loads may come from a prefetch thread
@@ -180,7 +222,10 @@ class BaseModel:
         if ref is None:
             raise ModelError(f"{self.path}: no weight '{module}' in this model")
         f = self._file(ref.file)
-        t = f.get_rows(ref.key, *ref.rows) if ref.rows else f.get(ref.key)
+        if ref.pieces:
+            t = torch.cat([f.get_rows(ref.key, a, b) for a, b in ref.pieces])
+        else:
+            t = f.get_rows(ref.key, *ref.rows) if ref.rows else f.get(ref.key)
         if ref.transposed:
             t = t.t()
         return (t if dtype is None else t.to(dtype)).contiguous()

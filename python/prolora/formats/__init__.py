@@ -1,5 +1,5 @@
 """LoRA file formats: read any supported file into one canonical LoraFile, write it back in any
-format, and summarize it. Formats: kohya, peft (diffusers), diffusers-old, comfy."""
+format, and summarize it. Formats: kohya, peft (diffusers), diffusers-old, comfy, xlabs (Flux)."""
 from __future__ import annotations
 
 from .detect import classify, detect_format

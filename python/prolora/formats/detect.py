@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..errors import InvalidLoraError, UnsupportedFormatError
-from . import comfy, diffusers_old, kohya, peft
+from . import comfy, diffusers_old, kohya, peft, xlabs
 
 # Tried in this order; their down/up key patterns do not overlap.
-FORMAT_MODULES = {m.NAME: m for m in (kohya, comfy, diffusers_old, peft)}
+FORMAT_MODULES = {m.NAME: m for m in (kohya, comfy, xlabs, diffusers_old, peft)}
 
 # (kind, pattern searched in each key, why it cannot be transferred)
 UNSUPPORTED: list[tuple[str, re.Pattern, str]] = [
@@ -90,7 +90,7 @@ def classify(path: object, keys: Iterable[str]) -> Classified:
     if unknown:
         raise UnsupportedFormatError(
             f"{path}: {len(unknown)} key(s) of no known LoRA format (kohya, peft/diffusers, old diffusers, "
-            f"ComfyUI): {_examples(unknown)}"
+            f"ComfyUI, XLabs): {_examples(unknown)}"
         )
     if len(by_format) > 1:
         parts = [f"{len(found)} {name} key(s) such as '{next(iter(found))}'" for name, found in by_format.items()]
@@ -115,5 +115,5 @@ def classify(path: object, keys: Iterable[str]) -> Classified:
 
 
 def detect_format(keys: Iterable[str], path: object = "<keys>") -> str:
-    """The LoRA format ('kohya', 'peft', 'diffusers-old' or 'comfy') of a file with these tensor names."""
+    """The LoRA format ('kohya', 'peft', 'diffusers-old', 'comfy' or 'xlabs') of a file with these tensor names."""
     return classify(path, keys).format

@@ -8,15 +8,19 @@ import torch
 
 from ..errors import InvalidLoraError
 from ..lora import LoraFile, LoraModule
-from .common import DOWN, UP
+from .common import DOWN, UP, folded_up
 
 NAME = "kohya"
 
-# lora_unet (UNet or Flux DiT), lora_te (SD1/2 CLIP), lora_te1/lora_te2 (SDXL), lora_te3 (T5)
-_MODULE = r"lora_(?:unet|te\d?)_[^.]+"
+# lora_unet (UNet or Flux DiT, BFL names), lora_transformer (Flux, diffusers names), lora_te (SD1/2 CLIP),
+# lora_te1/lora_te2 (SDXL), lora_te3 (T5)
+_MODULE = r"lora_(?:unet|te\d?|transformer)_[^.]+"
 _KEY = re.compile(rf"^({_MODULE})\.(lora_down\.weight|lora_up\.weight)$")
 _MODULE_RE = re.compile(rf"^{_MODULE}$")
 _ROLES = {"lora_down.weight": DOWN, "lora_up.weight": UP}
+# modules written with scale 1 (alpha = rank, scale folded into up): diffusers (0.42) converts
+# kohya Flux LoRAs on the final layer without applying their alpha
+_SCALE_FREE = ("lora_unet_final_layer_",)
 
 
 def match(key: str) -> tuple[str, str] | None:
@@ -50,8 +54,11 @@ def to_tensors(lora: LoraFile, path: object) -> dict[str, torch.Tensor]:
                 f"{path}: module '{name}' has a LoRA bias, which the kohya format cannot carry; write peft instead"
             )
         alpha = float(m.rank if m.alpha is None else m.alpha)
+        up = m.up
+        if name.startswith(_SCALE_FREE) and m.scale != 1.0:
+            up, alpha = folded_up(m), float(m.rank)
         out[f"{name}.lora_down.weight"] = m.down
-        out[f"{name}.lora_up.weight"] = m.up
+        out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 

@@ -8,6 +8,7 @@ from ..errors import InvalidLoraError, OptionError, OutputPathError
 from ..lora import FORMATS, LoraFile
 from ..safetensors_io import load_all, save
 from . import peft
+from .parts import assemble_parts
 from .common import ALPHA, Collector, build_modules, common_dtype, validate_for_write
 from .detect import FORMAT_MODULES, classify
 
@@ -74,8 +75,15 @@ def output_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
 
 def write_lora(path: str | os.PathLike, lora: LoraFile, format: str | None = None) -> None:
     """Write `lora` atomically in `format` (default: its own). Module keys must already be spelled
-    for that format; formats without alpha (comfy, diffusers-old) get the scale folded into up."""
+    for that format; formats without alpha (comfy, diffusers-old, xlabs) get the scale folded into up.
+
+    Per-slice parts of a fused module (keys `<module>[rows/total]`, made by the plan for Flux's
+    fused q/k/v[/mlp] weights) are first assembled into their module (formats.parts); `lora.modules`
+    is updated to the assembled modules, so that the object matches the file."""
     fmt = format or lora.format
+    assembled = assemble_parts(lora.modules)
+    if assembled is not lora.modules:
+        lora.modules = assembled
     if fmt not in FORMATS:
         raise OptionError(f"unknown LoRA format '{fmt}'; choose one of {', '.join(FORMATS)}")
     path = Path(path)

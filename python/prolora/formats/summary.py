@@ -16,7 +16,7 @@ _META_FAMILIES = [
 ]
 _CROSS_ATTN_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
 _CROSS_KV = re.compile(r"attn2[._](?:processor[._])?to_[kv]$")
-_FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks")
+_FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|^lora_transformer_")
 _SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 
 # key prefix -> component, most specific first; "unet" means the denoiser (UNet or DiT)
@@ -27,6 +27,7 @@ _COMPONENTS = [
     ("text_encoder_2.", "text_encoder_2"),
     ("diffusion_model.", "unet"), ("text_encoders.clip_l.", "text_encoder"),
     ("text_encoders.clip_g.", "text_encoder_2"),
+    ("lora_transformer_", "unet"), ("double_blocks.", "unet"), ("single_blocks.", "unet"),  # Flux: kohya-diffusers, XLabs
 ]
 
 
