@@ -543,3 +543,77 @@ def test_per_slice_bases_survive_a_function_preserving_rescale(tmp_path):
     dF, phi_fused = _fused_transfer(lm.up.double() * lm.scale, lm.down.double(), Ws, Wt, k)
     leak = float(dF[H:].norm() / dF.norm())
     assert phi_fused < 0.95 and leak > 0.05 and float((dF - dw_in).norm() / dw_in.norm()) > 0.1
+
+
+# ----------------------------------------------------------------------------- the full experiment
+# `PYTHONPATH=python python tests/test_flux.py [h]` reruns the measurement quoted in
+# checkpoints/flux.py (h = 384: ~1 min on 2 cores; not part of the suite).
+
+
+def fused_vs_slice_experiment(h: int = 384, r: int = 16) -> list[dict]:
+    """Independent q, k, v (and mlp) slices with trained-like spectra; targets: per-slice fine-tune,
+    fused fine-tune, function-preserving q x2 / k x0.5; LoRAs: fused (all rows) and q-only.
+    prolora-full with energy:0.9 bases of the fused matrix vs of each slice; figures relative to
+    ||dW_s||: deviation from copy, fused vs per-slice difference, leak of a q-only LoRA."""
+    from prolora.method import KMode, RankSpec, transfer_layer
+    from prolora.ops import Basis
+    from prolora.synthetic import Perturbation, _generator, perturb, spectral_weight
+
+    kmode = KMode.parse("energy:0.9")
+
+    def basis(W, k=None):
+        ev, V = torch.linalg.eigh(W.T @ W)
+        ev, V = ev.flip(0).clamp_min(0), V.flip(1)
+        S = ev.sqrt()
+        k = k or kmode.choose(W.shape[1], S, float((W ** 2).sum()))
+        return Basis(W @ V[:, :k] / S[:k], S, V[:, :k], float((W ** 2).sum()))
+
+    def xfer(B, A, Ws, Wt):
+        bs = basis(Ws)
+        res = transfer_layer(B, A, bs, basis(Wt, bs.k), method="prolora-full", tau=0.0, rank=RankSpec.parse("2r"),
+                             r_in=B.shape[1])
+        return res.up @ res.down, res
+
+    rows_out = []
+    for kind, names in (("qkv", ("q", "k", "v")), ("linear1", ("q", "k", "v", "mlp"))):
+        sizes = [4 * h if n == "mlp" else h for n in names]
+        offs = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
+        Ws = [spectral_weight((n, h), _generator("src", kind, name, 0)).double() for n, name in zip(sizes, names)]
+        targets = {
+            "finetune-slice": [perturb(w.float(), f"{kind}.{n}", Perturbation(size=0.1)).double() for w, n in zip(Ws, names)],
+            "finetune-fused": list(torch.split(perturb(torch.cat(Ws).float(), kind, Perturbation(size=0.1)).double(), sizes)),
+            "qknorm-rescale": [w * {"q": 2.0, "k": 0.5}.get(n, 1.0) for w, n in zip(Ws, names)],
+        }
+        g = _generator("lora", kind, 0)
+        A = torch.randn(r, h, generator=g, dtype=torch.float64) / math.sqrt(h)
+        B = torch.randn(offs[-1], r, generator=g, dtype=torch.float64)
+        for tname, Wt in targets.items():
+            for lora in ("fused", "q-only"):
+                Bl = B.clone()
+                if lora == "q-only":
+                    Bl[offs[1]:] = 0
+                dW = Bl @ A
+                dF, rf = xfer(Bl, A, torch.cat(Ws), torch.cat(Wt))
+                parts = []
+                for i in range(len(names)):
+                    Bi = Bl[offs[i]:offs[i + 1]]
+                    parts.append(xfer(Bi, A, Ws[i], Wt[i])[0] if Bi.abs().max() > 0 else torch.zeros(sizes[i], h,
+                                                                                                    dtype=torch.float64))
+                dS = torch.cat(parts)
+                n = dW.norm()
+                rows_out.append({
+                    "h": h, "weight": kind, "target": tname, "lora": lora, "k_fused": rf.k,
+                    "phi_fused": (round(rf.phi_left, 3), round(rf.phi_right, 3)),
+                    "dev_fused": round(float((dF - dW).norm() / n), 3), "dev_slice": round(float((dS - dW).norm() / n), 3),
+                    "fused_vs_slice": round(float((dF - dS).norm() / n), 3),
+                    "leak_fused": round(float(dF[offs[1]:].norm() / dF.norm()), 3) if lora == "q-only" else None,
+                })
+    return rows_out
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(2)
+    for row in fused_vs_slice_experiment(int(sys.argv[1]) if len(sys.argv) > 1 else 384):
+        print(row, flush=True)
