@@ -383,7 +383,8 @@ def test_old_sd1_text_encoder_names_without_text_model(zoo, tmp_path):
         assert torch.equal(a.load(q), b.load(q))
 
 
-def test_flux_is_refused_clearly(tmp_path):
+def test_a_partial_flux_file_is_refused_clearly(tmp_path):
+    """Flux checkpoints are read (tests/test_flux.py); one without its input layers is not a model."""
     path = tmp_path / "flux.safetensors"
     save(path, {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)})
     with pytest.raises(ModelError, match="Flux"):

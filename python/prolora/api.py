@@ -19,11 +19,12 @@ from .engine import BasisProvider, Engine, EngineStats, LoraTask, finalize, reco
 from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
                      OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
+from .formats.parts import assemble_parts, canonical_modules
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
 from .method import KMode, similarity as layer_similarity
 from .options import TransferOptions
-from .plan import build_plan
+from .plan import build_plan, check_families
 from .report import LayerRecord, Report
 from .safetensors_io import read_header
 
@@ -155,7 +156,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     """A finished task -> output LoRA (alpha convention, loader padding, provenance), written."""
     lf, fmt = task.lora, task.plan.out_format
     report = _report(task, src, tgt, opts, time.perf_counter() - t0)
-    modules = finalize(task.results, opts, lf.dtype)
+    modules = assemble_parts(finalize(task.results, opts, lf.dtype))  # fused slices back into one module
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
     out = LoraFile(fmt, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
@@ -190,6 +191,7 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
 
     with ExitStack() as stack:
         src, tgt = _model(source, stack), _model(target, stack)
+        check_families(src, tgt)  # before any similarity work
         cache = _cache(opts)
         mapping, matches = _matching(src, tgt, opts, cache)
         tasks: list[LoraTask] = []
@@ -382,10 +384,8 @@ def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: Path
         with ExitStack() as stack:
             model = _model(base, stack)
 
-            def canon(lf: LoraFile) -> dict:
-                return {(model.resolve(k) or (k,))[0]: m for k, m in lf.modules.items()}
-
-            ma, mb = canon(a), canon(b)
+            # canonical ids; fused modules (Flux qkv, linear1) cut into their slices
+            ma, mb = canonical_modules(a.modules, model), canonical_modules(b.modules, model)
     try:
         agreement = compare_modules(ma, mb)
     except ValueError as e:
@@ -397,9 +397,9 @@ def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: Path
 
 
 def _looks_like_lora(path: Path) -> bool:
-    suffixes = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight",
-                ".lora_linear_layer.down.weight", ".hada_w1_a", ".lokr_w1", "dora_scale")
-    return any(k.endswith(suffixes) or ".hada_" in k or ".lokr_" in k for k in read_header(path).tensors)
+    """Adapter files name their tensors lora/hada/lokr/oft/dora; base checkpoints never do."""
+    marks = ("lora", "hada_", "lokr_", "oft_", "dora_scale", "lora_magnitude")
+    return any(any(m in k.lower() for m in marks) for k in read_header(path).tensors)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:

@@ -110,6 +110,14 @@ def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseM
             f"does not fit the weight of shape {shape}{hint}")
 
 
+def check_families(source: BaseModel, target: BaseModel) -> None:
+    """Refuse a transfer between model families whose layers do not correspond."""
+    if source.family != target.family and "unknown" not in (source.family, target.family):
+        if (source.family, target.family) not in COMPATIBLE:
+            raise ModelError(f"source {source.name} is {source.family} but target {target.name} is "
+                             f"{target.family}: cross-family transfer is not supported")
+
+
 def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None,
                mapping: dict[str, str | None] | None = None) -> Plan:
     """Resolve every LoRA module in the source, check shapes, find its target counterpart: the
@@ -118,11 +126,10 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     out_format = out_format or lora.format
     _check_format(out_format, target)
     warnings: list[str] = []
+    check_families(source, target)
     if source.family != target.family and "unknown" not in (source.family, target.family):
-        if (source.family, target.family) not in COMPATIBLE:
-            raise ModelError(f"source {source.name} is {source.family} but target {target.name} is "
-                             f"{target.family}: cross-family transfer is not supported")
-        warnings.append(f"{source.family} -> {target.family}: layers matched by name")
+        how = "by similarity where depths differ" if mapping else "by name"
+        warnings.append(f"{source.family} -> {target.family}: layers matched {how}")
 
     where = str(lora.path or "LoRA")
     resolved: dict[str, list[tuple[str, str, LoraModule | None]]] = {}
