@@ -7,6 +7,16 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton kernels run under the interpreter. Triton reads this when it is
+# imported (its own @jit helpers such as tl.cdiv become interpretable only then), and diffusers,
+# peft or hypothesis may import it during collection, so it is set here, before any test module.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+except ImportError:
+    pass
 # the tests never touch the user's basis cache
 os.environ["PROLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="prolora-test-cache-")
 

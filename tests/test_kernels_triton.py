@@ -1,6 +1,7 @@
 """Triton kernels (prolora.kernels) and their op backends against the float64 references.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 (set before Triton is imported) on CPU
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py, before anything can
+import Triton) on CPU
 tensors in float32 with small shapes; with one, the same tests run compiled on CUDA tensors.
 Errors are judged against plain torch in the same precision (FlashAttention's habit): our error
 vs float64 must be at most RATIO times torch's float32 error (floored at float32 eps).
@@ -10,9 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
