@@ -90,6 +90,26 @@ def clip_from_transformers(tensors: Tensors, component: str, prefix: str = "") -
     return comp
 
 
+_T5_LINEAR = re.compile(r"^encoder\.block\.(\d+)\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.w(i|i_0|i_1|o))\.weight$")
+
+
+def t5_from_transformers(tensors: Tensors, component: str, prefix: str = "") -> Component:
+    """A T5 encoder (transformers T5EncoderModel names after `prefix`, as in t5xxl_fp16.safetensors):
+    the attention q/k/v/o and feed-forward wi_0/wi_1/wo linears of every block; embeddings and the
+    relative-position bias table are not LoRA-able."""
+    comp = Component(component)
+    blocks = set()
+    for key, (path, info) in tensors.items():
+        hit = _T5_LINEAR.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if hit and len(info.shape) == 2:
+            module = f"{component}.{key[len(prefix): -len('.weight')]}"
+            comp.weights[module] = WeightRef(module, path, key, info.shape, info.dtype)
+            blocks.add(int(hit.group(1)))
+    q = comp.weights.get(f"{component}.encoder.block.0.layer.0.SelfAttention.q")
+    comp.facts = {"kind": "t5", "layers": len(blocks), "hidden": q.shape[1] if q else None}
+    return comp
+
+
 def clip_from_openclip(tensors: Tensors, component: str, prefix: str, projection: bool) -> Component:
     """Text encoder stored OpenCLIP-style under `prefix`; q/k/v are row slices of in_proj_weight."""
     comp = Component(component)

@@ -63,7 +63,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..safetensors_io import Header, TensorInfo, read_header
-from .build import Component, clip_from_transformers
+from .build import Component, clip_from_transformers, t5_from_transformers
 from .model import BaseModel, FusedHit, Slice, WeightRef, _flat
 
 COMPONENT = "transformer"
@@ -107,6 +107,10 @@ XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv",
 XLABS_SINGLE = {"qkv_lora": "linear1", "proj_lora": "linear2"}  # qkv_lora: the q, k, v rows only
 
 GUIDANCE = "time_text_embed.guidance_embedder."
+# the T5 encoder: text_encoder_2/ of a diffusers pipeline, `text_encoders.t5xxl.transformer.` in
+# ComfyUI all-in-one files; kohya's Flux scripts name its LoRA modules lora_te3_ (lora_te1_: CLIP-L)
+T5 = "text_encoder_2"
+T5_COMFY = "text_encoders.t5xxl.transformer."
 BFL_PREFIXES = ("model.diffusion_model.", "")
 
 _DOUBLE = re.compile(r"^double_blocks\.(\d+)\.(.+)$")
@@ -341,6 +345,8 @@ class FluxModel(BaseModel):
         if component != COMPONENT:
             if spelling == "xlabs":
                 raise ModelError(f"{self.path}: '{module}' has no XLabs name (XLabs LoRAs adapt the transformer only)")
+            if component == T5:
+                return {"peft": module, "comfy": T5_COMFY + path}.get(spelling, "lora_te3_" + _flat(path))
             return super().spell(module, spelling)
         if spelling == "peft":
             return module
@@ -370,7 +376,7 @@ class FluxModel(BaseModel):
                 raise ModelError(f"{self.path}: LoRA key '{alias}' would name both '{old[0]}' and '{module}'")
             table[alias] = (module, spelling)
 
-        others = {m: r for m, r in self.weights.items() if not m.startswith(COMPONENT + ".")}
+        others = {m: r for m, r in self.weights.items() if m.partition(".")[0] not in (COMPONENT, T5)}
         if others:  # text encoders: the UNet models' table over those weights only
             base = BaseModel(self.path, self.name, self.layout, self.family, others, self.files, self.headers, {},
                              text_encoders=self.text_encoders)
@@ -379,6 +385,10 @@ class FluxModel(BaseModel):
                 add(alias, module, "kohya-ldm" if spelling.startswith("kohya") else spelling)
         for module in self.weights:
             component, _, path = module.partition(".")
+            if component == T5:
+                add(module, module, "peft")
+                add("lora_te3_" + _flat(path), module, "kohya-ldm")
+                add(T5_COMFY + path, module, "comfy")
             if component != COMPONENT:
                 continue
             add(module, module, "peft")
@@ -542,7 +552,7 @@ def is_flux_keys(keys) -> str | None:
 
 def open_flux_single_file(path: Path, header: Header | None = None) -> FluxModel:
     """A BFL single file (bare keys, or ComfyUI's `model.diffusion_model.`); a CLIP-L stored as
-    `text_encoders.clip_l.transformer.` is read too."""
+    `text_encoders.clip_l.transformer.` and a T5 as `text_encoders.t5xxl.transformer.` are read too."""
     header = header or read_header(path)
     prefix = is_flux_keys(header.tensors)
     if prefix is None:
@@ -558,6 +568,10 @@ def open_flux_single_file(path: Path, header: Header | None = None) -> FluxModel
         comp = clip_from_transformers(tensors, "text_encoder", clip_prefix)
         weights.update(comp.weights)
         encoders["text_encoder"] = comp.facts
+    if any(k.startswith(T5_COMFY) for k in tensors):
+        comp = t5_from_transformers(tensors, T5, T5_COMFY)
+        weights.update(comp.weights)
+        encoders[T5] = comp.facts
     if not weights:
         raise ModelError(f"{path}: Flux keys but no transformer weights")
     return FluxModel(path=path, name=path.stem, layout="single-file", family="flux", weights=_order(weights),
@@ -579,7 +593,7 @@ def is_flux_folder(path: Path) -> bool:
 
 def open_flux_folder(path: Path) -> FluxModel:
     """A diffusers folder: a pipeline with transformer/ (sharded or not) and optionally CLIP-L in
-    text_encoder/ (the T5 in text_encoder_2/ is not read), or a bare transformer folder."""
+    text_encoder/ and T5 in text_encoder_2/, or a bare transformer folder."""
     from .diffusers_folder import read_component
 
     files: dict[str, Path] = {}
@@ -603,5 +617,10 @@ def open_flux_folder(path: Path) -> FluxModel:
         comp: Component = clip_from_transformers(read_component(te, path, files, headers), "text_encoder")
         weights.update(comp.weights)
         encoders["text_encoder"] = comp.facts
+    t5 = path / T5
+    if folder != path and t5.is_dir():
+        comp = t5_from_transformers(read_component(t5, path, files, headers), T5)
+        weights.update(comp.weights)
+        encoders[T5] = comp.facts
     return FluxModel(path=path, name=path.name, layout="diffusers", family="flux", weights=_order(weights),
                      files=files, headers=headers, ldm_names={}, text_encoders=encoders, bfl=bfl, facts=facts)
