@@ -200,7 +200,7 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
             try:
                 lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
                 fmt = lf.format if opts.format == "same" else opts.format
-                plan = build_plan(lf, src, tgt, fmt, mapping)
+                plan = build_plan(lf, src, tgt, fmt, mapping, opts.widths)
                 if matches:
                     plan.warnings.append(f"{len(matches)} target transformer blocks matched to source blocks "
                                          "by subspace similarity (see info.matching)")

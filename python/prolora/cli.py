@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--match", choices=("auto", "name", "similarity"), default="auto",
                    help="layer matching: by name, by subspace similarity (targets with fewer blocks, e.g. "
                         "SSD-1B), or auto: similarity where depths differ (default %(default)s)")
+    t.add_argument("--widths", choices=("refuse", "lstsq"), default="refuse",
+                   help="a target weight of another shape: skip it, or map the LoRA by LoRA-X's least-squares "
+                        "map, refused where the subspaces disagree on the shared channels (default %(default)s)")
     t.add_argument("--report", metavar="FILE", help="write the per-layer report(s) as JSON")
     t.add_argument("--plot", metavar="FILE.png", help="write a per-block heatmap of phi and of what was transferred")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
@@ -167,7 +170,7 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     from .api import lora_files, resolve_report_path, transfer, transfer_many
 
     opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped,
-                    match=a.match)
+                    match=a.match, widths=a.widths)
     loras = list(a.loras) + (lora_files(a.lora_dir) if a.lora_dir else [])
     if not loras:
         raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")

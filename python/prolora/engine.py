@@ -21,7 +21,7 @@ import torch
 from .cache import BasisCache
 from .checkpoints import BaseModel
 from .lora import LoraFile, LoraModule
-from .method import LayerMath, transfer_layer
+from .method import LayerMath, transfer_layer, transfer_layer_widths
 from .ops import Basis, project_lora, truncated_svd
 from .ops.registry import Op, Problem, override_for
 from .options import TransferOptions
@@ -173,7 +173,7 @@ class BasisProvider:
         need: dict[str, torch.Tensor] = {}
         ks: dict[str, int] = {}
         for m, p in pre.items():
-            t, k = p.target, src[m].k
+            t, k = p.target, min(src[m].k, *self._flat_shape(self.target, p.target))  # narrower target: fewer
             ks[t] = max(ks.get(t, 0), k)
             if p.Wt is None and p.tgt_stored_k >= k:
                 hit = self.cache.get(self.target.identity(), t, self._flat_shape(self.target, t), k, self.dtype)
@@ -227,7 +227,8 @@ def _folded_module(job: LayerJob, math_: LayerMath) -> LoraModule:
     lm, up, down = job.lora, math_.up, math_.down
     r = up.shape[1]
     if lm.is_conv:
-        up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *lm.down.shape[1:])
+        kernel = job.target_shape[1:] if job.widths_differ else lm.down.shape[1:]
+        up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *kernel)
     return LoraModule(job.out_key, down, up, None, lm.bias)
 
 
@@ -242,18 +243,24 @@ def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferO
     t0 = time.perf_counter()
     lm = job.lora
     if opts.method == "copy":
+        if job.widths_differ:  # a copy cannot change a layer's shape
+            return JobResult(job, LayerMath(None, None, False, f"target weight has shape {job.target_shape}"),
+                             None, time.perf_counter() - t0)
         return JobResult(job, LayerMath(None, None, True, "copied"), _copied(job), time.perf_counter() - t0)
     m = job.shape[0]
     B = lm.up.reshape(m, lm.rank).to(src.U.dtype) * lm.scale
     A = lm.down.reshape(lm.rank, -1).to(src.U.dtype)
     if src.U.device != B.device:
         B, A = B.to(src.U.device), A.to(src.U.device)
-    res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=lm.rank,
-                         project=project)
+    if job.widths_differ:
+        res = transfer_layer_widths(B, A, src, tgt, tau=opts.tau, rank=opts.rank, r_in=lm.rank)
+    else:
+        res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=lm.rank,
+                             project=project)
     if res.transferred:
         res.up, res.down = res.up.cpu(), res.down.cpu()
         out = _folded_module(job, res)
-    elif opts.skipped == "copy":
+    elif opts.skipped == "copy" and not job.widths_differ:
         out, res.reason = _copied(job), res.reason + " (copied unchanged)"
     else:
         out = None

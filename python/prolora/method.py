@@ -139,6 +139,43 @@ def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> dict[str, floa
             "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}
 
 
+def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """For bases of different lengths: the rotation R (ks x kt) that best carries Us onto Ut on
+    their shared leading coordinates (orthogonal Procrustes), and phi measured there."""
+    c = min(Us.shape[0], Ut.shape[0])
+    M = Us[:c].T @ Ut[:c]
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    # phi against the source subspace as it appears on those coordinates (orthonormalised)
+    Q = torch.linalg.qr(Us[:c])[0]
+    overlap = Q.T @ Ut[:c]
+    return U @ Vh, float((overlap.double() ** 2).sum()) / max(1, min(overlap.shape))
+
+
+def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, tau: float,
+                          rank: RankSpec, r_in: int) -> LayerMath:
+    """LoRA-X's least-squares map for a target weight of another shape (METHOD.md, "Different
+    widths"): dW_t = P_L dW_s P_R^T with P = argmin ||P U_s - U_t||, i.e. P_L = U_t R_L^T U_s^T,
+    where R_L pairs the two k-dim subspaces through the coordinates both widths share (the
+    leading channels). Only the subspace part moves (no complement: it has no counterpart).
+    Refused when the subspaces disagree on those coordinates (min phi < tau)."""
+    RL, pl = _shared_rotation(src.U, tgt.U)
+    RR, pr = _shared_rotation(src.V, tgt.V)
+    common = dict(k=src.k, gap=src.gap(), phi_left=pl, phi_right=pr)
+    worst = min(pl, pr)
+    shapes = f"{B.shape[0]}x{A.shape[1]} -> {tgt.U.shape[0]}x{tgt.V.shape[0]}"
+    if worst < tau:
+        return LayerMath(None, None, False, f"widths differ ({shapes}) and on their shared coordinates "
+                         f"min(phi)={worst:.3f} < tau={tau:g}: a least-squares map would be meaningless", **common)
+    up = tgt.U @ (RL.T @ (src.U.T @ B))
+    down = ((A @ src.V) @ RR) @ tgt.V.T
+    retained = None
+    out_rank = rank.target(r_in, up.shape[1])
+    if out_rank < up.shape[1]:
+        up, down, retained = compress(up, down, out_rank)
+    return LayerMath(up, down, True, f"transferred across widths ({shapes}, least-squares map)",
+                     retained_energy=retained, **common)
+
+
 def transfer_layer(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, method: str,
                    tau: float, rank: RankSpec, r_in: int, project=None) -> LayerMath:
     """Transfer one LoRA layer. B (m x r) has the scale folded in, A is (r x n); src and tgt

@@ -47,6 +47,7 @@ class TransferOptions:
     alpha: str = "keep"  # keep: the input's alpha/r convention; rank: alpha = output rank (scale 1)
     skipped: str = "drop"  # what a layer below tau gets: drop (no adapter) or copy (the input's)
     match: str = "auto"  # layer matching: name, similarity, or auto (similarity where depths differ)
+    widths: str = "refuse"  # a target weight of another shape: refuse (skip it) or lstsq (LoRA-X's map)
     device: str = "cpu"
     backends: dict[str, str] = field(default_factory=dict)  # op name -> backend override
     max_memory: int | None = None  # host memory budget in bytes (None: 2 GiB or half the available memory)
@@ -68,6 +69,8 @@ class TransferOptions:
             raise OptionError(f"alpha {self.alpha!r}: choose keep or rank")
         if self.match not in ("name", "similarity", "auto"):
             raise OptionError(f"match {self.match!r}: choose name, similarity or auto")
+        if self.widths not in ("refuse", "lstsq"):
+            raise OptionError(f"widths {self.widths!r}: choose refuse or lstsq")
         if self.skipped not in ("drop", "copy"):
             raise OptionError(f"skipped {self.skipped!r}: choose drop or copy")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -82,4 +85,5 @@ class TransferOptions:
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""
         return {"method": self.method, "subspace": str(self.subspace), "tau": f"{self.tau:g}",
-                "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped, "match": self.match}
+                "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped, "match": self.match,
+                **({"widths": self.widths} if self.widths != "refuse" else {})}

@@ -26,6 +26,11 @@ class LayerJob:
     out_key: str  # module key spelled for the output format
     shape: tuple[int, ...]  # the base weight's shape (out, in) or (out, in, kh, kw)
     lora: LoraModule
+    target_shape: tuple[int, ...] | None = None  # set when the target weight has another shape
+
+    @property
+    def widths_differ(self) -> bool:
+        return self.target_shape is not None and self.target_shape != self.shape
 
 
 @dataclass
@@ -119,10 +124,11 @@ def check_families(source: BaseModel, target: BaseModel) -> None:
 
 
 def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None,
-               mapping: dict[str, str | None] | None = None) -> Plan:
+               mapping: dict[str, str | None] | None = None, widths: str = "refuse") -> Plan:
     """Resolve every LoRA module in the source, check shapes, find its target counterpart: the
     same canonical module, or `mapping[module]` where layers were matched by similarity (None:
-    the block was removed in the target)."""
+    the block was removed in the target). A target weight of another shape is skipped, or with
+    widths="lstsq" given a job for LoRA-X's least-squares map (same kernel size only)."""
     out_format = out_format or lora.format
     _check_format(out_format, target)
     warnings: list[str] = []
@@ -171,12 +177,15 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
                 skipped.append(Skip(key, module, shape, "no counterpart in the target model" +
                                     (f": {hint}; dropped" if hint else "")))
                 continue
-            if tw.shape != shape:
-                skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}"))
+            if tw.shape != shape and (widths != "lstsq" or len(tw.shape) != len(shape) or tw.shape[2:] != shape[2:]):
+                hint = "; --widths lstsq maps it by LoRA-X's least-squares map" if widths != "lstsq" and \
+                    len(tw.shape) == len(shape) and tw.shape[2:] == shape[2:] else ""
+                skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}{hint}"))
                 continue
             out_key, why = _out_key(target, tmodule, _out_spelling(lora.format, out_format, spelling, target))
             if out_key is None:
                 skipped.append(Skip(key, module, shape, f"{out_format} output: {why}"))
                 continue
-            jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm))
+            jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm,
+                                 tuple(tw.shape) if tw.shape != shape else None))
     return Plan(jobs, skipped, out_format, warnings)

@@ -46,7 +46,8 @@ def _targets(src: BaseModel, tgt: BaseModel, loras: list[Path], opts: TransferOp
             if keys in seen:
                 continue
             lf = read_lora(path)
-            plan = build_plan(lf, src, tgt, lf.format if opts.format == "same" else opts.format, mapping)
+            plan = build_plan(lf, src, tgt, lf.format if opts.format == "same" else opts.format, mapping,
+                              opts.widths)
         except ProloraError:  # a bad LoRA fails in its worker, with the same message as transfer_many's
             continue
         seen.add(keys)
