@@ -33,6 +33,11 @@ from .ops import phi, truncated_svd
 from .safetensors_io import atomic_path
 
 BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
+# Flux: attention, MLP and output projections of every double and single block (what Flux LoRA
+# trainers adapt by default); q, k, v and the MLP input are row slices of BFL's fused weights
+FLUX_LINEAR = re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
+                         r"add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
+                         r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$")
 
 
 @dataclass
@@ -79,11 +84,17 @@ def _median_time(fn, repeats: int) -> float:
 
 def prepare(cfg: BenchConfig) -> dict[str, Path]:
     """Source and target checkpoints (single-file) and the LoRAs; reused when already there."""
-    from .synthetic import ModelConfig, preset, shrink, write_model
+    from .synthetic import flux_config, preset, shrink, write_model
 
     cfg.folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
-    model_cfg: ModelConfig = shrink(preset(cfg.family), cfg.width, cfg.depth)
+    if cfg.family == "flux":  # FLUX.1-dev: width 1 is the real 3072, anything less the small preset (384)
+        base = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small")
+        model_cfg = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small",
+                                blocks=(max(1, round(base.num_layers * cfg.depth)),
+                                        max(1, round(base.num_single_layers * cfg.depth))))
+    else:
+        model_cfg = shrink(preset(cfg.family), cfg.width, cfg.depth)
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
@@ -93,7 +104,7 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
         write_model(tgt, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, base=src)
     loras = []
     with open_model(src) as m:
-        modules = [name for name in m.weights if BLOCK_LINEAR.match(name)]
+        modules = [name for name in m.weights if (FLUX_LINEAR if cfg.family == "flux" else BLOCK_LINEAR).match(name)]
         for i in range(max(cfg.loras, 1)):
             p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
             if not p.exists():
@@ -103,16 +114,18 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
 
 
 def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> None:
-    """A kohya LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2)."""
+    """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2): kohya for UNet
+    models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for Flux."""
     g = torch.Generator().manual_seed(seed)
     mods = {}
+    fmt = "peft" if model.family == "flux" else "kohya"
     for name in modules:
         out, inp = model.weights[name].shape[:2]
-        key = model.spell(name, model.kohya_spelling)
+        key = model.spell(name, "peft" if fmt == "peft" else model.kohya_spelling)
         down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
         up = torch.randn(out, rank, generator=g) * (0.1 / math.sqrt(rank))
         mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
-    write_lora(path, LoraFile("kohya", mods, {"ss_network_dim": str(rank)}, torch.float16), "kohya")
+    write_lora(path, LoraFile(fmt, mods, {"ss_network_dim": str(rank)}, torch.float16), fmt)
 
 
 # ----------------------------------------------------------------------------- per shape

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="list every op's backends, available or not, and why")
 
     b = sub.add_parser("bench", help="measure the reference and the fast path side by side on synthetic models")
-    b.add_argument("--family", default="sdxl", choices=("sd15", "sdxl", "ssd-1b"))
+    b.add_argument("--family", default="sdxl", choices=("sd15", "sdxl", "ssd-1b", "flux"),
+                   help="model shape (flux: FLUX.1-dev, bf16; default %(default)s)")
     b.add_argument("--width", type=float, default=1.0, help="channel scale (1.0: real layer shapes)")
     b.add_argument("--depth", type=float, default=1.0, help="transformer-block scale (1.0: every block)")
     b.add_argument("--dir", default="prolora-bench", help="where models, LoRAs and the cache go (reused)")
@@ -389,11 +390,14 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    import torch
+
     from .bench import BenchConfig, run, table
 
     cfg = BenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), loras=a.loras, rank=a.rank,
                       subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
-                      skip_reference=a.skip_reference)
+                      skip_reference=a.skip_reference,
+                      dtype=torch.bfloat16 if a.family == "flux" else torch.float16)
     print(table(run(cfg, Path(a.json) if a.json else None)))
     return 0
 
