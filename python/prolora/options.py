@@ -10,8 +10,9 @@ from .lora import FORMATS
 from .method import KMode, RankSpec
 from .ops import METHODS
 
-# Provisional defaults (see README, "Defaults"): prolora-full is exact when the two models share
-# their subspaces and keeps the LoRA's rank; energy:0.9 is the CASA rule; tau 0.8 is the paper's.
+# Defaults set from the quality benchmark (benchmarks/quality/RESULTS.md; README, "Defaults and the
+# evidence"): prolora-full is exact when the two models share their subspaces and keeps the LoRA's
+# rank; no k mode scored better than energy:0.9 (the CASA rule); tau 0.8 is the paper's.
 DEFAULT_METHOD = "prolora-full"
 DEFAULT_SUBSPACE = "energy:0.9"
 DEFAULT_TAU = 0.8
