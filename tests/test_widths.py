@@ -72,9 +72,11 @@ def narrow(tmp_path_factory):
     sd = load_file(str(src))
     pruned = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     unrelated = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    narrowest = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"
     m, n = sd[pruned].shape
     sd[pruned] = sd[pruned][: m - 4, : n - 4].clone()
     sd[unrelated] = spectral_weight(m - 4, n - 4, seed=9).to(sd[unrelated].dtype)
+    sd[narrowest] = sd[narrowest][:8, :8].clone()  # fewer channels than the source's k
     save_file(sd, str(d / "target.safetensors"))
     lora_path = write_lora(src, d / "lora.safetensors", format="kohya", rank=4, targets="attn")
     return {"dir": d, "source": src, "target": d / "target.safetensors", "lora": lora_path, "shape": (m, n)}
@@ -108,6 +110,13 @@ def test_lstsq_maps_the_pruned_layer_and_refuses_the_unrelated_one(narrow, tmp_p
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert lf.modules[key].up.shape == (m - 4, 4) and lf.modules[key].down.shape == (4, n - 4)
     assert lf.metadata["prolora.widths"] == "lstsq"
+
+
+def test_target_narrower_than_the_source_k(narrow):
+    res = prolora.transfer(narrow["source"], narrow["target"], narrow["lora"], widths="lstsq", tau=0.0, cache=False)
+    row = _rows(res)["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"]
+    assert row.transferred and row.k > 8  # the source's k; the target contributes all 8 of its directions
+    assert res.lora.modules[row.target_key].up.shape[0] == 8
 
 
 def test_cli_flag(narrow, tmp_path, capsys):

@@ -173,7 +173,8 @@ class BasisProvider:
         need: dict[str, torch.Tensor] = {}
         ks: dict[str, int] = {}
         for m, p in pre.items():
-            t, k = p.target, min(src[m].k, *self._flat_shape(self.target, p.target))  # narrower target: fewer
+            # k as the source's, or all a narrower target has (--widths lstsq)
+            t, k = p.target, min(src[m].k, *self._flat_shape(self.target, p.target))
             ks[t] = max(ks.get(t, 0), k)
             if p.Wt is None and p.tgt_stored_k >= k:
                 hit = self.cache.get(self.target.identity(), t, self._flat_shape(self.target, t), k, self.dtype)
@@ -182,7 +183,7 @@ class BasisProvider:
                     continue
             need[t] = p.Wt if p.Wt is not None else self._read(self.target, t)
         tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}))
-        return {m: (src[m], tgt[p.target].truncate(src[m].k)) for m, p in pre.items()}
+        return {m: (src[m], tgt[p.target].truncate(min(src[m].k, tgt[p.target].k))) for m, p in pre.items()}
 
     def basis_of(self, side: str, module: str, k: int | None = None) -> Basis:
         """One basis: the source module at its own k (k=None), or any module at a given k."""

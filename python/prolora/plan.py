@@ -177,9 +177,9 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
                 skipped.append(Skip(key, module, shape, "no counterpart in the target model" +
                                     (f": {hint}; dropped" if hint else "")))
                 continue
-            if tw.shape != shape and (widths != "lstsq" or len(tw.shape) != len(shape) or tw.shape[2:] != shape[2:]):
-                hint = "; --widths lstsq maps it by LoRA-X's least-squares map" if widths != "lstsq" and \
-                    len(tw.shape) == len(shape) and tw.shape[2:] == shape[2:] else ""
+            same_kernel = len(tw.shape) == len(shape) and tw.shape[2:] == shape[2:]
+            if tw.shape != shape and not (widths == "lstsq" and same_kernel):
+                hint = "; --widths lstsq maps it by LoRA-X's least-squares map" if same_kernel else ""
                 skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}{hint}"))
                 continue
             out_key, why = _out_key(target, tmodule, _out_spelling(lora.format, out_format, spelling, target))
