@@ -131,7 +131,8 @@ def test_null_space_similarity_matches_explicit_complements():
     p = phi(Fs.U[:, :k], Ft.U[:, :k])
     explicit = float((Us_full[:, k:].T @ Ut_full[:, k:]).norm() ** 2 / (m - k))
     assert phi_null(p, m, k) == pytest.approx(explicit, abs=1e-10)
-    sims = similarity(Fs.truncate(k), Ft.truncate(k), (m, n))
+    sims = similarity(Fs.truncate(k), Ft.truncate(k), (m, n)).sims
+    assert sims["phi_left"] == pytest.approx(p, abs=1e-12)
     Vs_full, Vt_full = torch.linalg.svd(Ws)[2].T, torch.linalg.svd(Wt)[2].T
     explicit_r = float((Vs_full[:, k:].T @ Vt_full[:, k:]).norm() ** 2 / (n - k))
     assert sims["phi_null_right"] == pytest.approx(explicit_r, abs=1e-10)

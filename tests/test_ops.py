@@ -71,3 +71,12 @@ def test_fast_projection_matches_reference():
         assert u1.dtype == torch.float32
         exact = u0 @ d0
         assert float((u1.double() @ d1.double() - exact).norm() / exact.norm()) < 1e-5
+        # with the cross products the similarity gate formed (Ut^T Us, Vt^T Vs): same result
+        cross = (Ut.double().T @ Us.double(), Vt.double().T @ Vs.double())
+        for fn, tol in ((project_lora.reference.fn, 1e-12), (fast, 1e-5)):
+            u2, d2 = fn(B, A, Us, Vs, Ut, Vt, method, cross=cross)
+            assert float((u2.double() @ d2.double() - exact).norm() / exact.norm()) < tol, (method, fn)
+            if method != "prolora-full":  # the parts themselves, not only their product
+                u3, d3 = fn(B, A, Us, Vs, Ut, Vt, method)
+                assert torch.allclose(u2.double(), u3.double(), atol=tol * 10) and \
+                    torch.allclose(d2.double(), d3.double(), atol=tol * 10)

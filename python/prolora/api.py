@@ -331,7 +331,7 @@ def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
         for chunk in engine.chunks(names):
             for m, (sb, tb) in provider.bases(provider.prefetch(chunk)).items():
                 shape = src.weights[m].shape
-                sims = layer_similarity(sb, tb, (shape[0], math.prod(shape[1:])))
+                sims = layer_similarity(sb, tb, (shape[0], math.prod(shape[1:]))).sims
                 ok = min(sims["phi_left"], sims["phi_right"]) >= tau
                 records.append(LayerRecord(m, m, m, shape, ok, "above tau" if ok else "below tau", k=sb.k,
                                            gap=sb.gap(), **sims))

@@ -21,7 +21,7 @@ import torch
 from .cache import BasisCache
 from .checkpoints import BaseModel
 from .lora import LoraFile, LoraModule
-from .method import LayerMath, transfer_layer, transfer_layer_widths
+from .method import LayerMath, Similarity, similarity, transfer_layer, transfer_layer_widths
 from .ops import Basis, project_lora, truncated_svd
 from .ops.registry import Op, Problem, override_for
 from .options import TransferOptions
@@ -68,6 +68,17 @@ def module_bytes(shape: tuple[int, ...], raw_itemsize: int, weights: int) -> int
     per_weight = m * n * (raw_itemsize + 4) + 3 * 4 * d * d
     bases = 2 * 4 * (m + n) * d
     return weights * per_weight + bases
+
+
+def output_bytes(job: LayerJob, opts: TransferOptions) -> int:
+    """The float32 factors one job's result holds until its LoRA is written."""
+    r = job.lora.rank
+    if opts.rank.kind == "2r" and opts.method == "prolora":
+        r *= 2
+    elif opts.rank.kind == "fixed":
+        r = min(r * 2, opts.rank.value)
+    shape = job.target_shape or job.shape
+    return 4 * r * (shape[0] + math.prod(shape[1:]))
 
 
 # ----------------------------------------------------------------------------- bases
@@ -239,7 +250,7 @@ def _copied(job: LayerJob) -> LoraModule:
 
 
 def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferOptions,
-            project=None) -> JobResult:
+            project=None, shared: Similarity | None = None) -> JobResult:
     """One LoRA module through the method (no bases needed for `copy`)."""
     t0 = time.perf_counter()
     lm = job.lora
@@ -257,7 +268,7 @@ def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferO
         res = transfer_layer_widths(B, A, src, tgt, tau=opts.tau, rank=opts.rank, r_in=lm.rank)
     else:
         res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=lm.rank,
-                             project=project)
+                             project=project, shared=shared)
     if res.transferred:
         res.up, res.down = res.up.cpu(), res.down.cpu()
         out = _folded_module(job, res)
@@ -329,15 +340,17 @@ class Engine:
         self.progress = progress
         self.stats = EngineStats()
 
-    def chunks(self, modules: list[str]) -> list[list[str]]:
-        """Consecutive modules whose working memory fits the budget (at least one per chunk)."""
+    def chunks(self, modules: list[str], reserve: int = 0) -> list[list[str]]:
+        """Consecutive modules whose working memory fits the budget (at least one per chunk).
+        `reserve`: bytes that will become resident during the run (the outputs held until their
+        LoRA is complete)."""
         budget, gpu = self.opts.max_memory, self.opts.max_gpu_memory
         if budget is None:
             budget = default_budget()
         # the chunk computing plus the next one's raw weights in flight, over what is resident now
         limits = []
         if budget is not None:
-            limits.append(max(budget - current_rss(), 0) / 1.5)
+            limits.append(max(budget - current_rss() - reserve, 0) / 1.5)
         if gpu is not None and self.opts.device.startswith("cuda"):
             limits.append(gpu / 1.5)
         avail = min(limits) if limits else float("inf")
@@ -380,7 +393,7 @@ class Engine:
         project = provider.project_choice.backend.fn
         self.stats.backends = {"truncated_svd": provider.svd_choice.backend.name,
                                "project_lora": provider.project_choice.backend.name}
-        chunks = self.chunks(order)
+        chunks = self.chunks(order, sum(output_bytes(job, self.opts) for t in tasks for job in t.plan.jobs))
         self.stats.chunks = len(chunks)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool:
             ahead: Future | None = pool.submit(provider.prefetch, chunks[0], targets) if chunks else None
@@ -407,11 +420,14 @@ class Engine:
         return self.stats
 
     def _apply(self, module: str, items, src, tgt, on_done, project=None) -> None:
+        shared = None  # the module's similarity, formed once for all the LoRAs on it
         for task, job in items:
             if task.error is not None:
                 continue
             try:
-                task.results.append(run_job(job, src, tgt, self.opts, project))
+                if shared is None and src is not None and not job.widths_differ:
+                    shared = similarity(src, tgt, (job.shape[0], math.prod(job.shape[1:])))
+                task.results.append(run_job(job, src, tgt, self.opts, project, shared))
             except Exception as e:  # one LoRA's failure must not stop the others
                 task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
             if task.done:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import OptionError
-from .ops import Basis, phi, phi_null, project_lora, small_svd
+from .ops import Basis, phi_null, project_lora, small_svd
 from .ops.small_svd import problem_for as small_svd_problem
 from .ops.projection import METHODS
 
@@ -130,13 +130,23 @@ class LayerMath:
     retained_energy: float | None = None
 
 
-def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> dict[str, float | None]:
-    """phi on both sides and the null-space similarities derived from them (no extra SVD)."""
+@dataclass
+class Similarity:
+    """One module's source-target similarity, shared by every LoRA on it: phi on both sides, the
+    null-space similarities derived from them (no extra SVD), and the cross products
+    (Ut^T Us, Vt^T Vs) they come from, which the projection reuses."""
+
+    sims: dict[str, float | None]
+    cross: tuple[torch.Tensor, torch.Tensor]
+
+
+def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
     m, n = shape
     k = src.k
-    pl, pr = phi(src.U, tgt.U), phi(src.V, tgt.V)
-    return {"phi_left": pl, "phi_right": pr,
-            "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}
+    Ml, Mr = tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)
+    pl, pr = (float((M.double() ** 2).sum() / k) if k else 1.0 for M in (Ml, Mr))
+    return Similarity({"phi_left": pl, "phi_right": pr,
+                       "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr))
 
 
 def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -177,18 +187,21 @@ def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Bas
 
 
 def transfer_layer(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, method: str,
-                   tau: float, rank: RankSpec, r_in: int, project=None) -> LayerMath:
+                   tau: float, rank: RankSpec, r_in: int, project=None,
+                   shared: Similarity | None = None) -> LayerMath:
     """Transfer one LoRA layer. B (m x r) has the scale folded in, A is (r x n); src and tgt
-    are the source and target bases at the same k. `project` is a project_lora backend."""
+    are the source and target bases at the same k. `project` is a project_lora backend;
+    `shared` is similarity(src, tgt) when the caller has it (one per module for many LoRAs)."""
     if method not in METHODS or method == "copy":
         raise OptionError(f"transfer_layer: method {method!r} (copy needs no bases)")
-    sims = similarity(src, tgt, (B.shape[0], A.shape[1]))
+    shared = shared or similarity(src, tgt, (B.shape[0], A.shape[1]))
+    sims = shared.sims
     common = dict(k=src.k, gap=src.gap(), **sims)
     worst = min(sims["phi_left"], sims["phi_right"])
     if worst < tau:
         return LayerMath(None, None, False, f"min(phi)={worst:.3f} < tau={tau:g}", **common)
     project = project or project_lora.reference.fn
-    up, down = project(B, A, src.U, src.V, tgt.U, tgt.V, method)
+    up, down = project(B, A, src.U, src.V, tgt.U, tgt.V, method, cross=shared.cross)
     out_rank = rank.target(r_in, up.shape[1])
     retained = None
     if out_rank < up.shape[1]:

@@ -71,9 +71,10 @@ def _float32_only(dtype: torch.dtype | None, what: str) -> None:
 
 
 @project_lora.register("triton", priority=20, check=_check("project_lora", "triton"), available=triton_missing)
-def _project_triton(B, A, Us, Vs, Ut, Vt, method: str, dtype: torch.dtype | None = None):
+def _project_triton(B, A, Us, Vs, Ut, Vt, method: str, dtype: torch.dtype | None = None, cross=None):
     """Fused low-rank projection: [P_Ut P_Us B | Q_Ut Q_Us B] and the A side in O((m+n) k r),
-    float32 accumulation and outputs from float16/bfloat16/float32 inputs."""
+    float32 accumulation and outputs from float16/bfloat16/float32 inputs. `cross` is not used:
+    the kernel fuses the thin products instead."""
     _float32_only(dtype, "project_lora/triton")
     from ..kernels.projection import project
 
