@@ -134,22 +134,10 @@ class LayerMath:
 class Similarity:
     """One module's source-target similarity, shared by every LoRA on it: phi on both sides, the
     null-space similarities derived from them (no extra SVD), and the cross products
-    (Ut^T Us, Vt^T Vs) they come from, which the projection reuses with the joint bases."""
+    (Ut^T Us, Vt^T Vs) they come from, which the projection reuses."""
 
     sims: dict[str, float | None]
-    products: tuple[torch.Tensor, torch.Tensor]
-    src: Basis
-    tgt: Basis
-    _joint: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def cross(self) -> tuple[torch.Tensor, ...]:
-        """(Ut^T Us, Vt^T Vs, [Us | Ut], [Vs | Vt]) for project_lora; the joint bases are
-        formed on first use and kept for the next LoRA on the module."""
-        if self._joint is None:
-            s, t = self.src, self.tgt
-            self._joint = (torch.cat([s.U.to(t.U.dtype), t.U], 1), torch.cat([s.V.to(t.V.dtype), t.V], 1))
-        return (*self.products, *self._joint)
+    cross: tuple[torch.Tensor, torch.Tensor]
 
 
 def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
@@ -158,7 +146,7 @@ def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
     Ml, Mr = tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)
     pl, pr = (float((M.double() ** 2).sum() / k) if k else 1.0 for M in (Ml, Mr))
     return Similarity({"phi_left": pl, "phi_right": pr,
-                       "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr), src, tgt)
+                       "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr))
 
 
 def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, float]:
