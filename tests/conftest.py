@@ -21,6 +21,18 @@ except ImportError:
 os.environ["PROLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="prolora-test-cache-")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster, and 20-30x faster than two on a busy 2-core box.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def sdxl_pair(tmp_path_factory):
     """A tiny SDXL-shaped source (single file) and target (diffusers folder), plus LoRAs."""

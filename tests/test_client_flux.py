@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -32,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from safetensors import safe_open  # noqa: E402
 
 import prolora  # noqa: E402
 from prolora.checkpoints.flux import bfl_file_plan  # noqa: E402
@@ -40,20 +38,14 @@ from prolora.formats import read_lora, write_lora  # noqa: E402
 from prolora.lora import LoraFile  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 from prolora.synthetic import write_lora as synth_lora  # noqa: E402
+from test_client_diffusers import _peft_value, _read  # noqa: E402
+from test_flux import H, MLP, TINY  # noqa: E402
 
 ADAPTER = "prolora_out"
-CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
-              num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True,
-              axes_dims_rope=(4, 6, 6))
-H, MLP = 32, 128
+CONFIG = TINY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet():
@@ -175,18 +167,6 @@ def bfl_table(n_double: int, n_single: int, h: int, mlp: int) -> dict[str, list[
         t[f"{bfl}.in_layer"] = [(f"time_text_embed.{emb}_embedder.linear_1", None)]
         t[f"{bfl}.out_layer"] = [(f"time_text_embed.{emb}_embedder.linear_2", None)]
     return t
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def _peft_value(cfg: dict, field: str, pattern_field: str, name: str):
-    for key, value in (cfg.get(pattern_field) or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return cfg[field]
 
 
 def output_deltas(path: Path, module_names: set[str]) -> dict[str, torch.Tensor]:

@@ -34,12 +34,7 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, att
 H, MLP = 32, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bfl_tensors(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

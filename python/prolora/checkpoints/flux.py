@@ -369,12 +369,7 @@ class FluxModel(BaseModel):
         if self._aliases is not None:
             return self._aliases
         table: dict[str, tuple[str, str]] = {}
-
-        def add(alias: str, module: str, spelling: str) -> None:
-            old = table.get(alias)
-            if old is not None and old[0] != module:
-                raise ModelError(f"{self.path}: LoRA key '{alias}' would name both '{old[0]}' and '{module}'")
-            table[alias] = (module, spelling)
+        add = self._alias_adder(table)
 
         others = {m: r for m, r in self.weights.items() if m.partition(".")[0] not in (COMPONENT, T5)}
         if others:  # text encoders: the UNet models' table over those weights only

@@ -150,16 +150,20 @@ class BaseModel:
             return ("lora_te1_" if self._two_encoders() else "lora_te_") + _flat(path)
         return f"text_encoders.{self._comfy_clip(component)}.transformer.{path}"
 
-    def _alias_table(self) -> dict[str, tuple[str, str]]:
-        if self._aliases is not None:
-            return self._aliases
-        table: dict[str, tuple[str, str]] = {}
-
+    def _alias_adder(self, table: dict[str, tuple[str, str]]):
+        """add(alias, module, spelling) into `table`, refusing an alias that would name two modules."""
         def add(alias: str, module: str, spelling: str) -> None:
             old = table.get(alias)
             if old is not None and old[0] != module:
                 raise ModelError(f"{self.path}: LoRA key '{alias}' would name both '{old[0]}' and '{module}'")
             table[alias] = (module, spelling)
+        return add
+
+    def _alias_table(self) -> dict[str, tuple[str, str]]:
+        if self._aliases is not None:
+            return self._aliases
+        table: dict[str, tuple[str, str]] = {}
+        add = self._alias_adder(table)
 
         for module in self.weights:
             component, _, path = module.partition(".")
