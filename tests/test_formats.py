@@ -796,3 +796,21 @@ def test_diffusers_cannot_load_comfy_files_for_sd_pipelines(tmp_path, tiny):
                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     StableDiffusionXLPipeline.load_lora_into_unet(dict(sd), alphas, fresh, adapter_name="c", metadata=meta)
     assert getattr(fresh, "peft_config", None) is None  # nothing was attached
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_by_one_reduction(dtype):
+    """The sum-based check: the largest finite values pass (no overflow of the accumulator), and
+    any NaN or Inf, or an Inf and a -Inf together, is caught."""
+    from prolora.formats.common import all_finite
+
+    assert all_finite(torch.full((100, 16), torch.finfo(dtype).max, dtype=dtype))
+    assert all_finite(torch.full((100, 16), torch.finfo(dtype).min, dtype=dtype))
+    assert all_finite(torch.empty(0, 4, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(7, 5).to(dtype)
+        t[3, 2] = bad
+        assert not all_finite(t)
+    t = torch.randn(7, 5).to(dtype)
+    t[0, 0], t[1, 1] = float("inf"), float("-inf")
+    assert not all_finite(t)

@@ -194,7 +194,8 @@ class BasisProvider:
                     continue
             need[t] = p.Wt if p.Wt is not None else self._read(self.target, t)
         tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}))
-        return {m: (src[m], tgt[p.target].truncate(min(src[m].k, tgt[p.target].k))) for m, p in pre.items()}
+        return {m: (src[m].columns(), tgt[p.target].truncate(min(src[m].k, tgt[p.target].k)).columns())
+                for m, p in pre.items()}
 
     def basis_of(self, side: str, module: str, k: int | None = None) -> Basis:
         """One basis: the source module at its own k (k=None), or any module at a given k."""

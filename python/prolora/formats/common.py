@@ -5,6 +5,7 @@ Every error names the file and the offending key, on one line.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -37,11 +38,16 @@ class Collector:
 
 
 def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. A sum is finite exactly when every term is, and no sum of finite
+    float16 values can overflow float32 (nor of float32/bfloat16 values float64), so one reduction
+    answers it, several times faster than isfinite().all() on every LoRA factor read or written."""
     if not (t.is_floating_point() or t.is_complex()):
         return True
-    if t.dtype.itemsize == 1:  # float8: isfinite is not implemented for every float8 type
+    if t.is_complex() or t.dtype == torch.float64:
+        return bool(torch.isfinite(t).all())
+    if t.dtype.itemsize == 1:  # float8: few kernels exist for float8 types
         t = t.float()
-    return bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum(dtype=torch.float32 if t.dtype == torch.float16 else torch.float64).item())
 
 
 def alpha_value(path: Path | str | None, key: str, t: torch.Tensor) -> float:

@@ -10,25 +10,26 @@ METHODS = ("prolora", "prolora-full", "subspace", "copy")
 project_lora = Op("project_lora", "project a LoRA (B, A) from source to target singular subspaces")
 
 
-def _left(B, Us, Ut, M=None, summed: bool = False):
-    """(B_par, B_perp) = (P_Ut P_Us B, Q_Ut Q_Us B), or their sum when `summed`, as thin
-    products only: O(m k r). M = Ut^T Us (k x k) is O(m k^2) to form, so it is used only when
-    given: the similarity gate has formed it already, once per module for every LoRA, and with it
-    four thin products do instead of six (Ut^T P_Us B = M a, Ut^T Q_Us B = c - M a)."""
-    a = Us.T @ B
+def _rows(X, Us, Ut, M=None, summed: bool = False):
+    """One side of the projection with the factor as rows, X = B^T (r x m) or A (r x n):
+    (X_par, X_perp) = (X P_Us P_Ut, X Q_Us Q_Ut), or their sum when `summed`, as thin products
+    only: O(m k r). Rows, not columns: r x m @ m x k is the layout CPU BLAS runs fastest for these
+    thin shapes, and addmm accumulates in place. M = Ut^T Us (k x k) is O(m k^2) to form, so it is
+    used only when given: the similarity gate has formed it already, once per module for every
+    LoRA, and with it four thin products do instead of six (X P_Us Ut = a M^T, X Q_Us Ut = c - a M^T)."""
+    a = X @ Us
     if M is None:
-        PB = Us @ a
-        B_par = Ut @ (Ut.T @ PB)
-        QB = B - PB
-        B_perp = QB - Ut @ (Ut.T @ QB)
-        return B_par + B_perp if summed else (B_par, B_perp)
-    c = Ut.T @ B
-    Ma = M.to(a.dtype) @ a
-    if summed:  # B_par + B_perp = B - Us a + Ut (2 M a - c)
-        return B - Us @ a + Ut @ (2 * Ma - c)
-    r = B.shape[1]
-    both = Ut @ torch.cat([Ma, c - Ma], dim=1)
-    return both[:, :r], B - Us @ a - both[:, r:]
+        PX = a @ Us.T
+        X_par = (PX @ Ut) @ Ut.T
+        QX = X - PX
+        X_perp = QX - (QX @ Ut) @ Ut.T
+        return X_par + X_perp if summed else (X_par, X_perp)
+    c = X @ Ut
+    aM = a @ M.to(a.dtype).T
+    if summed:  # X_par + X_perp = X - a Us^T + (2 a M^T - c) Ut^T
+        return torch.addmm(X, a, Us.T, alpha=-1).addmm_(aM.mul_(2).sub_(c), Ut.T)
+    X_perp = torch.addmm(X, a, Us.T, alpha=-1).addmm_(c - aM, Ut.T, alpha=-1)
+    return aM @ Ut.T, X_perp
 
 
 @project_lora.register("reference", reference=True)
@@ -50,10 +51,10 @@ def _project_reference(B: torch.Tensor, A: torch.Tensor, Us: torch.Tensor, Vs: t
     B, A, Us, Vs, Ut, Vt = (x.to(dtype) for x in (B, A, Us, Vs, Ut, Vt))
     Ml, Mr = cross if cross is not None else (None, None)
     if method == "prolora-full":
-        return _left(B, Us, Ut, Ml, summed=True), _left(A.T, Vs, Vt, Mr, summed=True).T
-    B_par, B_perp = _left(B, Us, Ut, Ml)
-    At_par, At_perp = _left(A.T, Vs, Vt, Mr)  # the right side is the left side of A^T
-    A_par, A_perp = At_par.T, At_perp.T
+        return _rows(B.T, Us, Ut, Ml, summed=True).T, _rows(A, Vs, Vt, Mr, summed=True)
+    Bt_par, Bt_perp = _rows(B.T, Us, Ut, Ml)
+    B_par, B_perp = Bt_par.T, Bt_perp.T
+    A_par, A_perp = _rows(A, Vs, Vt, Mr)
     if method == "prolora":
         return torch.cat([B_par, B_perp], dim=1), torch.cat([A_par, A_perp], dim=0)
     if method == "subspace":

@@ -37,6 +37,12 @@ class Basis:
             raise ValueError(f"basis holds {self.k} vectors, {k} asked")
         return Basis(self.U[:, :k], self.S, self.V[:, :k], self.energy)
 
+    def columns(self) -> "Basis":
+        """The same basis with U and V column-major (U^T, V^T contiguous): the layout the cache
+        stores and truncation keeps, made the one layout for every source (computed, cached,
+        truncated) so that the thin products give the same bits whichever it came from."""
+        return Basis(_column_major(self.U), self.S, _column_major(self.V), self.energy)
+
     def gap(self) -> float | None:
         """sigma_k / sigma_{k+1}: how well separated the subspace boundary is (None at the end)."""
         k = self.k
@@ -46,6 +52,10 @@ class Basis:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.T.is_contiguous() else t.T.contiguous().T
 
 
 KChooser = Callable[[torch.Tensor, float], int]
