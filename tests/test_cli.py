@@ -134,3 +134,17 @@ def test_errors_are_one_line(sdxl_pair, sd15_pair, tmp_path, case, expect):
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "inspect", tmp_path / "nope.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_bench_without_cache_runs_cold_only(tmp_path, capsys):
+    """`prolora bench --no-cache` (for models whose bases would outgrow the disk): one cold run
+    that stores no bases, the per-shape rows and the accuracy against the float64 reference."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--width", "0.05", "--depth", "0.1", "--dir", str(tmp_path / "b"), "--loras", "1",
+                 "--repeats", "1", "--skip-reference", "--no-cache", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["run"] for r in res["end_to_end"]] == ["fast, cold, no cache written"]
+    assert res["end_to_end"][0]["cache_hits"] == 0 and not (tmp_path / "b" / "cache").exists()
+    assert res["accuracy"]["rel_error_merged_dw"] < 1e-3 and res["accuracy"]["same_gate_decisions"]
+    assert res["targets"]["cold_over_floor"] > 0 and all(r["phi_left_vs_f64"] > 0.999 for r in res["shapes"])
+    assert "fast, cold, no cache written" in capsys.readouterr().out

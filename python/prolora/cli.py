@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-memory", default="2GB")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--skip-reference", action="store_true", help="skip the slow full-SVD end-to-end run")
+    b.add_argument("--no-cache", action="store_true",
+                   help="cold run only, storing no bases (a full-size Flux pair's bases take tens of GB)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     d = sub.add_parser("demo", help="generate a tiny SDXL-shaped pair and a LoRA, transfer it, print the report")
@@ -396,7 +398,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     cfg = BenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), loras=a.loras, rank=a.rank,
                       subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
-                      skip_reference=a.skip_reference,
+                      skip_reference=a.skip_reference, cache=not a.no_cache,
                       dtype=torch.bfloat16 if a.family == "flux" else torch.float16)
     print(table(run(cfg, Path(a.json) if a.json else None)))
     return 0
