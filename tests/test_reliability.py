@@ -629,8 +629,11 @@ def test_odd_names_in_errors_stay_one_line(small, tmp_path, capsys):
 # then waits there, so that the test can deliver a signal at exactly that moment. Nothing else
 # about the run changes.
 DRIVER = r'''
-import sys, threading, time
+import signal, sys, threading, time
 
+# a run started in the background by a non-interactive shell (nohup ... &) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler: give the interrupt its usual meaning
+signal.signal(signal.SIGINT, signal.default_int_handler)
 stage, marker, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 argv = sys.argv[4:]
 state = {"n": 0}
