@@ -11,8 +11,10 @@ from prolora.api import transfer_many
 from prolora.cache import BasisCache
 from prolora.checkpoints import open_model
 from prolora.cli import main
+from prolora.engine import lora_passes
 from prolora.formats import read_lora
 from prolora.ops import truncated_svd
+from prolora.spill import Spill
 
 gram = truncated_svd.backends["gram"].fn
 
@@ -151,6 +153,40 @@ def test_batch_matches_single_transfers_and_survives_a_bad_lora(sdxl_pair, tmp_p
         single = prolora.transfer(sdxl_pair["source"], sdxl_pair["target"], lora, tmp_path / f"s_{lora.name}",
                                   cache=False)
         assert _tensors(single.output) == _tensors(out / lora.name)
+
+
+def test_batch_under_a_small_budget_runs_in_passes_with_the_same_bytes(sdxl_pair, tmp_path):
+    """A budget too small for the batch's LoRAs splits it into passes over the models (the later
+    ones served by the basis cache); every output has the bytes it has from a one-pass batch."""
+    loras = [sdxl_pair["kohya"], sdxl_pair["peft"], sdxl_pair["conv"]]
+    outs = {}
+    for budget in ("1MB", "64GB"):
+        out = tmp_path / budget
+        out.mkdir()
+        batch = transfer_many(sdxl_pair["source"], sdxl_pair["target"], loras, out,
+                              cache_dir=str(tmp_path / "cache"), max_memory=budget)
+        assert not batch.failures and all(r.lora is None and r.output.exists() for r in batch.results)
+        outs[budget] = (batch.stats, {p.name: _tensors(out / p.name) for p in loras})
+    (small, a), (big, b) = outs["1MB"], outs["64GB"]
+    assert small.passes == 3 and big.passes == 1 and a == b
+    assert small.cache_hits > 0 and small.modules == big.modules
+
+
+def test_lora_passes_fill_two_thirds_of_the_spare_memory():
+    assert lora_passes([10, 10, 10, 10, 10], 60) == [[0, 1, 2, 3], [4]]
+    assert lora_passes([50, 10, 10], 60) == [[0], [1, 2]]
+    assert lora_passes([10, 10], -5) == [[0], [1]]  # at least one LoRA per pass
+    assert lora_passes([], 60) == []
+
+
+def test_spill_round_trips_tensors(tmp_path):
+    spill = Spill(str(tmp_path))
+    ts = [torch.randn(7, 3), torch.randn(0, 4), torch.randn(5).to(torch.bfloat16), torch.arange(6).reshape(2, 3)]
+    parked = [spill.put(t) for t in ts]
+    assert [p.shape for p in parked] == [tuple(t.shape) for t in ts]
+    assert all(torch.equal(spill.get(p), t) and spill.get(p).dtype == t.dtype for p, t in zip(parked, ts))
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing is left behind, however the run ends
+    spill.close()
 
 
 def test_budget_changes_chunks_not_results(sdxl_pair, tmp_path):

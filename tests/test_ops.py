@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prolora.method import KMode
-from prolora.ops import phi, project_lora, truncated_svd
+from prolora.ops import phi, project_group, project_lora, truncated_svd
 from prolora.synthetic import _generator, spectral_weight
 
 ref = truncated_svd.reference.fn
@@ -54,6 +54,29 @@ def test_batched_equals_single():
         one = gram(W, k)
         assert b.k == one.k and torch.allclose(b.U.abs(), one.U.abs(), atol=1e-5)
     assert [b.k for b in ref(Ws, ks)] == [10, 20, 48]
+
+
+@pytest.mark.parametrize("method", ["prolora", "prolora-full", "subspace"])
+def test_grouped_projection_is_batch_invariant(method):
+    """project_group stacks the LoRAs of a module: each result has the bits it has alone (the
+    single-LoRA torch backend), whatever its batch mates, their number and its position, and
+    matches the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 96, 72, 40
+    Us, Ut = (torch.linalg.qr(torch.randn(m, k, generator=g))[0] for _ in range(2))
+    Vs, Vt = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for _ in range(2))
+    cross = (Ut.T @ Us, Vt.T @ Vs)
+    loras = [(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)) for r in (8, 4, 8, 8, 8, 16, 8, 4, 8)]
+    alone = [project_lora.backends["torch"].fn(B, A, Us, Vs, Ut, Vt, method, cross=cross) for B, A in loras]
+    for batch in (loras, loras[::-1], loras[2:7], loras[:1]):
+        got = project_group(batch, Us, Vs, Ut, Vt, method, cross=cross)
+        for (B, A), (up, down) in zip(batch, got):
+            i = next(j for j, x in enumerate(loras) if x[0] is B)
+            assert torch.equal(up, alone[i][0]) and torch.equal(down, alone[i][1])
+    for (B, A), (up, down) in zip(loras, alone):
+        u0, d0 = project_lora.reference.fn(B, A, Us, Vs, Ut, Vt, method)
+        exact = u0 @ d0
+        assert float((up.double() @ down.double() - exact).norm() / exact.norm()) < 1e-5
 
 
 def test_fast_projection_matches_reference():

@@ -15,7 +15,8 @@ from .cache import BasisCache
 from .checkpoints import BaseModel, open_model
 from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
-from .engine import BasisProvider, Engine, EngineStats, LoraTask, finalize, record
+from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, default_budget, finalize,
+                     lora_passes, record)
 from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
                      OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
@@ -36,7 +37,7 @@ ProgressFactory = Callable[[int, str], Progress]
 
 @dataclass
 class TransferResult:
-    lora: LoraFile  # the transferred LoRA, in the output format and spelling
+    lora: LoraFile | None  # the transferred LoRA, in the output format and spelling (None in a batch: see output)
     report: Report
     output: Path | None  # where it was written (None when not asked to write)
 
@@ -174,7 +175,8 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
 def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOptions,
          progress: ProgressFactory | None, strict: bool,
          on_result: Callable[[TransferResult | Failure], None] | None = None) -> BatchResult:
-    """Plan every LoRA, run them all in one pass over the models, write each when complete.
+    """Plan every LoRA, run them in passes over the models (as many LoRAs per pass as the memory
+    budget holds: usually one pass), write each when complete.
     strict: raise the first failure (single transfers); else collect failures (batches)."""
     t0 = time.perf_counter()
     results: list[TransferResult] = []
@@ -194,19 +196,6 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
         check_families(src, tgt)  # before any similarity work
         cache = _cache(opts)
         mapping, matches = _matching(src, tgt, opts, cache)
-        tasks: list[LoraTask] = []
-        for lora, out in items:
-            name = str(lora.path if isinstance(lora, LoraFile) else lora)
-            try:
-                lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
-                fmt = lf.format if opts.format == "same" else opts.format
-                plan = build_plan(lf, src, tgt, fmt, mapping, opts.widths)
-                if matches:
-                    plan.warnings.append(f"{len(matches)} target transformer blocks matched to source blocks "
-                                         "by subspace similarity (see info.matching)")
-                tasks.append(LoraTask(lf, plan, out))
-            except ProloraError as e:
-                fail(name, e)
 
         def on_done(task: LoraTask) -> None:
             name = str(task.lora.path or "LoRA")
@@ -218,16 +207,50 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
                 return fail(name, e)
             except OSError as e:  # e.g. disk full while writing: this LoRA fails, nothing half-written
                 return fail(name, ProloraError(f"{task.output}: cannot write: {e.strerror or e}"))
+            if not strict and res.output is not None:
+                res.lora = None  # written: a batch of hundreds must not keep every output in memory
             results.append(res)
             if on_result:
                 on_result(res)
 
-        modules = {j.module for t in tasks for j in t.plan.jobs}
-        step = progress(len(modules), "layers") if progress else None
-        engine = Engine(src, tgt, opts, cache, step)
-        stats = engine.run(tasks, on_done)
+        budget = opts.max_memory or default_budget()
+        passes = lora_passes([_resident_bytes(lora) for lora, _ in items], budget - current_rss())
+        stats = EngineStats()
+        for i, group in enumerate(passes):
+            tasks: list[LoraTask] = []
+            for lora, out in (items[j] for j in group):
+                name = str(lora.path if isinstance(lora, LoraFile) else lora)
+                try:
+                    lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+                    fmt = lf.format if opts.format == "same" else opts.format
+                    plan = build_plan(lf, src, tgt, fmt, mapping, opts.widths)
+                    if matches:
+                        plan.warnings.append(f"{len(matches)} target transformer blocks matched to source blocks "
+                                             "by subspace similarity (see info.matching)")
+                    if len(passes) > 1 and cache is None:
+                        plan.warnings.append(f"the batch ran in {len(passes)} passes under the memory budget and "
+                                             "without a basis cache, so every pass computed the bases again")
+                    tasks.append(LoraTask(lf, plan, out))
+                except ProloraError as e:
+                    fail(name, e)
+            modules = {j.module for t in tasks for j in t.plan.jobs}
+            what = "layers" if len(passes) == 1 else f"layers, pass {i + 1}/{len(passes)}"
+            step = progress(len(modules), what) if progress else None
+            stats.add(Engine(src, tgt, opts, cache, step).run(tasks, on_done))
+            del tasks
         stats.matching = [asdict(m) for m in matches]
     return BatchResult(results, failures, stats)
+
+
+def _resident_bytes(lora: Any) -> int:
+    """What reading a LoRA of the batch adds to resident memory: its file size (a LoraFile the
+    caller passed is resident already)."""
+    if isinstance(lora, LoraFile):
+        return 0
+    try:
+        return os.stat(lora).st_size
+    except OSError:
+        return 0  # reading it will fail and say why
 
 
 def _matching(src: BaseModel, tgt: BaseModel, opts: TransferOptions, cache: BasisCache | None):

@@ -229,7 +229,8 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         with _writing(a.report):
             write_batch_json(a.report, res)
     s = res.stats
-    print(f"{len(res.results)} written, {len(res.failures)} failed; {s.modules} layers in {s.chunks} chunks, "
+    passes = f" in {s.passes} passes" if s.passes > 1 else ""
+    print(f"{len(res.results)} written, {len(res.failures)} failed; {s.modules} layers in {s.chunks} chunks{passes}, "
           f"{s.seconds.get('total', 0):.1f} s, peak RSS {s.peak_rss / 2**30:.2f} GiB")
     return 2 if res.failures else 0
 

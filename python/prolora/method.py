@@ -186,12 +186,14 @@ def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Bas
                      retained_energy=retained, **common)
 
 
-def transfer_layer(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, method: str,
+def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, tgt: Basis, *, method: str,
                    tau: float, rank: RankSpec, r_in: int, project=None,
-                   shared: Similarity | None = None) -> LayerMath:
+                   shared: Similarity | None = None, projected=None) -> LayerMath:
     """Transfer one LoRA layer. B (m x r) has the scale folded in, A is (r x n); src and tgt
     are the source and target bases at the same k. `project` is a project_lora backend;
-    `shared` is similarity(src, tgt) when the caller has it (one per module for many LoRAs)."""
+    `shared` is similarity(src, tgt) when the caller has it (one per module for many LoRAs);
+    `projected` is this LoRA's (up, down) when the caller projected many at once (then B and A
+    may be None: with `shared` given they are not read)."""
     if method not in METHODS or method == "copy":
         raise OptionError(f"transfer_layer: method {method!r} (copy needs no bases)")
     shared = shared or similarity(src, tgt, (B.shape[0], A.shape[1]))
@@ -200,8 +202,11 @@ def transfer_layer(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, 
     worst = min(sims["phi_left"], sims["phi_right"])
     if worst < tau:
         return LayerMath(None, None, False, f"min(phi)={worst:.3f} < tau={tau:g}", **common)
-    project = project or project_lora.reference.fn
-    up, down = project(B, A, src.U, src.V, tgt.U, tgt.V, method, cross=shared.cross)
+    if projected is not None:
+        up, down = projected
+    else:
+        project = project or project_lora.reference.fn
+        up, down = project(B, A, src.U, src.V, tgt.U, tgt.V, method, cross=shared.cross)
     out_rank = rank.target(r_in, up.shape[1])
     retained = None
     if out_rank < up.shape[1]:

@@ -1,5 +1,5 @@
 """Operators with a reference implementation and registered fast backends (see registry)."""
-from .projection import METHODS, project_lora
+from .projection import METHODS, project_group, project_lora
 from .registry import Choice, Op, Problem, overrides_from_env, parse_overrides
 from .similarity import phi, phi_null, principal_cosines
 from .small_svd import small_svd
