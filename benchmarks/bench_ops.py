@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prolora.method import KMode
-from prolora.ops import project_lora, truncated_svd
+from prolora.ops import project_group, project_lora, truncated_svd
 from prolora.synthetic import _generator, spectral_weight
 
 SHAPES = [(320, 320), (640, 640), (1280, 1280), (1280, 2048), (5120, 1280)]
@@ -45,3 +45,19 @@ def test_project_lora(benchmark, backend, method):
     benchmark.group = f"project_lora {method} 1280x1280 k640 r16"
     up, down = benchmark(project_lora.backends[backend].fn, B, A, Us, Vs, Ut, Vt, method)
     assert up.shape[0] == m and down.shape[1] == n
+
+
+@pytest.mark.parametrize("loras", [1, 4, 8])
+def test_project_group(benchmark, loras):
+    """The batch path: LoRAs of one module stacked four to a product. Per LoRA, compare with
+    test_project_lora's torch backend (one LoRA, padded to a stack of four)."""
+    g = torch.Generator().manual_seed(0)
+    m = n = 1280
+    k, r = 640, 16
+    Us, Ut = (torch.linalg.qr(torch.randn(m, k, generator=g))[0] for _ in range(2))
+    Vs, Vt = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for _ in range(2))
+    cross = (Ut.T @ Us, Vt.T @ Vs)
+    factors = [(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)) for _ in range(loras)]
+    benchmark.group = "project_group prolora-full 1280x1280 k640 r16"
+    out = benchmark(project_group, factors, Us, Vs, Ut, Vt, "prolora-full", cross=cross)
+    assert len(out) == loras

@@ -172,6 +172,27 @@ def test_batch_under_a_small_budget_runs_in_passes_with_the_same_bytes(sdxl_pair
     assert small.cache_hits > 0 and small.modules == big.modules
 
 
+def test_finished_layers_are_parked_until_their_lora_is_complete(sdxl_pair, tmp_path, monkeypatch):
+    """Every transferred layer but the one completing its LoRA goes to the spill file in the
+    output dtype (memory does not grow with the batch), and the outputs are those of a run
+    that keeps them in memory (alpha=rank waits for every layer, so it parks float32)."""
+    parked = []
+    real_put = Spill.put
+    monkeypatch.setattr(Spill, "put", lambda self, t: parked.append(t.dtype) or real_put(self, t))
+    args = (sdxl_pair["source"], sdxl_pair["target"], sdxl_pair["kohya"])
+    res = prolora.transfer(*args, tmp_path / "a.safetensors", cache=False)
+    made = sum(r.transferred for r in res.report.layers)
+    assert made > 2 and len(parked) == 2 * (made - 1) and set(parked) == {torch.float16}
+    parked.clear()
+    rank = prolora.transfer(*args, tmp_path / "b.safetensors", cache=False, alpha="rank")
+    assert len(parked) == 2 * (made - 1) and set(parked) == {torch.float32}
+    monkeypatch.setattr(Spill, "put", lambda self, t: pytest.fail("parked"))
+    monkeypatch.setattr("prolora.engine.JobResult.park", lambda self, *a: None)
+    held = prolora.transfer(*args, tmp_path / "c.safetensors", cache=False)
+    assert _tensors(res.output) == _tensors(held.output)
+    assert rank.lora.modules.keys() == res.lora.modules.keys()
+
+
 def test_lora_passes_fill_two_thirds_of_the_spare_memory():
     assert lora_passes([10, 10, 10, 10, 10], 60) == [[0, 1, 2, 3], [4]]
     assert lora_passes([50, 10, 10], 60) == [[0], [1, 2]]

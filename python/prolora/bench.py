@@ -46,7 +46,7 @@ class BenchConfig:
     width: float = 1.0  # channel scale (1.0: real layer shapes)
     depth: float = 1.0  # transformer-block scale (1.0: every block)
     folder: Path = Path("prolora-bench")
-    loras: int = 4  # LoRAs in the warm-cache batch
+    loras: int = 8  # LoRAs in the warm-cache batch (two stacks of the grouped projection)
     rank: int = 16
     subspace: str = "energy:0.9"
     max_memory: str = "2GB"

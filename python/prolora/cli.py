@@ -27,6 +27,8 @@ def _progress_factory(quiet: bool):
     bars = []
 
     def factory(total: int, desc: str):
+        for b in bars:  # stages run one after another (matching, then each pass): one bar at a time
+            b.close()
         bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)
         bars.append(bar)
         return bar.update
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=float, default=1.0, help="channel scale (1.0: real layer shapes)")
     b.add_argument("--depth", type=float, default=1.0, help="transformer-block scale (1.0: every block)")
     b.add_argument("--dir", default="prolora-bench", help="where models, LoRAs and the cache go (reused)")
-    b.add_argument("--loras", type=int, default=4, help="LoRAs in the warm-cache batch (default %(default)s)")
+    b.add_argument("--loras", type=int, default=8, help="LoRAs in the warm-cache batch (default %(default)s)")
     b.add_argument("--rank", type=int, default=16)
     b.add_argument("--subspace", default=DEFAULT_SUBSPACE)
     b.add_argument("--max-memory", default="2GB")
