@@ -166,6 +166,7 @@ def test_batch_under_a_small_budget_runs_in_passes_with_the_same_bytes(sdxl_pair
         batch = transfer_many(sdxl_pair["source"], sdxl_pair["target"], loras, out,
                               cache_dir=str(tmp_path / "cache"), max_memory=budget)
         assert not batch.failures and all(r.lora is None and r.output.exists() for r in batch.results)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in loras)  # the spill left nothing
         outs[budget] = (batch.stats, {p.name: _tensors(out / p.name) for p in loras})
     (small, a), (big, b) = outs["1MB"], outs["64GB"]
     assert small.passes == 3 and big.passes == 1 and a == b

@@ -423,6 +423,16 @@ class EngineStats:
         self.passes += 1
 
 
+class _CannotPark(Exception):
+    pass
+
+
+def _spill_folder(tasks: list[LoraTask]) -> str | None:
+    """Where finished layers wait: beside the outputs (a disk with room for them; /tmp may be
+    RAM-backed tmpfs), else the system's temporary folder."""
+    return next((str(t.output.parent) for t in tasks if t.output is not None), None)
+
+
 class Engine:
     """Streams the modules of many LoRA tasks through bases and the method under a memory budget."""
 
@@ -487,7 +497,8 @@ class Engine:
         chunks = self.chunks(order)
         self.stats.chunks = len(chunks)
         budget = self.opts.max_memory or default_budget()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool, _closing(Spill()) as spill:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool, \
+                _closing(Spill(_spill_folder(tasks))) as spill:
             ahead: Future | None = pool.submit(provider.prefetch, chunks[0], targets) if chunks else None
             for i, chunk in enumerate(chunks):
                 pre = ahead.result()
@@ -541,8 +552,13 @@ class Engine:
                         projected = self._projected(items, src, tgt, shared)
                 res = run_job(job, src, tgt, self.opts, project, shared, projected.pop(n, None))
                 if spill is not None and len(task.results) + 1 < len(task.plan.jobs):
-                    res.park(spill, self.opts, task.lora.dtype)  # a result completing its task is used at once
+                    try:  # a result completing its task is used at once
+                        res.park(spill, self.opts, task.lora.dtype)
+                    except OSError as e:  # the spill lies beside the outputs: a full disk there
+                        raise _CannotPark(f"{task.output or 'spill file'}: cannot write: {e.strerror or e}") from e
                 task.results.append(res)
+            except _CannotPark as e:
+                task.error = str(e)
             except Exception as e:  # one LoRA's failure must not stop the others
                 task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
             if task.done:
