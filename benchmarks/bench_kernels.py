@@ -178,7 +178,7 @@ def _exact(W: torch.Tensor, k: int, key: tuple):
 
 
 def _svd_lowrank(W: torch.Tensor, k: int, dtype=None):
-    """torch.svd_lowrank (randomized, 2 power iterations) per matrix: fast, but see PERFORMANCE.md."""
+    """torch.svd_lowrank (randomized, 2 power iterations) per matrix: fast, but see docs/performance.md."""
     from prolora.ops import Basis
 
     out = []

@@ -1,4 +1,4 @@
-"""The ProLoRA projection of a batch of LoRA layers (METHOD.md) with Triton kernels:
+"""The ProLoRA projection of a batch of LoRA layers (docs/method.md) with Triton kernels:
 [P_Ut P_Us B | Q_Ut Q_Us B] and the same for A^T with V_s, V_t, never forming m x n.
 
 Per side X (m x r) with U_s, U_t (m x k), in O(m k r) work (no k x k product):

@@ -61,7 +61,7 @@ def test_transfer_writes_lora_report_and_provenance(sdxl_pair, tmp_path):
 
 
 def test_same_model_prolora_full_is_identity(sdxl_pair, tmp_path):
-    """METHOD.md identity 1 end to end: target == source gives dW back, for linear and conv layers."""
+    """docs/method.md identity 1 end to end: target == source gives dW back, for linear and conv layers."""
     lora = fp32_copy(sdxl_pair["conv"], tmp_path / "conv32.safetensors")
     res = prolora.transfer(sdxl_pair["source"], sdxl_pair["source"], lora, tmp_path / "o.safetensors",
                            backends={"*": "reference"})

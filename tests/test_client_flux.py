@@ -135,7 +135,7 @@ def loras(models):
 
 def bfl_table(n_double: int, n_single: int, h: int, mlp: int) -> dict[str, list[tuple[str, list[tuple[int, int]]]]]:
     """BFL / XLabs module -> [(diffusers module, rows of the BFL up taken in order)], from the facts
-    in FORMATS.md (written out here, independently of prolora's map)."""
+    in docs/formats.md (written out here, independently of prolora's map)."""
     t: dict[str, list] = {}
     thirds = [[(0, h)], [(h, 2 * h)], [(2 * h, 3 * h)]]
     for i in range(n_double):

@@ -1,4 +1,4 @@
-"""The identities of METHOD.md, checked on the per-layer math in float64."""
+"""The identities of docs/method.md, checked on the per-layer math in float64."""
 import pytest
 import torch
 
@@ -27,7 +27,7 @@ def lora(m, n, r, seed):
 
 
 def dense(method, dW, Us, Vs, Ut, Vt):
-    """METHOD.md's dense formulas, with explicit projectors."""
+    """The dense formulas of docs/method.md, with explicit projectors."""
     m, n = dW.shape
     PUs, PVs, PUt, PVt = Us @ Us.T, Vs @ Vs.T, Ut @ Ut.T, Vt @ Vt.T
     QUs, QVs, QUt, QVt = (torch.eye(m, dtype=dW.dtype) - PUs, torch.eye(n, dtype=dW.dtype) - PVs,

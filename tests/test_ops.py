@@ -1,4 +1,4 @@
-"""Fast op backends against the float64 reference, under the accuracy contract of PERFORMANCE.md:
+"""Fast op backends against the float64 reference, under the accuracy contract of docs/performance.md:
 basis phi >= 0.999 vs the exact float64 subspace on spectra like trained weights."""
 import pytest
 import torch

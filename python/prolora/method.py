@@ -1,4 +1,4 @@
-"""One layer's transfer math (METHOD.md) as pure functions over tensors; no files, no I/O."""
+"""One layer's transfer math (docs/method.md) as pure functions over tensors; no files, no I/O."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -163,8 +163,8 @@ def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, 
 
 def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, tau: float,
                           rank: RankSpec, r_in: int) -> LayerMath:
-    """LoRA-X's least-squares map for a target weight of another shape (METHOD.md, "Different
-    widths"): dW_t = P_L dW_s P_R^T with P = argmin ||P U_s - U_t||, i.e. P_L = U_t R_L^T U_s^T,
+    """LoRA-X's least-squares map for a target weight of another shape (docs/method.md, "Layers of another
+    width"): dW_t = P_L dW_s P_R^T with P = argmin ||P U_s - U_t||, i.e. P_L = U_t R_L^T U_s^T,
     where R_L pairs the two k-dim subspaces through the coordinates both widths share (the
     leading channels). Only the subspace part moves (no complement: it has no counterpart).
     Refused when the subspaces disagree on those coordinates (min phi < tau)."""

@@ -1,4 +1,4 @@
-"""project_lora: the exact low-rank ProLoRA projection of a LoRA (METHOD.md), never forming m x n."""
+"""project_lora: the exact low-rank ProLoRA projection of a LoRA (docs/method.md), never forming m x n."""
 from __future__ import annotations
 
 import torch
