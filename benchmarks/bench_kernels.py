@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from prolora.ops import Problem, phi, project_lora, small_svd, subspace_phi, truncated_svd
-from prolora.ops.small_svd import problem_for as svd_problem
+from prolora.ops.registry import problem_for as svd_problem
 from prolora.synthetic import _generator, spectral_weight
 
 # the torch fast path each backend is measured against (the default dispatch picks today)

@@ -17,7 +17,7 @@ from prolora.method import KMode
 from prolora.ops import Problem, phi, small_svd, truncated_svd
 from prolora.ops import measured
 from prolora.ops.backends_native import CPU_SVD_MAX
-from prolora.ops.small_svd import problem_for
+from prolora.ops.registry import problem_for
 from prolora.synthetic import _generator, spectral_weight
 
 needs_native = pytest.mark.skipif(not _native.available(), reason=str(_native.why_unavailable()))

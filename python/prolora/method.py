@@ -7,7 +7,7 @@ import torch
 
 from .errors import OptionError
 from .ops import Basis, phi_null, project_lora, small_svd
-from .ops.small_svd import problem_for as small_svd_problem
+from .ops.registry import problem_for as small_svd_problem
 from .ops.projection import METHODS
 
 

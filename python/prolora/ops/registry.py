@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ..errors import OptionError
 
 ENV_VAR = "PROLORA_BACKEND"
@@ -115,3 +117,12 @@ def override_for(op: Op, overrides: dict[str, str]) -> str | None:
         return overrides[op.name]
     star = overrides.get("*")
     return star if star in op.backends else None
+
+
+def problem_for(x: torch.Tensor, k: int | None = None) -> Problem:
+    """What dispatch looks at for a batch x (b, m, n) or one matrix (m, n): its device, dtype,
+    matrix shape and batch size, and `k` where the op keeps k directions (a truncated SVD's rank,
+    subspace_phi's basis width). The one place a Problem is read off a tensor, so every op's
+    dispatch sees the same description of the same data."""
+    return Problem(device=x.device.type, dtype=str(x.dtype).removeprefix("torch."),
+                   shape=tuple(x.shape[-2:]), batch=int(x.shape[0]) if x.dim() == 3 else 1, k=k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Op, Problem
+from .registry import Op
 
 small_svd = Op("small_svd", "thin SVD of a batch of small dense matrices (compress cores, k x k products)")
 
@@ -35,9 +35,3 @@ def _small_svd_reference(X: torch.Tensor, dtype: torch.dtype | None = None):
 def _small_svd_torch(X: torch.Tensor, dtype: torch.dtype | None = None):
     """torch.linalg.svd in X's precision (LAPACK gesdd on CPU, cuSOLVER on CUDA)."""
     return torch.linalg.svd(X.to(compute_dtype(X, dtype)), full_matrices=False)
-
-
-def problem_for(X: torch.Tensor) -> Problem:
-    """What dispatch looks at for a batch X (b, m, n) or one matrix (m, n)."""
-    return Problem(device=X.device.type, dtype=str(X.dtype).removeprefix("torch."),
-                   shape=tuple(X.shape[-2:]), batch=int(X.shape[0]) if X.dim() == 3 else 1)

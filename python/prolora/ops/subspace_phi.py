@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Op, Problem
+from .registry import Op
 
 subspace_phi = Op("subspace_phi", "phi = ||A^T B||_F^2 / k for a batch of orthonormal basis pairs")
 
@@ -40,9 +40,3 @@ def _phi_torch(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = Non
     dt = dtype or torch.float32
     M = A.to(dt).mT @ B.to(dt)
     return finish((M.double() ** 2).sum((-2, -1)), A.shape[-1])
-
-
-def problem_for(A: torch.Tensor, B: torch.Tensor) -> Problem:
-    return Problem(device=A.device.type, dtype=str(A.dtype).removeprefix("torch."),
-                   shape=tuple(A.shape[-2:]), batch=int(A.shape[0]) if A.dim() == 3 else 1,
-                   k=int(A.shape[-1]))

@@ -12,7 +12,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from .registry import Op, Problem
+from .registry import Op
 
 
 @dataclass
@@ -150,8 +150,3 @@ def _finish(W: torch.Tensor, S: torch.Tensor, evecs: torch.Tensor, k: KSpec, ene
     if wide:
         return Basis(Q, S, (W.T @ Q) * inv, energy)
     return Basis((W @ Q) * inv, S, Q, energy)
-
-
-def problem_for(W: torch.Tensor, k: int | None = None) -> Problem:
-    return Problem(device=W.device.type, dtype=str(W.dtype).removeprefix("torch."),
-                   shape=tuple(W.shape[-2:]), batch=int(W.shape[0]) if W.dim() == 3 else 1, k=k)
