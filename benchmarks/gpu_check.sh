@@ -95,11 +95,11 @@ else
   step build 200 "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
     -Ccmake.define.PROLORA_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" -Cbuild-dir=build/gpu-check
   if [[ "${STEPS[-1]}" != "build=0" ]]; then
-    # fallback without pip: CMake straight into the source tree, kernels/ linked into the package
+    # fallback without pip: CMake straight into the source tree (PYTHONPATH=python finds the kernels)
     step build-cmake 200 bash -c "cmake -S . -B build/gpu-check-cmake -DCMAKE_BUILD_TYPE=Release \
         -DPROLORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DPython_EXECUTABLE=\$(command -v $PY) \
         -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) && cmake --build build/gpu-check-cmake -j \$(nproc) &&
-      cp build/gpu-check-cmake/_C*.so python/prolora/ && ln -sfn ../../kernels python/prolora/kernels"
+      cp build/gpu-check-cmake/_C*.so python/prolora/"
     export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi

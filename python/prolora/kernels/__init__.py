@@ -1,4 +1,5 @@
-"""Triton kernels of prolora, installed as `prolora.kernels` (from the top-level kernels/ folder).
+"""Triton kernels of prolora (`prolora.kernels`, an ordinary subpackage: a source-tree run with
+PYTHONPATH=python imports the same files an install does).
 
 Each kernel module wraps its launches in plain functions over torch tensors; the operator
 backends (prolora.ops.backends_triton) register them. Importing this package does not import
