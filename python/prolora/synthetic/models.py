@@ -20,7 +20,7 @@ from typing import Iterator, Union
 
 import torch
 
-from .safetensors_io import StreamingWriter
+from ..safetensors_io import StreamingWriter
 
 Params = list[tuple[str, tuple[int, ...]]]
 
@@ -563,7 +563,7 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     size, or a Perturbation); other parameters equal the source's.
     `threads`: torch threads while generating (default: 1 below 100M parameters, else torch's).
     """
-    from .checkpoints import BaseModel, open_model
+    from ..checkpoints import BaseModel, open_model
 
     cfg = _config(cfg)
     layouts = ("diffusers", "single-file") + (("single-file-prefixed",) if isinstance(cfg, FluxConfig) else ())
@@ -596,7 +596,7 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
 
 def _write_layout(path: Path, cfg: ModelConfig, params: dict[str, Params], layout: str, values: _Values,
                   dtype: torch.dtype, meta: dict[str, str]) -> None:
-    from .checkpoints.single_file import single_file_plan
+    from ..checkpoints.single_file import single_file_plan
 
     if layout == "single-file":
         openclip = cfg.text_encoders.get("text_encoder", _CLIP_L).openclip
@@ -635,7 +635,7 @@ def _write_flux(path: Path, cfg: FluxConfig, params: Params, layout: str, values
                 meta: dict[str, str], shard_bytes: int) -> None:
     """Flux in BFL single-file layout (q, k, v[, mlp] concatenated, final modulation halves
     swapped) or as a diffusers pipeline folder with a sharded transformer/."""
-    from .checkpoints.flux import COMPONENT, bfl_file_plan
+    from ..checkpoints.flux import COMPONENT, bfl_file_plan
 
     shapes = dict(params)
     if layout.startswith("single-file"):
@@ -734,9 +734,9 @@ def write_lora(model, path: str | os.PathLike, format: str = "kohya", rank: int 
     (every linear of the double and single blocks, kohya's default), "all" (also the embedders,
     guidance_in and the final layer); XLabs files hold only what XLabs can name.
     """
-    from .checkpoints import BaseModel, open_model
-    from .formats import write_lora as write_lora_file
-    from .lora import LoraFile, LoraModule
+    from ..checkpoints import BaseModel, open_model
+    from ..formats import write_lora as write_lora_file
+    from ..lora import LoraFile, LoraModule
 
     opened = None if isinstance(model, BaseModel) else open_model(model)
     m = opened or model
@@ -796,7 +796,7 @@ def flux_lora_targets(modules, targets: str = "transformer") -> Iterator[str]:
 
 def _flux_lora(m, format: str, rank: int, alpha: float, targets: str, seed: int, size: float, split_qkv: bool,
                spelling: str | None) -> dict:
-    from .lora import LoraModule
+    from ..lora import LoraModule
 
     spelling = spelling or {"kohya": m.kohya_spelling, "peft": "peft", "comfy": "comfy", "xlabs": "xlabs"}.get(format)
     if spelling is None:
