@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", metavar="DIR", help="keep the demo files in DIR (default: a temporary folder)")
     d.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     _add_migrate(sub)
+    __import__("prolora.jobs.cli", fromlist=["register"]).register(sub, COMMANDS)  # extract, resize, merge, bench --job
     return ap
 
 

@@ -8,6 +8,7 @@ from .svd import Basis, truncated_svd
 
 # backends that register themselves on the ops above: native (prolora._C) and Triton (kernels/)
 from . import backends_native, backends_triton  # noqa: E402,F401  isort: skip
+from . import svd_randomized  # noqa: E402,F401  isort: skip  (extract's small-rank truncated SVD)
 
 ALL_OPS = (truncated_svd, principal_cosines, project_lora, subspace_phi, small_svd)
 

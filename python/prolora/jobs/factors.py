@@ -1,0 +1,132 @@
+"""Low-rank factor math shared by resize and merge: the SVD of dW = up @ down computed from the
+factors alone (QR of each side, SVD of the small core), never from a dense m x n matrix, and the
+rank rules of sd-scripts' resize (`sv_ratio`, `sv_fro`, `sv_cumulative`), reimplemented from
+their meaning.
+
+For up (m x r) and down (r x n): up = Qu Ru, down^T = Qd Rd, so dW = Qu (Ru Rd^T) Qd^T and the
+SVD of the r x r core Ru Rd^T = Uc Sc Vc^T gives dW = (Qu Uc) Sc (Qd Vc)^T exactly. Cost
+O((m + n) r^2 + r^3) instead of O(m n min(m, n)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OptionError
+
+RULES = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How a new rank is chosen from the singular values S (descending) of a module's dW.
+
+    kind "rank": keep `value` (an int) values. "sv_ratio": keep the values >= max(S) / value.
+    "sv_fro": the smallest rank whose retained Frobenius norm sqrt(sum_{i<k} S_i^2) is at least
+    the fraction `value` of ||dW||_F. "sv_cumulative": the smallest rank whose sum of singular
+    values is at least the fraction `value` of their total. `max_rank` caps the dynamic rules.
+    Every rule keeps at least one value (a module is never emptied) and never more than there are.
+    """
+
+    kind: str
+    value: float
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULES:
+            raise OptionError(f"unknown rank rule '{self.kind}'; use one of {', '.join(RULES)}")
+        v = self.value
+        if not math.isfinite(v):
+            raise OptionError(f"{self.kind}: {v} is not a finite number")
+        if self.kind == "rank" and (v < 1 or v != int(v)):
+            raise OptionError(f"rank {v}: expected a positive integer")
+        if self.kind == "sv_ratio" and v < 1:
+            raise OptionError(f"sv_ratio:{v}: the ratio max(S)/S_min kept must be >= 1")
+        if self.kind in ("sv_fro", "sv_cumulative") and not 0 < v <= 1:
+            raise OptionError(f"{self.kind}:{v}: expected a fraction in (0, 1]")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise OptionError(f"rank cap {self.max_rank}: expected a positive integer")
+
+    @classmethod
+    def parse(cls, spec: str, max_rank: int | None = None) -> "RankRule":
+        """'sv_ratio:8', 'sv_fro:0.9', 'sv_cumulative:0.9' (sd-scripts' names) or 'rank:N'."""
+        kind, sep, value = str(spec).partition(":")
+        if not sep:
+            raise OptionError(f"rank rule {spec!r}: expected KIND:VALUE with KIND one of {', '.join(RULES)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise OptionError(f"rank rule {spec!r}: {value!r} is not a number") from None
+        return cls(kind.strip(), v, max_rank)
+
+    def spec(self) -> str:
+        v = int(self.value) if self.kind == "rank" else self.value
+        return f"{self.kind}:{v}" + (f",max_rank:{self.max_rank}" if self.max_rank is not None and self.kind != "rank" else "")
+
+    def choose(self, S: torch.Tensor) -> int:
+        """The new rank for singular values S (descending, non-negative)."""
+        d = int(S.numel())
+        if d == 0:
+            return 0
+        S = S.double()
+        if self.kind == "rank":
+            k = int(self.value)
+        elif float(S[0]) == 0.0:
+            k = 1
+        elif self.kind == "sv_ratio":
+            k = int((S >= float(S[0]) / self.value).sum())
+        elif self.kind == "sv_fro":
+            frac = (S ** 2).cumsum(0).sqrt() / float((S ** 2).sum().sqrt())
+            k = _first_at_least(frac, self.value)
+        else:  # sv_cumulative
+            frac = S.cumsum(0) / float(S.sum())
+            k = _first_at_least(frac, self.value)
+        if self.max_rank is not None:
+            k = min(k, self.max_rank)
+        return max(1, min(k, d))
+
+
+def _first_at_least(frac: torch.Tensor, f: float) -> int:
+    """The smallest k (1-based) with frac[k-1] >= f, tolerating round-off at the top (frac[-1] ~ 1)."""
+    hit = torch.nonzero(frac >= f - 1e-12 * max(1.0, f)).flatten()
+    return int(hit[0]) + 1 if hit.numel() else int(frac.numel())
+
+
+@dataclass
+class FactorSVD:
+    """dW = U diag(S) V^T from low-rank factors: U (m, r'), S (r',), V (n, r'), r' <= r."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def energy(self) -> float:
+        return float((self.S.double() ** 2).sum())
+
+
+def factor_svd(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> FactorSVD:
+    """The thin SVD of up @ down (up (m, r), down (r, n)) through QR of each side and an SVD of
+    the r x r core (float64 by default: the factors are small, so exactness is cheap)."""
+    up = up.to(dtype)
+    down = down.to(dtype)
+    Qu, Ru = torch.linalg.qr(up, mode="reduced")  # (m, r'), (r', r)
+    Qd, Rd = torch.linalg.qr(down.T, mode="reduced")  # (n, r''), (r'', r)
+    core = Ru @ Rd.T
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    return FactorSVD(Qu @ Uc, S, Qd @ Vch.T)
+
+
+def split_factors(f: FactorSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (m, k), down (k, n)) with up @ down the rank-k truncation of f, sqrt(S) on each side
+    (balanced factors: neither side's values dwarf the other's in float16)."""
+    s = f.S[:k].clamp_min(0).sqrt()
+    return f.U[:, :k] * s, (f.V[:, :k] * s).T
+
+
+def retained(S: torch.Tensor, k: int) -> float:
+    """Fraction of ||dW||_F^2 kept by the top-k singular values (1.0 for a zero dW)."""
+    total = float((S.double() ** 2).sum())
+    return 1.0 if total == 0.0 else float((S[:k].double() ** 2).sum()) / total
