@@ -156,8 +156,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         s = r.summary()
         print(f"wrote {r.output}: {s['extracted']} layers (rank {s['rank_min']}..{s['rank_max']}), "
               f"{s['identical']} identical and {s['below_min_diff']} below --min-diff skipped, "
-              f"{s['unspellable']} without a name in {opts.format}; mean error ratio to optimal "
-              f"{s['mean_error_ratio']:.4f}; {s['seconds']:.1f} s")
+              f"{s['unspellable']} without a name in {opts.format}, {s['conv_skipped']} 3x3 convs skipped; "
+              f"largest relative error {s['max_error']:.4f}; {s['seconds']:.1f} s")
     for tuned, why in failed.items():
         print(f"FAILED {tuned}: {why}", file=sys.stderr)
     return 2 if failed else 0
