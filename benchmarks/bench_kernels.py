@@ -28,7 +28,7 @@ import torch
 
 from prolora.ops import Problem, phi, project_lora, small_svd, subspace_phi, truncated_svd
 from prolora.ops.registry import problem_for as svd_problem
-from prolora.synthetic import _generator, spectral_weight
+from prolora.synthetic import generator, spectral_weight
 
 # the torch fast path each backend is measured against (the default dispatch picks today)
 BASELINE = {"truncated_svd": "gram", "project_lora": "torch", "subspace_phi": "torch", "small_svd": "torch"}
@@ -164,7 +164,7 @@ def test_compress_cpu(benchmark, backend, r):
 
 @functools.lru_cache(maxsize=4)
 def _weights(b: int, m: int, n: int) -> torch.Tensor:
-    return torch.stack([spectral_weight((m, n), _generator("bench", i, m, n)) for i in range(b)])
+    return torch.stack([spectral_weight((m, n), generator("bench", i, m, n)) for i in range(b)])
 
 
 _EXACT: dict[tuple, list] = {}

@@ -5,14 +5,14 @@ import torch
 
 from prolora.method import KMode
 from prolora.ops import project_group, project_lora, truncated_svd
-from prolora.synthetic import _generator, spectral_weight
+from prolora.synthetic import generator, spectral_weight
 
 SHAPES = [(320, 320), (640, 640), (1280, 1280), (1280, 2048), (5120, 1280)]
 MODE = KMode.parse("energy:0.9")
 
 
 def weight(shape):
-    return spectral_weight(shape, _generator("bench", 0, str(shape))).half()
+    return spectral_weight(shape, generator("bench", 0, str(shape))).half()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

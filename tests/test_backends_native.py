@@ -18,7 +18,7 @@ from prolora.ops import Problem, phi, small_svd, truncated_svd
 from prolora.ops import measured
 from prolora.ops.backends_native import CPU_SVD_MAX
 from prolora.ops.registry import problem_for
-from prolora.synthetic import _generator, spectral_weight
+from prolora.synthetic import generator, spectral_weight
 
 needs_native = pytest.mark.skipif(not _native.available(), reason=str(_native.why_unavailable()))
 RATIO = 2.0
@@ -89,7 +89,7 @@ def test_cpu_dispatch_takes_native_only_up_to_the_measured_crossover():
 @needs_native
 @pytest.mark.parametrize("shape", [(40, 72), (72, 40)])
 def test_gram_jacobi_basis_meets_the_contract(shape):
-    W = spectral_weight(shape, _generator("native", str(shape))).half()
+    W = spectral_weight(shape, generator("native", str(shape))).half()
     d = min(shape)
     mode = KMode.parse("energy:0.9")
     chooser = lambda S, e: mode.choose(d, S, e)  # noqa: E731
@@ -108,7 +108,7 @@ def test_gram_jacobi_basis_meets_the_contract(shape):
 
 @needs_native
 def test_gram_jacobi_batched_equals_single():
-    Ws = torch.stack([spectral_weight((30, 50), _generator("nb", s)) for s in range(3)])
+    Ws = torch.stack([spectral_weight((30, 50), generator("nb", s)) for s in range(3)])
     fn = truncated_svd.backends["gram-jacobi"].fn
     batch = fn(Ws, [4, 9, None])
     assert [b.k for b in batch] == [4, 9, 30]
@@ -198,7 +198,7 @@ def test_cuda_small_svd_and_gram_jacobi_match_cpu():
     U, S, Vh = small_svd.backends["native"].fn(X.float().cuda())
     Ut, St, Vht = small_svd.backends["torch"].fn(X.float().cuda())
     assert recon_err(U.cpu(), S.cpu(), Vh.cpu(), X) <= RATIO * max(recon_err(Ut.cpu(), St.cpu(), Vht.cpu(), X), EPS32)
-    W = spectral_weight((96, 160), _generator("gpu", 0)).half()
+    W = spectral_weight((96, 160), generator("gpu", 0)).half()
     exact = truncated_svd.reference.fn(W, 40)
     fast = truncated_svd.backends["gram-jacobi"].fn(W.cuda(), 40)
     assert phi(exact.U, fast.U.cpu().double()) >= 0.999 and phi(exact.V, fast.V.cpu().double()) >= 0.999

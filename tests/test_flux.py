@@ -552,7 +552,7 @@ def fused_vs_slice_experiment(h: int = 384, r: int = 16) -> list[dict]:
     ||dW_s||: deviation from copy, fused vs per-slice difference, leak of a q-only LoRA."""
     from prolora.method import KMode, RankSpec, transfer_layer
     from prolora.ops import Basis
-    from prolora.synthetic import Perturbation, _generator, perturb, spectral_weight
+    from prolora.synthetic import Perturbation, generator, perturb, spectral_weight
 
     kmode = KMode.parse("energy:0.9")
 
@@ -573,13 +573,13 @@ def fused_vs_slice_experiment(h: int = 384, r: int = 16) -> list[dict]:
     for kind, names in (("qkv", ("q", "k", "v")), ("linear1", ("q", "k", "v", "mlp"))):
         sizes = [4 * h if n == "mlp" else h for n in names]
         offs = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
-        Ws = [spectral_weight((n, h), _generator("src", kind, name, 0)).double() for n, name in zip(sizes, names)]
+        Ws = [spectral_weight((n, h), generator("src", kind, name, 0)).double() for n, name in zip(sizes, names)]
         targets = {
             "finetune-slice": [perturb(w.float(), f"{kind}.{n}", Perturbation(size=0.1)).double() for w, n in zip(Ws, names)],
             "finetune-fused": list(torch.split(perturb(torch.cat(Ws).float(), kind, Perturbation(size=0.1)).double(), sizes)),
             "qknorm-rescale": [w * {"q": 2.0, "k": 0.5}.get(n, 1.0) for w, n in zip(Ws, names)],
         }
-        g = _generator("lora", kind, 0)
+        g = generator("lora", kind, 0)
         A = torch.randn(r, h, generator=g, dtype=torch.float64) / math.sqrt(h)
         B = torch.randn(offs[-1], r, generator=g, dtype=torch.float64)
         for tname, Wt in targets.items():

@@ -5,14 +5,14 @@ import torch
 
 from prolora.method import KMode
 from prolora.ops import phi, project_group, project_lora, truncated_svd
-from prolora.synthetic import _generator, spectral_weight
+from prolora.synthetic import generator, spectral_weight
 
 ref = truncated_svd.reference.fn
 gram = truncated_svd.backends["gram"].fn
 
 
 def realistic(shape, seed=0, dtype=torch.float16):
-    return spectral_weight(shape, _generator("ops", seed, str(shape))).to(dtype)
+    return spectral_weight(shape, generator("ops", seed, str(shape))).to(dtype)
 
 
 @pytest.mark.parametrize("shape", [(96, 96), (64, 160), (160, 64), (128, 200)])

@@ -13,8 +13,8 @@ import torch
 from prolora.checkpoints import open_model
 from prolora.safetensors_io import SafetensorsFile
 from prolora.synthetic import (
-    PRESETS, Perturbation, clip_params, lora_targets, make_demo, model_params, preset, spectral_weight,
-    unet_params, write_lora, write_model, _generator,
+    PRESETS, Perturbation, clip_params, generator, lora_targets, make_demo, model_params, preset, spectral_weight,
+    unet_params, write_lora, write_model,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +96,7 @@ def test_unsupported_config_is_refused():
 @pytest.mark.parametrize("shape", [(320, 320), (640, 2048), (1280, 320), (256, 128, 3, 3), (64, 64, 1, 1), (40, 96)])
 def test_spectra_like_trained_weights(shape):
     for i in range(3):
-        w = spectral_weight(shape, _generator("t", shape, i))
+        w = spectral_weight(shape, generator("t", shape, i))
         ratio, frac = spectral_stats(w)
         assert 2.5 <= ratio <= 3.5, (shape, ratio)
         assert 0.4 <= frac <= 0.6, (shape, frac)

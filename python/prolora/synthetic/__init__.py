@@ -1,3 +1,36 @@
-"""Deterministic synthetic base models and LoRAs in real layouts (being split into modules)."""
-from .models import *  # noqa: F401,F403
-from .models import _generator  # noqa: F401
+"""Deterministic synthetic base models and LoRAs in real layouts (no diffusers needed).
+
+Used by `prolora demo`, the benchmarks and the tests. Parameter names and shapes follow diffusers'
+UNet2DConditionModel / FluxTransformer2DModel and transformers' CLIP text encoders exactly
+(checked against them in tests/test_synthetic.py and tests/test_flux.py); weights get spectra like
+trained ones, and a TARGET model is a source plus a fine-tune-like perturbation.
+
+    configs   presets ("sdxl", "sd15:tiny", "flux-dev:small", ...) and their sizes
+    params    the (name, shape) of every parameter, in state_dict order
+    spectra   seeded generators and trained-like spectral weights
+    values    each parameter's value: a source's, or source + perturbation
+    models    write_model: SD-family pipeline folders and single files
+    flux      Flux's BFL single file and sharded diffusers folder
+    loras     write_lora in every format, keys spelled through the model
+    demo      write_pair (source + target) and make_demo
+    writing   tensors streamed to .safetensors one at a time
+"""
+from __future__ import annotations
+
+from .configs import (
+    FLUX_PRESETS, FLUX_SCALES, PRESETS, SCALES, ConfigLike, FluxConfig, ModelConfig, TextEncoderConfig, flux_config,
+    preset, resolve, shrink,
+)
+from .demo import make_demo, write_pair
+from .loras import flux_lora_targets, lora_targets, write_lora
+from .models import write_model
+from .params import Params, clip_params, flux_params, model_params, unet_params
+from .spectra import generator, spectral_weight, spectrum
+from .values import Perturbation, perturb, source_tensor
+
+__all__ = [
+    "FLUX_PRESETS", "FLUX_SCALES", "PRESETS", "SCALES", "ConfigLike", "FluxConfig", "ModelConfig", "Params",
+    "Perturbation", "TextEncoderConfig", "clip_params", "flux_config", "flux_lora_targets", "flux_params",
+    "generator", "lora_targets", "make_demo", "model_params", "perturb", "preset", "resolve", "shrink",
+    "source_tensor", "spectral_weight", "spectrum", "unet_params", "write_lora", "write_model", "write_pair",
+]

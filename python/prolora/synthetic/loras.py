@@ -1,0 +1,168 @@
+"""Synthetic LoRAs for a base model, in each format prolora reads (kohya, PEFT, diffusers-old,
+ComfyUI; for Flux also XLabs), their keys spelled through the model exactly as real trainers
+spell them.
+
+Each module's factors come from their own seeded generator (spectra.generator("lora", seed,
+name)), so a LoRA's values do not depend on which other modules it holds.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from ..checkpoints import BaseModel, WeightRef, open_model
+from ..formats import write_lora as write_lora_file
+from ..lora import LoraFile, LoraModule
+from .spectra import generator
+
+TARGETS = ("attn", "transformer", "all")  # what a LoRA adapts (see lora_targets, flux_lora_targets)
+_ATTN = (".attn1.", ".attn2.", ".self_attn.")
+
+
+def write_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike, format: str = "kohya", rank: int = 4,
+               alpha: float | None = None, targets: str = "transformer", seed: int = 0, conv: bool = False,
+               size: float = 0.05, split_qkv: bool = False, spelling: str | None = None) -> Path:
+    """Write a synthetic LoRA for `model` (a path or BaseModel); returns `path`.
+
+    Keys are spelled for `format` through the model (kohya: the family's kohya spelling). Each
+    module's delta scale * up @ down has Frobenius norm about `size` * sqrt(out), i.e. `size`
+    relative to the synthetic weights. alpha defaults to rank / 2 (scale 0.5).
+
+    Flux: formats kohya (BFL names; `spelling="kohya-diffusers"` for `lora_transformer_` names),
+    comfy, xlabs and peft. kohya/comfy/xlabs modules are the fused BFL ones (one down for q, k, v
+    [and mlp]); `split_qkv` writes them in kohya's split_qkv form (a rank-`rank` pair per slice:
+    down [n*rank, in], block-diagonal up). targets: "attn" (attention projections), "transformer"
+    (every linear of the double and single blocks, kohya's default), "all" (also the embedders,
+    guidance_in and the final layer); XLabs files hold only what XLabs can name.
+    """
+    alpha = rank / 2 if alpha is None else float(alpha)
+    opened = None if isinstance(model, BaseModel) else open_model(model)
+    m = opened or model
+    try:
+        if m.family == "flux":
+            mods = _flux_modules(m, format, rank, alpha, targets, seed, size, split_qkv, spelling)
+            family = {"ss_base_model_version": "flux1"}
+        else:
+            mods = _unet_modules(m, format, rank, alpha, targets, seed, size, conv)
+            family = {}
+    finally:
+        if opened is not None:
+            opened.close()
+    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **family, "prolora.synthetic": "1"}
+    path = Path(path)
+    write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
+    return path
+
+
+def lora_targets(modules: Mapping[str, WeightRef], targets: str = "transformer", conv: bool = False) -> Iterator[str]:
+    """Canonical module ids a LoRA of this kind adapts (text_projection never).
+
+    "attn": attention projections (UNet attn1/attn2, text-encoder self_attn);
+    "transformer": every linear (and 1x1 conv) in UNet transformers plus all text-encoder layer
+    linears, like kohya's defaults; "all": also resnets, time embeddings, samplers, conv_in/out
+    (3x3 convs only with conv=True).
+    """
+    _check_targets(targets)
+    for module, ref in modules.items():
+        if module.endswith("text_projection"):
+            continue
+        is_te = not module.startswith("unet.")
+        k3 = len(ref.shape) == 4 and ref.shape[2:] != (1, 1)
+        if k3 and not conv:
+            continue
+        if targets == "attn":
+            ok = any(a in module for a in _ATTN)
+        elif targets == "transformer":
+            ok = is_te or ".attentions." in module
+        else:
+            ok = True
+        if ok:
+            yield module
+
+
+def flux_lora_targets(modules: Iterable[str], targets: str = "transformer") -> Iterator[str]:
+    """Canonical Flux transformer ids a LoRA of this kind adapts (see write_lora)."""
+    _check_targets(targets)
+    for module in modules:
+        if not module.startswith("transformer."):
+            continue
+        in_block = module.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
+        if targets == "attn":
+            ok = ".attn." in module
+        elif targets == "transformer":
+            ok = in_block
+        else:
+            ok = True
+        if ok:
+            yield module
+
+
+def _check_targets(targets: str) -> None:
+    if targets not in TARGETS:
+        raise ValueError(f"unknown targets {targets!r}; use 'attn', 'transformer' or 'all'")
+
+
+def _fit(up: torch.Tensor, down: torch.Tensor, scale: float, size: float) -> None:
+    """Scale `up` in place so that scale * up @ down has Frobenius norm size * sqrt(rows)."""
+    delta = (up @ down).norm() * scale
+    up *= size * math.sqrt(up.shape[0]) / delta
+
+
+def _unet_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
+                  conv: bool) -> dict[str, LoraModule]:
+    """One (down, up) pair per adapted UNet / text-encoder module (convs: a kxk down, a 1x1 up)."""
+    spelling = {"kohya": m.kohya_spelling, "peft": "peft", "diffusers-old": "peft", "comfy": "comfy"}.get(format)
+    if spelling is None:
+        raise ValueError(f"unknown format {format!r}")
+    mods = {}
+    for module in lora_targets(m.weights, targets, conv):
+        shape = m.weights[module].shape
+        g = generator("lora", seed, module)
+        out, rest = shape[0], shape[1:]
+        down = torch.randn((rank, *rest), generator=g) / math.sqrt(math.prod(rest))
+        up = torch.randn(out, rank, generator=g)
+        _fit(up, down.reshape(rank, -1), alpha / rank, size)
+        if len(shape) == 4:
+            up = up.reshape(out, rank, 1, 1)
+        key = m.spell(module, spelling)
+        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    return mods
+
+
+def _flux_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
+                  split_qkv: bool, spelling: str | None) -> dict[str, LoraModule]:
+    """One pair per key the format spells: a fused BFL key (q, k, v [, mlp]) gets one down and an
+    up whose row blocks are the slices' (block-diagonal under split_qkv)."""
+    spelling = spelling or {"kohya": m.kohya_spelling, "peft": "peft", "comfy": "comfy", "xlabs": "xlabs"}.get(format)
+    if spelling is None:
+        raise ValueError(f"format {format!r} has no Flux layout")
+    # key -> [(module, its rows in the fused output or None, the fused output's rows)]
+    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}
+    for module in flux_lora_targets(m.weights, targets):
+        if m.unspellable(module, spelling) is not None:
+            continue
+        fused = m.spell_fused(module, spelling)
+        if fused is None:
+            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
+        else:
+            key, total, rows = fused
+            groups.setdefault(key, []).append((module, rows, total))
+    mods = {}
+    for key, members in groups.items():
+        g = generator("lora", seed, key)
+        total = members[0][2]
+        inp = m.weights[members[0][0]].shape[1]
+        n = len(members) if split_qkv and members[0][1] is not None else 1
+        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, n * rank)
+        for j, (module, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
+            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
+            for a, b in rows or ((0, total),):
+                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
+        _fit(up, down, alpha / (n * rank), size)
+        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    return mods
