@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from benchmarks import bench_kernels
 from prolora import _native
 from prolora.method import KMode
 from prolora.ops import Problem, phi, small_svd, truncated_svd
@@ -206,14 +207,6 @@ def test_cuda_small_svd_and_gram_jacobi_match_cpu():
 
 def test_benchmark_json_becomes_a_table_that_dispatch_reads(tmp_path, monkeypatch):
     """benchmarks/bench_kernels.py `winners`: pytest-benchmark rows -> the ops.measured table."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-
     def row(backend, median, accurate=True, shape=(640, 640), op="truncated_svd", device="cuda"):
         info = dict(op=op, backend=backend, dtype="float16", shape=list(shape), batch=16, device=device,
                     accurate=accurate)
@@ -223,7 +216,7 @@ def test_benchmark_json_becomes_a_table_that_dispatch_reads(tmp_path, monkeypatc
             row("reference", 9.0), row("svd_lowrank", 0.1),  # neither is a dispatch candidate
             row("gram", 1.0, shape=(64, 64)), row("gram-triton", 2.0, shape=(64, 64)),
             row("gram-triton", 0.1, device="cpu", shape=(8, 8))]  # CPU rows never count
-    table = bench.winners({"benchmarks": rows}, "GPU-X")
+    table = bench_kernels.winners({"benchmarks": rows}, "GPU-X")
     got = {(p["backend"], tuple(p["shape"])): (p["speedup"], p["accurate"]) for p in table["points"]}
     assert got == {("gram-triton", (640, 640)): (2.0, True), ("gram-jacobi", (640, 640)): (4.0, False),
                    ("gram-triton", (64, 64)): (0.5, True)}

@@ -3,20 +3,16 @@ surgery, LoRA files, scoring and tables. The benchmark's training itself is not 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.quality import data, models, pipeline, report, sweep, train  # noqa: E402
-from benchmarks.quality.stages import _save_lora  # noqa: E402
 
 import prolora  # noqa: E402
+from benchmarks.quality import data, models, pipeline, report, sweep, train  # noqa: E402
+from benchmarks.quality.stages import _save_lora  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 
 
