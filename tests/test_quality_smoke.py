@@ -11,8 +11,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 import prolora  # noqa: E402
-from benchmarks.quality import data, models, pipeline, report, sweep, train  # noqa: E402
-from benchmarks.quality.stages import _save_lora  # noqa: E402
+from benchmarks.quality import config, data, models, pipeline, report, sweep, train  # noqa: E402
+from benchmarks.quality.stages import save_lora  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def test_lora_file_round_trip_merge_and_transfer(tmp_path):
     base = models.new_model(models.SOURCE_UNET, seed=0)
     lora, log = train.train_lora(base, steps=2, seed=0, rank=2)
     assert len(lora) == 124 and all(up.shape[1] == 2 for _, up in lora.values())  # 11 blocks x 10 + 7 x 2
-    _save_lora(tmp_path / "l.safetensors", lora, 2)
+    save_lora(tmp_path / "l.safetensors", lora, 2)
     lf = read_lora(tmp_path / "l.safetensors")
     assert lf.format == "peft" and len(lf.modules) == 124
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
@@ -66,9 +66,9 @@ def test_sampler_shapes():
 
 
 def test_stage_keys_follow_settings_and_inputs():
-    a = pipeline.stage_keys(pipeline.Config(), "lib1")
-    b = pipeline.stage_keys(pipeline.Config(source_steps=7), "lib1")
-    c = pipeline.stage_keys(pipeline.Config(), "lib2")
+    a = pipeline.stage_keys(config.Config(), "lib1")
+    b = pipeline.stage_keys(config.Config(source_steps=7), "lib1")
+    c = pipeline.stage_keys(config.Config(), "lib2")
     assert a["source"] != b["source"] and a["eval-finetune"] != b["eval-finetune"]  # downstream follows
     assert a["classifiers"] == b["classifiers"]
     assert a["source"] == c["source"] and a["eval-pruned"] != c["eval-pruned"]  # library: evals only
@@ -80,7 +80,7 @@ def test_tables_from_rows(tmp_path):
              "style": 0.5, "content": 0.9, "extra": {}}
         return {"group": group, "label": label, "layers": 110, "transferred": 100, "min_phi": 0.7,
                 "mean_phi": 0.9, "k_min": 3, "k_max": 40, "scores": s, **kw}
-    for t in pipeline.TARGETS:
+    for t in config.TARGETS:
         rows = [row("main", c.label) for c in sweep.candidates(t) if c.group == "main"]
         rows += [row(c.group, c.label, **c.extra) for c in sweep.candidates(t) if c.group != "main"]
         (tmp_path / f"eval-{t}").mkdir()

@@ -7,14 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import prolora  # noqa: F401
-except ImportError:  # a source checkout without an install
-    sys.path.insert(0, str(HERE.parents[1] / "python"))
-
-from .pipeline import Config, idle_estimate, run_all  # noqa: E402
-from .report import tables, update_results  # noqa: E402
+from .config import Config
+from .pipeline import HERE, idle_estimate, run_all
+from .report import tables, update_results
 
 
 def main(argv: list[str] | None = None) -> int:

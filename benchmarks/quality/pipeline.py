@@ -22,33 +22,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+import prolora
+
+from . import stages as impl
+from .config import TARGETS, Config
+
 HERE = Path(__file__).resolve().parent
-# target model -> what it is
-TARGETS = {
-    "finetune": "target 1: full fine-tune of the source on shifted data (another palette)",
-    "finetune-mix": "target 1b: full fine-tune of the source on half shifted, half source-like data",
-    "pruned": "target 2: fewer transformer blocks (pruned from the source, distilled)",
-}
-
-
-@dataclass(frozen=True)
-class Config:
-    """Training lengths and evaluation sizes (the full run's defaults; `quick` shrinks them)."""
-
-    source_steps: int = 1500
-    finetune_steps: int = 500
-    distill_steps: int = 400
-    lora_steps: int = 400
-    lora_rank: int = 8
-    classifier_steps: int = 400
-    n_func: int = 256
-    n_samples: int = 96
-    sample_steps: int = 20
-
-    @classmethod
-    def quick(cls) -> "Config":
-        return cls(source_steps=20, finetune_steps=10, distill_steps=10, lora_steps=10, classifier_steps=10,
-                   n_func=32, n_samples=8, sample_steps=4)
 
 
 @dataclass(frozen=True)
@@ -82,7 +63,7 @@ def stages(cfg: Config) -> list[Stage]:
 
 # the benchmark modules whose code decides a stage's output
 TRAIN_CODE = ("data.py", "models.py", "train.py", "stages.py")
-EVAL_CODE = TRAIN_CODE + ("evaluate.py", "sweep.py")
+EVAL_CODE = TRAIN_CODE + ("evaluate.py", "sweep.py", "figures.py")
 
 
 def code_digest(files: tuple[str, ...]) -> str:
@@ -94,8 +75,6 @@ def code_digest(files: tuple[str, ...]) -> str:
 
 def library_digest() -> str:
     """Hash of the prolora package's Python sources (transfers depend on them)."""
-    import prolora
-
     h = hashlib.sha256()
     root = Path(prolora.__file__).parent
     for p in sorted(root.rglob("*.py")):
@@ -124,12 +103,8 @@ def is_done(folder: Path, key: str) -> bool:
 def _worker(name: str, cache: str, cfg: dict, key: str) -> tuple[str, float, float]:
     """Run one stage in a fresh single-threaded process; mark it done. Returns (name, wall seconds,
     CPU seconds): on a busy machine the CPU time is what the stage would take on an idle core."""
-    import torch
-
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    from . import stages as impl
-
     t0, c0 = time.perf_counter(), time.process_time()
     folder = Path(cache) / name
     folder.mkdir(parents=True, exist_ok=True)

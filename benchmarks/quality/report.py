@@ -1,35 +1,14 @@
-"""Markdown tables from the evaluation stages' rows.json, and sample-grid figures."""
+"""Markdown tables from the evaluation stages' rows.json, and the RESULTS.md block they fill."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .pipeline import TARGETS
+from .config import TARGETS
 from .sweep import K_MODES, METHODS, TAUS
 
 MARK_BEGIN, MARK_END = "<!-- tables:begin (written by python -m benchmarks.quality) -->", "<!-- tables:end -->"
-
-
-def save_grid(path: Path, grids: list[tuple[str, torch.Tensor]]) -> None:
-    """One row of samples per candidate, labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .data import grid
-
-    fig, axes = plt.subplots(len(grids), 1, figsize=(12, 0.9 * len(grids) + 0.2), squeeze=False)
-    for ax, (label, imgs) in zip(axes[:, 0], grids):
-        ax.imshow(grid(imgs[:32], cols=32).numpy(), interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(label, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:

@@ -1,13 +1,8 @@
-"""The candidates scored on each target, and the evaluation stage that scores them."""
+"""The candidates scored on each target: the methods, and the k modes, taus and matchings swept."""
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from .pipeline import Config
 
 # the library's provisional defaults, the point every sweep varies one thing from
 BASE = {"subspace": "energy:0.9", "tau": 0.8, "rank": "same", "skipped": "drop", "match": "auto"}
@@ -33,6 +28,7 @@ class Candidate:
 
 
 def candidates(target: str) -> list[Candidate]:
+    """Every candidate scored on `target`, in table order (the pruned target adds the matching rows)."""
     out = [Candidate("main", "no LoRA", samples=True)]
     out += [Candidate("main", label, {**BASE, **opts}, samples=True) for label, opts in METHODS.items()]
     out += [Candidate("main", "oracle, other seed", oracle_seed=1, samples=True),
@@ -52,51 +48,3 @@ def candidates(target: str) -> list[Candidate]:
                 out.append(Candidate("match", label, {**BASE, **METHODS[label], "tau": 0.0, "match": match},
                                      extra={"match": match}))
     return out
-
-
-def evaluate_target(cache: Path, target: str, cfg: Config) -> None:
-    """Score every candidate on `target`; write rows.json and samples.png into eval-<target>/."""
-    import prolora
-    from prolora.formats import read_lora
-
-    from .evaluate import Scorer
-    from .report import save_grid
-    from .stages import load_classifiers
-
-    out = cache / f"eval-{target}"
-    src_unet, tgt_unet = cache / "source" / "unet", cache / target / "unet"
-    lora = cache / "lora-source-0" / "lora.safetensors"
-    oracles = {s: read_lora(cache / f"lora-{target}-{s}" / "lora.safetensors") for s in (0, 1)}
-    scorer = Scorer(cache / target, oracles[0].modules, load_classifiers(cache), cfg.n_func, cfg.n_samples,
-                    cfg.sample_steps)
-    bases = cache / "prolora-bases"
-    rows, grids = [], []
-    for cand in candidates(target):
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"group": cand.group, "label": cand.label, "options": cand.options, **cand.extra}
-        lf = None
-        if cand.oracle_seed is not None:
-            lf = oracles[cand.oracle_seed]
-        elif cand.options is not None:
-            res = prolora.transfer(src_unet, tgt_unet, lora, cache=True, cache_dir=str(bases), **cand.options)
-            lf = res.lora
-            s = res.report.summary()
-            row.update(layers=s["layers"], transferred=s["transferred"], min_phi=s["min_phi"],
-                       mean_phi=(s["mean_phi_left"] + s["mean_phi_right"]) / 2 if s["mean_phi_left"] is not None else None,
-                       k_min=s["k_min"], k_max=s["k_max"], retained=s["mean_retained_energy"])
-            if res.report.info.get("matching"):
-                row["matching"] = res.report.info["matching"]
-        modules = lf.modules if lf is not None and lf.modules else None
-        scores, imgs = scorer.score(modules, cand.samples)
-        if modules:
-            agreement = prolora.compare(lf, oracles[0], base=tgt_unet).agreement.summary()
-            scores.cosine, scores.rel_error = agreement["cosine"], agreement["rel_error"]
-        elif cand.options is not None or cand.oracle_seed is None:
-            scores.cosine, scores.rel_error = 0.0, 1.0  # no dW at all
-        row["scores"] = scores.__dict__
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append(row)
-        if imgs is not None:
-            grids.append((cand.label, imgs))
-    save_grid(out / "samples.png", grids)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
