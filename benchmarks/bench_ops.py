@@ -33,14 +33,21 @@ def test_gram_floor(benchmark, shape):
     benchmark(lambda: W @ W.T if shape[0] <= shape[1] else W.T @ W)
 
 
+def bases(g: torch.Generator, m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Orthonormal bases (Us, Vs, Ut, Vt) of one m x n module in source and target, k columns
+    each (drawn from g as Us, Ut, then Vs, Vt)."""
+    Us, Ut = (torch.linalg.qr(torch.randn(m, k, generator=g))[0] for _ in range(2))
+    Vs, Vt = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for _ in range(2))
+    return Us, Vs, Ut, Vt
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("method", ["prolora", "prolora-full"])
 def test_project_lora(benchmark, backend, method):
     g = torch.Generator().manual_seed(0)
     m = n = 1280
     k, r = 640, 16
-    Us, Ut = (torch.linalg.qr(torch.randn(m, k, generator=g))[0] for _ in range(2))
-    Vs, Vt = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for _ in range(2))
+    Us, Vs, Ut, Vt = bases(g, m, n, k)
     B, A = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
     benchmark.group = f"project_lora {method} 1280x1280 k640 r16"
     up, down = benchmark(project_lora.backends[backend].fn, B, A, Us, Vs, Ut, Vt, method)
@@ -54,8 +61,7 @@ def test_project_group(benchmark, loras):
     g = torch.Generator().manual_seed(0)
     m = n = 1280
     k, r = 640, 16
-    Us, Ut = (torch.linalg.qr(torch.randn(m, k, generator=g))[0] for _ in range(2))
-    Vs, Vt = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for _ in range(2))
+    Us, Vs, Ut, Vt = bases(g, m, n, k)
     cross = (Ut.T @ Us, Vt.T @ Vs)
     factors = [(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)) for _ in range(loras)]
     benchmark.group = "project_group prolora-full 1280x1280 k640 r16"

@@ -24,10 +24,9 @@ import pytest
 
 
 def make_inputs(folder: Path, model: str, loras: int, rank: int) -> tuple[Path, Path, list[Path]]:
-    from prolora.synthetic import write_lora, write_model
+    from prolora.synthetic import write_lora, write_pair
 
-    src = write_model(folder / "source.safetensors", model, layout="single-file", seed=0)
-    tgt = write_model(folder / "target.safetensors", model, layout="single-file", seed=0, base=src)
+    src, tgt = write_pair(folder / "source.safetensors", folder / "target.safetensors", model, seed=0)
     (folder / "loras").mkdir()
     paths = [write_lora(src, folder / "loras" / f"lora{i:03d}.safetensors", format="kohya" if i % 2 else "peft",
                         rank=rank, seed=i, targets="attn") for i in range(loras)]

@@ -3,14 +3,13 @@ layer) vs the fast path, cold and warm cache. `prolora bench` runs the full-size
 import pytest
 
 import prolora
-from prolora.synthetic import write_lora, write_model
+from prolora.synthetic import write_lora, write_pair
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_pair")
-    src = write_model(d / "src.safetensors", "sdxl:small", layout="single-file", seed=0)
-    tgt = write_model(d / "tgt.safetensors", "sdxl:small", layout="single-file", seed=0, base=src)
+    src, tgt = write_pair(d / "src.safetensors", d / "tgt.safetensors", "sdxl:small", seed=0)
     return src, tgt, write_lora(src, d / "lora.safetensors", rank=16, targets="attn")
 
 

@@ -36,11 +36,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def sdxl_pair(tmp_path_factory):
     """A tiny SDXL-shaped source (single file) and target (diffusers folder), plus LoRAs."""
-    from prolora.synthetic import write_lora, write_model
+    from prolora.synthetic import write_lora, write_pair
 
     d = tmp_path_factory.mktemp("sdxl_pair")
-    source = write_model(d / "source.safetensors", "sdxl:tiny", layout="single-file", seed=0)
-    target = write_model(d / "target", "sdxl:tiny", layout="diffusers", seed=0, base=source)
+    source, target = write_pair(d / "source.safetensors", d / "target", "sdxl:tiny", seed=0)
     return {
         "dir": d, "source": source, "target": target,
         "kohya": write_lora(source, d / "kohya.safetensors", format="kohya", rank=4, targets="transformer"),
@@ -51,10 +50,10 @@ def sdxl_pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd15_pair(tmp_path_factory):
-    from prolora.synthetic import write_lora, write_model
+    """A tiny SD1.5-shaped source (diffusers folder) and target (single file), plus a kohya LoRA."""
+    from prolora.synthetic import write_lora, write_pair
 
     d = tmp_path_factory.mktemp("sd15_pair")
-    source = write_model(d / "source", "sd15:tiny", layout="diffusers", seed=3)
-    target = write_model(d / "target.safetensors", "sd15:tiny", layout="single-file", seed=3, base=source)
+    source, target = write_pair(d / "source", d / "target.safetensors", "sd15:tiny", seed=3)
     return {"dir": d, "source": source, "target": target,
             "kohya": write_lora(source, d / "kohya.safetensors", format="kohya", rank=4, targets="transformer")}

@@ -16,6 +16,7 @@ from prolora.synthetic import (
     PRESETS, Perturbation, clip_params, generator, lora_targets, make_demo, model_params, preset, spectral_weight,
     unet_params, write_lora, write_model,
 )
+from zoo import canon
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl", "ssd-1b": "ssd-1b"}
@@ -47,10 +48,6 @@ def _digest(path: Path) -> str:
 # ------------------------------------------------------------------ parameter lists vs diffusers
 
 
-def _canon(name: str) -> str:
-    return "text_model." + name if name.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else name
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("scale", ["tiny", "small", "full"])
 def test_params_equal_diffusers_and_transformers(name, scale):
@@ -68,7 +65,7 @@ def test_params_equal_diffusers_and_transformers(name, scale):
         cls = transformers.CLIPTextModelWithProjection if te.projection else transformers.CLIPTextModel
         with torch.device("meta"):
             model = cls(conf)
-        assert clip_params(te) == [(_canon(k), tuple(v.shape)) for k, v in model.state_dict().items()]
+        assert clip_params(te) == [(canon(k), tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def test_full_sizes_match_the_real_models():

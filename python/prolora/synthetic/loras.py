@@ -74,13 +74,7 @@ def lora_targets(modules: Mapping[str, WeightRef], targets: str = "transformer",
         k3 = len(ref.shape) == 4 and ref.shape[2:] != (1, 1)
         if k3 and not conv:
             continue
-        if targets == "attn":
-            ok = any(a in module for a in _ATTN)
-        elif targets == "transformer":
-            ok = is_te or ".attentions." in module
-        else:
-            ok = True
-        if ok:
+        if _chosen(targets, attn=any(a in module for a in _ATTN), transformer=is_te or ".attentions." in module):
             yield module
 
 
@@ -91,19 +85,19 @@ def flux_lora_targets(modules: Iterable[str], targets: str = "transformer") -> I
         if not module.startswith("transformer."):
             continue
         in_block = module.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
-        if targets == "attn":
-            ok = ".attn." in module
-        elif targets == "transformer":
-            ok = in_block
-        else:
-            ok = True
-        if ok:
+        if _chosen(targets, attn=".attn." in module, transformer=in_block):
             yield module
 
 
 def _check_targets(targets: str) -> None:
     if targets not in TARGETS:
         raise ValueError(f"unknown targets {targets!r}; use 'attn', 'transformer' or 'all'")
+
+
+def _chosen(targets: str, attn: bool, transformer: bool) -> bool:
+    """Whether a module is adapted under `targets`, given whether it is an attention projection
+    and whether it is in a transformer ("all" takes every module offered)."""
+    return {"attn": attn, "transformer": transformer}.get(targets, True)
 
 
 def _fit(up: torch.Tensor, down: torch.Tensor, scale: float, size: float) -> None:
