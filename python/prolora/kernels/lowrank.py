@@ -2,7 +2,9 @@
 tiles of U1, U2 (m x k, any float dtype) and X (m x r): the second half of every projection
 P_U X = U (U^T X), Q_U X = X - U (U^T X), where the small k x r coefficients C come from tn().
 
-U1's tile is loaded once for both outputs; everything is accumulated in IEEE float32.
+U1's tile is loaded once for both outputs; everything is accumulated in IEEE float32. The rank
+is tiled (BR columns per program), so r = 1..256 and beyond (conv LoRAs' flattened r x (c kh kw)
+down factors included) run in bounded tiles.
 """
 from __future__ import annotations
 
@@ -10,32 +12,66 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERP_TILE, autotune, check_device, interp_meta, next_pow2
+from ._config import INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, next_pow2
 
+# BR is the rank tile: a program computes BR columns of the outputs, so any rank runs (r = 256
+# is 4 to 16 rank tiles) in a bounded tile, whatever the device's shared memory.
 _CONFIGS = [
-    dict(BM=64, BK=32, num_warps=4, num_stages=3),
-    dict(BM=128, BK=32, num_warps=4, num_stages=3),
-    dict(BM=64, BK=64, num_warps=4, num_stages=3),
-    dict(BM=128, BK=64, num_warps=8, num_stages=3),
-    dict(BM=32, BK=64, num_warps=2, num_stages=4),
+    dict(BM=64, BK=32, BR=16, num_warps=4, num_stages=3),
+    dict(BM=128, BK=32, BR=16, num_warps=4, num_stages=3),
+    dict(BM=64, BK=32, BR=32, num_warps=4, num_stages=3),
+    dict(BM=128, BK=32, BR=32, num_warps=8, num_stages=3),
+    dict(BM=64, BK=32, BR=64, num_warps=4, num_stages=3),
+    dict(BM=128, BK=16, BR=64, num_warps=8, num_stages=4),
 ]
 
 
-@autotune(_CONFIGS, key=["M", "K", "RP", "HAS_U2", "WRITE_B"])
+def _terms(args: dict) -> tuple[int, int]:
+    """(U tiles, coefficient tiles) that one k-step of _expand_kernel loads for these flags."""
+    write_a, write_b, has_u2 = bool(args["WRITE_A"]), bool(args["WRITE_B"]), bool(args["HAS_U2"])
+    u = 1 + (write_b and has_u2)
+    c = write_a + write_b + (write_b and has_u2)
+    return u, c
+
+
+def expand_shared(config: dict, args: dict) -> int:
+    """Upper bound of _expand_kernel's shared memory (bytes): num_stages buffers of the U tiles
+    (counted as float32: they are upcast before the dot) and the float32 coefficient tiles, or
+    the two float32 accumulator tiles if the epilogue's layout change needs more."""
+    u, c = _terms(args)
+    bm, bk, br = config["BM"], config["BK"], config["BR"]
+    ops = u * bm * bk * max(4, elem_bytes(args["u1"])) + c * bk * br * 4
+    return max(config["num_stages"] * ops, 2 * bm * br * 4)
+
+
+def expand_keeps(config: dict, args: dict) -> bool:
+    """Rank tiles no wider than the rank needs (a 64-wide tile for r = 4 would be 94% padding)."""
+    return config["BR"] <= next_pow2(int(args["R"]))
+
+
+@autotune(_CONFIGS, key=["M", "K", "R", "HAS_U2", "WRITE_A", "WRITE_B"], name="expand",
+          shared=expand_shared, keep=expand_keeps)
 @triton.jit
 def _expand_kernel(u1, u2, x, c1, c2, c3, oa, ob, M, K, R,
                    su1b, su1m, su1k, su2b, su2m, su2k, sxb, sxm, sxr, scb, sck, scr,
                    soab, soam, soar, sobb, sobm, sobr,
-                   BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, HAS_U2: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, HAS_U2: tl.constexpr,
                    HAS_X: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
                    SUM: tl.constexpr):
-    pm = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # program -> (matrix b, row tile pm, rank tile pr), rank tiles fastest (neighbouring
+    # programs read the same U rows); the batch is folded into grid axis 0
+    nr = tl.cdiv(R, BR)
+    per_b = tl.cdiv(M, BM) * nr
+    pid = tl.program_id(0)
+    b = (pid // per_b).to(tl.int64)
+    rest = pid % per_b
+    pm = rest // nr
+    pr = rest % nr
     rm = pm * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
+    rr = pr * BR + tl.arange(0, BR)
     rk = tl.arange(0, BK)
-    acc_a = tl.zeros((BM, RP), dtype=tl.float32)
-    acc_b = tl.zeros((BM, RP), dtype=tl.float32)
+    acc_a = tl.zeros((BM, BR), dtype=tl.float32)
+    acc_b = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         mk = (rm[:, None] < M) & (kk[None, :] < K)
@@ -63,6 +99,21 @@ def _expand_kernel(u1, u2, x, c1, c2, c3, oa, ob, M, K, R,
             tl.store(ob + b * sobb + rm[:, None] * sobm + rr[None, :] * sobr, acc_b, mask=mr)
 
 
+def _coefficients(b: int, K: int, R: int, device, *cs: torch.Tensor | None,
+                  need: tuple[bool, bool, bool]) -> list[torch.Tensor]:
+    """C1, C2, C3 as contiguous float32 (b, K, R) (the kernel reads them with one set of
+    strides): a needed term that is missing is zeros; one the flags never read is passed as
+    another coefficient's pointer (no allocation)."""
+    out = [c.to(torch.float32).contiguous() if c is not None else None for c in cs]
+    for i, (c, needed) in enumerate(zip(out, need)):
+        if c is None and needed:
+            out[i] = torch.zeros(b, K, R, dtype=torch.float32, device=device)
+    stand_in = next((c for c in out if c is not None), None)
+    if stand_in is None:  # nothing is written: any tensor of the right shape will do
+        stand_in = torch.empty(0, device=device).as_strided((b, K, R), (0, 0, 0))
+    return [c if c is not None else stand_in for c in out]
+
+
 def expand(u1: torch.Tensor, c1: torch.Tensor | None, *, out_a: torch.Tensor | None = None,
            u2: torch.Tensor | None = None, c2: torch.Tensor | None = None,
            c3: torch.Tensor | None = None, x: torch.Tensor | None = None,
@@ -76,27 +127,19 @@ def expand(u1: torch.Tensor, c1: torch.Tensor | None, *, out_a: torch.Tensor | N
     write_b = out_b is not None or add
     ref = out_a if out_a is not None else out_b
     R = ref.shape[2]
-    zeros = None
-
-    def coef(c: torch.Tensor | None) -> torch.Tensor:
-        nonlocal zeros
-        if c is None:
-            if zeros is None:
-                zeros = torch.zeros(b, K, R, dtype=torch.float32, device=u1.device)
-            return zeros
-        return c.to(torch.float32).contiguous()
-
-    c1, c2, c3 = coef(c1), coef(c2), coef(c3)
+    c1, c2, c3 = _coefficients(b, K, R, u1.device, c1 if write_a or add else None,
+                               c2 if write_b and u2 is not None else None, c3 if write_b else None,
+                               need=(write_a or add, write_b and u2 is not None, write_b))
     u2_ = u2 if u2 is not None else u1
     x_ = x if x is not None else u1
     oa = out_a if out_a is not None else ref
     ob = out_b if out_b is not None else ref
     sx = x.stride() if x is not None else (0, 0, 0)
-    meta = interp_meta(BM=INTERP_TILE, BK=INTERP_TILE)
+    meta = interp_meta("expand", BM=INTERP_TILE, BK=INTERP_TILE, BR=INTERP_TILE)
     if b == 0 or M == 0 or R == 0:
         return
-    grid = lambda m: (triton.cdiv(M, m["BM"]), b)  # noqa: E731
+    grid = lambda m: (check_grid(b * triton.cdiv(M, m["BM"]) * triton.cdiv(R, m["BR"]), "expand"),)  # noqa: E731
     _expand_kernel[grid](u1, u2_, x_, c1, c2, c3, oa, ob, M, K, R,
                          *u1.stride(), *u2_.stride(), *sx, *c1.stride(), *oa.stride(), *ob.stride(),
-                         RP=next_pow2(R), HAS_U2=u2 is not None, HAS_X=x is not None,
+                         HAS_U2=u2 is not None, HAS_X=x is not None,
                          WRITE_A=write_a or add, WRITE_B=write_b, SUM=add, **meta)

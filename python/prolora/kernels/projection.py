@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.projection import METHODS  # the one list of methods (the CLI's choices)
 from .lowrank import expand
 from .tn import tn
-
-METHODS = ("prolora", "prolora-full", "subspace", "copy")
 
 
 def _side(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor, par: torch.Tensor | None,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERP_TILE, autotune, check_device, interp_meta
+from ._config import INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, interpreting
 
 _TN_CONFIGS = [
     dict(BP=64, BQ=64, BL=32, num_warps=4, num_stages=3),
@@ -30,6 +30,26 @@ _GRAM_CONFIGS = [
     dict(BT=128, BL=32, num_warps=8, num_stages=3),
 ]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _operand_bytes(args: dict, name: str) -> int:
+    """Bytes per element of a dot operand as it sits in shared memory: the loaded type, or
+    float32 when the kernel upcasts (the conversion may happen before the copy to shared)."""
+    return 4 if args["UPCAST"] else elem_bytes(args[name])
+
+
+def tn_shared(config: dict, args: dict) -> int:
+    """Upper bound of _tn_kernel's shared memory (bytes): num_stages buffers of both operand
+    tiles, or the float32 accumulator tile if the epilogue's layout change needs more."""
+    ops = config["BP"] * config["BL"] * _operand_bytes(args, "a_ptr") \
+        + config["BL"] * config["BQ"] * _operand_bytes(args, "x_ptr")
+    return max(config["num_stages"] * ops, config["BP"] * config["BQ"] * 4)
+
+
+def gram_shared(config: dict, args: dict) -> int:
+    """Upper bound of _gram_kernel's shared memory (bytes): as tn_shared with A on both sides."""
+    ops = 2 * config["BT"] * config["BL"] * _operand_bytes(args, "a_ptr")
+    return max(config["num_stages"] * ops, config["BT"] * config["BT"] * 4)
 
 
 @triton.jit
@@ -53,15 +73,18 @@ def _tn_acc(a_ptr, x_ptr, L, P, Q, sal, sap, sxl, sxq, p0, q0,
     return acc
 
 
-@autotune(_TN_CONFIGS, key=["L", "P", "Q", "UPCAST"], reset_to_zero=["sq_ptr"])
+@autotune(_TN_CONFIGS, key=["L", "P", "Q", "UPCAST"], name="tn", shared=tn_shared, reset_to_zero=["sq_ptr"])
 @triton.jit
 def _tn_kernel(a_ptr, x_ptr, c_ptr, sq_ptr, L, P, Q,
                sab, sal, sap, sxb, sxl, sxq, scb, scp, scq, sqb,
                BP: tl.constexpr, BQ: tl.constexpr, BL: tl.constexpr,
                UPCAST: tl.constexpr, STORE: tl.constexpr, SQ: tl.constexpr):
-    t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # the batch is folded into grid axis 0 (2**31 - 1 programs; axis 1 would cap it at 65,535)
     nq = tl.cdiv(Q, BQ)
+    ntiles = tl.cdiv(P, BP) * nq
+    pid = tl.program_id(0)
+    b = (pid // ntiles).to(tl.int64)
+    t = pid % ntiles
     p0 = (t // nq) * BP
     q0 = (t % nq) * BQ
     acc = _tn_acc(a_ptr + b * sab, x_ptr + b * sxb, L, P, Q, sal, sap, sxl, sxq, p0, q0,
@@ -75,13 +98,17 @@ def _tn_kernel(a_ptr, x_ptr, c_ptr, sq_ptr, L, P, Q,
         tl.store(sq_ptr + b * sqb + t, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-@autotune(_GRAM_CONFIGS, key=["L", "D", "UPCAST"])
+@autotune(_GRAM_CONFIGS, key=["L", "D", "UPCAST"], name="gram", shared=gram_shared)
 @triton.jit
 def _gram_kernel(a_ptr, c_ptr, L, D, sab, sal, sad, scb, scr, scc,
                  BT: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
-    # program t computes lower-triangle tile (ti, tj), ti >= tj, t = ti (ti + 1) / 2 + tj
-    t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # program t of matrix b computes lower-triangle tile (ti, tj), ti >= tj,
+    # t = ti (ti + 1) / 2 + tj; the batch is folded into grid axis 0
+    nt = tl.cdiv(D, BT)
+    ntri = nt * (nt + 1) // 2
+    pid = tl.program_id(0)
+    b = (pid // ntri).to(tl.int64)
+    t = pid % ntri
     ti = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
     ti = tl.where((ti + 1) * (ti + 2) // 2 <= t, ti + 1, ti)
     ti = tl.where(ti * (ti + 1) // 2 > t, ti - 1, ti)
@@ -92,13 +119,22 @@ def _gram_kernel(a_ptr, c_ptr, L, D, sab, sal, sad, scb, scr, scc,
     rc = tj * BT + tl.arange(0, BT)
     mask = (rr[:, None] < D) & (rc[None, :] < D)
     c = c_ptr + b * scb
-    tl.store(c + rr[:, None] * scr + rc[None, :] * scc, acc, mask=mask)
-    if ti != tj:  # the mirrored tile: the output is the full symmetric matrix
-        tl.store(c + rc[None, :] * scr + rr[:, None] * scc, acc, mask=mask)
+    # the lower triangle as computed, the upper one as its mirror: the output is exactly
+    # symmetric by construction, even where the dot of a diagonal tile is not (numpy's BLAS
+    # under the interpreter). Below the diagonal (ti > tj) both masks are the full tile.
+    tl.store(c + rr[:, None] * scr + rc[None, :] * scc, acc, mask=mask & (rr[:, None] >= rc[None, :]))
+    tl.store(c + rc[None, :] * scr + rr[:, None] * scc, acc, mask=mask & (rr[:, None] > rc[None, :]))
 
 
 def _upcast(*ts: torch.Tensor) -> bool:
+    """Whether the dot upcasts its operands to float32 (IEEE): anything but a float16 or
+    bfloat16 pair. Under the interpreter a bfloat16 pair is upcast too: its emulated bfloat16
+    tl.dot is wrong (rel. error ~1e9 in Triton 3.9, design/PERFORMANCE.md), while products of
+    bfloat16 values are exact in float32, so the upcast computes what the tensor cores would;
+    the bfloat16 tensor-core path itself is checked by the AOT compile and on a GPU."""
     d = ts[0].dtype
+    if interpreting() and d == torch.bfloat16:
+        return True
     return not (d in _LOW_PRECISION and all(t.dtype == d for t in ts))
 
 
@@ -125,14 +161,14 @@ def tn(a: torch.Tensor, x: torch.Tensor, *, store: bool = True,
         raise ValueError(f"tn: A {tuple(a.shape)} and X {tuple(x.shape)} do not match")
     Q = x.shape[2]
     c = torch.empty(b, P, Q, dtype=torch.float32, device=a.device) if store else None
-    meta = interp_meta(BP=INTERP_TILE, BQ=INTERP_TILE, BL=INTERP_TILE)
+    meta = interp_meta("tn", BP=INTERP_TILE, BQ=INTERP_TILE, BL=INTERP_TILE)
     # partial sums: one slot per tile of the config with the most tiles, zeroed before each
     # run (the autotuner runs several configs), so unused slots add nothing. Without squares a
     # one-element scratch stands in: the autotuner zeroes whatever is passed as sq_ptr.
-    sq = torch.zeros(b if squares else 1, _max_tiles(P, Q) if squares else 1, dtype=torch.float32,
+    sq = torch.zeros(b if squares else 1, _max_tiles(P, Q, meta) if squares else 1, dtype=torch.float32,
                      device=a.device)
     if b and P and Q:
-        grid = lambda m: (triton.cdiv(P, m["BP"]) * triton.cdiv(Q, m["BQ"]), b)  # noqa: E731
+        grid = lambda m: (check_grid(b * triton.cdiv(P, m["BP"]) * triton.cdiv(Q, m["BQ"]), "tn"),)  # noqa: E731
         cs = c.stride() if c is not None else (0, 0, 0)
         _tn_kernel[grid](a, x, c if c is not None else sq, sq, L, P, Q,
                          *a.stride(), *x.stride(), *cs, sq.stride(0),
@@ -143,8 +179,11 @@ def tn(a: torch.Tensor, x: torch.Tensor, *, store: bool = True,
     return c, norms
 
 
-def _max_tiles(P: int, Q: int) -> int:
-    shapes = [(INTERP_TILE, INTERP_TILE)] + [(c["BP"], c["BQ"]) for c in _TN_CONFIGS]
+def _max_tiles(P: int, Q: int, meta: dict) -> int:
+    """Tiles of the (P, Q) output under the configuration with the most (the interpreter's
+    included): the slots of the per-tile partial sums."""
+    shapes = [(meta["BP"], meta["BQ"])] if meta else []
+    shapes += [(c["BP"], c["BQ"]) for c in _TN_CONFIGS]
     return max(triton.cdiv(P, bp) * triton.cdiv(Q, bq) for bp, bq in shapes)
 
 
@@ -156,11 +195,11 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     check_device(a)
     b, L, D = a.shape
     c = torch.empty(b, D, D, dtype=torch.float32, device=a.device)
-    meta = interp_meta(BT=INTERP_TILE, BL=INTERP_TILE)
+    meta = interp_meta("gram", BT=INTERP_TILE, BL=INTERP_TILE)
     if b and D:
         def grid(m):
             nt = triton.cdiv(D, m["BT"])
-            return (nt * (nt + 1) // 2, b)
+            return (check_grid(b * (nt * (nt + 1) // 2), "gram"),)
 
         _gram_kernel[grid](a, c, L, D, *a.stride(), *c.stride(), UPCAST=_upcast(a), **meta)
     return c[0] if squeeze else c
