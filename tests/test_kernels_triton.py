@@ -11,8 +11,8 @@ on the same (quantized) inputs must be at most RATIO times torch's error when it
 float32, the precision the kernels accumulate in (floored at float32 eps). A kernel that
 accumulated in half precision, or lost a tile, would be off by orders of magnitude.
 
-bfloat16 under the interpreter: Triton's emulated bfloat16 tl.dot is wrong (design notes,
-PERFORMANCE.md), so bfloat16 pairs are upcast there (exactly what the tensor cores compute:
+bfloat16 under the interpreter: Triton's emulated bfloat16 tl.dot is wrong (docs/performance.md,
+"Triton's interpreter and bfloat16"), so bfloat16 pairs are upcast there (exactly what the tensor cores compute:
 bfloat16 products are exact in float32); the bfloat16 loads, masks and stores run as on a GPU,
 the bfloat16 tensor-core dot is compiled by tests/test_kernels_aot.py and run by the GPU tests.
 """

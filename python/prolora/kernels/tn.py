@@ -129,7 +129,7 @@ def _gram_kernel(a_ptr, c_ptr, L, D, sab, sal, sad, scb, scr, scc,
 def _upcast(*ts: torch.Tensor) -> bool:
     """Whether the dot upcasts its operands to float32 (IEEE): anything but a float16 or
     bfloat16 pair. Under the interpreter a bfloat16 pair is upcast too: its emulated bfloat16
-    tl.dot is wrong (rel. error ~1e9 in Triton 3.9, design/PERFORMANCE.md), while products of
+    tl.dot is wrong (rel. error ~1e9 in Triton 3.9, docs/performance.md), while products of
     bfloat16 values are exact in float32, so the upcast computes what the tensor cores would;
     the bfloat16 tensor-core path itself is checked by the AOT compile and on a GPU."""
     d = ts[0].dtype
