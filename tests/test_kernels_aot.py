@@ -70,8 +70,10 @@ def _cases():
     for da in dts:
         for dx in dts:
             up = not (da == dx and da != torch.float32)
-            out.append(("tn", tnk._TN_CONFIGS, tnk.tn_shared, dict(a_ptr=t(da), x_ptr=t(dx), UPCAST=up)))
-        out.append(("gram", tnk._GRAM_CONFIGS, tnk.gram_shared, dict(a_ptr=t(da), UPCAST=da == torch.float32)))
+            args = dict(a_ptr=t(da), x_ptr=t(dx), UPCAST=up)
+            out.append(("tn", [c for c in tnk._TN_CONFIGS if tnk.tn_keeps(c, args)], tnk.tn_shared, args))
+        args = dict(a_ptr=t(da), UPCAST=da == torch.float32)
+        out.append(("gram", [c for c in tnk._GRAM_CONFIGS if tnk.gram_keeps(c, args)], tnk.gram_shared, args))
         for flags in ((False, True, False), (True, True, True)):
             has_u2, write_a, write_b = flags
             out.append(("expand", lowrank._CONFIGS, lowrank.expand_shared,
@@ -121,11 +123,17 @@ def test_expand_pruner_drops_wide_rank_tiles_and_what_does_not_fit():
         prune(1000, R=256)
 
 
-def test_tn_pruner_keeps_every_configuration_on_a_hopper():
+def test_tn_pruner_keeps_the_launchs_class_on_a_hopper():
+    """Upcast (float32) launches autotune over the FMA configurations, half pairs over the
+    tensor-core ones; on an H100/H200 all of a class fit."""
     configs = _triton_configs(tnk._TN_CONFIGS)
-    p = config_pruner("tn", tnk.tn_shared, limit_of=lambda _: ARCH_LIMITS[90].max_shared)
-    named = dict(a_ptr=torch.empty(1), x_ptr=torch.empty(1))
-    assert p(configs, named, UPCAST=True, STORE=True, SQ=False) == configs
+    p = config_pruner("tn", tnk.tn_shared, tnk.tn_keeps, limit_of=lambda _: ARCH_LIMITS[90].max_shared)
+    fp32 = dict(a_ptr=torch.empty(1), x_ptr=torch.empty(1))
+    fp16 = dict(a_ptr=torch.empty(1, dtype=torch.float16), x_ptr=torch.empty(1, dtype=torch.float16))
+    fma = p(configs, fp32, UPCAST=True, STORE=True, SQ=False)
+    mma = p(configs, fp16, UPCAST=False, STORE=True, SQ=False)
+    assert [c.kwargs for c in fma] == [meta_of(c) for c in tnk._TN_FMA]
+    assert [c.kwargs for c in mma] == [meta_of(c) for c in tnk._TN_MMA]
 
 
 def test_interp_config_needs_the_interpreter(monkeypatch):

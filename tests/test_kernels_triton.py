@@ -171,15 +171,17 @@ def test_expand_writes_both_outputs_and_their_sum():
 
 # ---- every tile configuration, dtype and rank, against float64 ------------------------------
 
-TN_PAIRS = [("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"),
-            ("fp32", "bf16")]
+TN_MMA_PAIRS = [("fp16", "fp16"), ("bf16", "bf16")]  # tensor-core dots on a GPU
+TN_FMA_PAIRS = [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "bf16")]  # upcast
+TN_CASES = [(c, *pair) for c in tnk._TN_MMA for pair in TN_MMA_PAIRS] + \
+    [(c, *pair) for c in tnk._TN_FMA for pair in TN_FMA_PAIRS]
 
 
-@pytest.mark.parametrize("da,dx", TN_PAIRS)
-@pytest.mark.parametrize("config", tnk._TN_CONFIGS, ids=cfg_id)
+@pytest.mark.parametrize("config,da,dx", TN_CASES, ids=lambda v: cfg_id(v) if isinstance(v, dict) else v)
 def test_tn_under_every_configuration_and_dtype(config, da, dx):
-    """C = A^T X and its squared norms with each autotune configuration's tiles (P, Q span
-    several tiles of the small ones, and end in partial tiles), from half and single precision."""
+    """C = A^T X and its squared norms with each autotune configuration's tiles, for the operand
+    pairs a GPU launch runs it with (tensor-core configurations for half pairs, FMA ones for
+    upcast pairs); P, Q span several tiles of the small ones and end in partial tiles."""
     g = torch.Generator().manual_seed(21)
     a = torch.randn(2, 70, 150, generator=g).to(DTYPES[da])
     x = torch.randn(2, 70, 40, generator=g).to(DTYPES[dx])
@@ -192,8 +194,10 @@ def test_tn_under_every_configuration_and_dtype(config, da, dx):
     check(sq, (exact ** 2).sum((1, 2)), (torch32.double() ** 2).sum((1, 2)), "squared norms")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("config", tnk._GRAM_CONFIGS, ids=cfg_id)
+GRAM_CASES = [(c, d) for c in tnk._GRAM_MMA for d in ("fp16", "bf16")] + [(c, "fp32") for c in tnk._GRAM_FMA]
+
+
+@pytest.mark.parametrize("config,dtype", GRAM_CASES, ids=lambda v: cfg_id(v) if isinstance(v, dict) else v)
 def test_gram_under_every_configuration_and_dtype(config, dtype):
     """A^T A over three triangle tiles of the 64-wide configurations (more of the interpreter's),
     exactly symmetric, within the float32 bound."""

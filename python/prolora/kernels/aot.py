@@ -58,7 +58,7 @@ class Result:
     shared: int = 0
     estimate: int = 0
     regs: int = 0
-    spill: int = 0
+    spill: int = 0           # bytes of register spill stores per thread
     threads: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -66,14 +66,15 @@ class Result:
 def _kernels():
     from . import lowrank, tn
 
-    return {"tn": (tn._tn_kernel, tn._TN_CONFIGS, tn.tn_shared),
-            "gram": (tn._gram_kernel, tn._GRAM_CONFIGS, tn.gram_shared),
-            "expand": (lowrank._expand_kernel, lowrank._CONFIGS, lowrank.expand_shared)}
+    return {"tn": (tn._tn_kernel, tn._TN_CONFIGS, tn.tn_shared, tn.tn_keeps),
+            "gram": (tn._gram_kernel, tn._GRAM_CONFIGS, tn.gram_shared, tn.gram_keeps),
+            "expand": (lowrank._expand_kernel, lowrank._CONFIGS, lowrank.expand_shared, None)}
 
 
-def _tn_variants(configs) -> list[Variant]:
+def _tn_variants(configs, keeps=None) -> list[Variant]:
     """Every (A, X) dtype pair (bases, LoRA factors and float32 intermediates mix freely), with
-    the three output modes: C only, C and the squared norms, the norms only."""
+    the three output modes: C only, C and the squared norms, the norms only; each with the
+    configurations a launch of that pair autotunes over (`keeps`)."""
     out = []
     for da in _DTYPES:
         for dx in _DTYPES:
@@ -81,16 +82,18 @@ def _tn_variants(configs) -> list[Variant]:
             ptrs = (("a_ptr", _PTR[da]), ("x_ptr", _PTR[dx]), ("c_ptr", "*fp32"), ("sq_ptr", "*fp32"))
             for store, sq in ((True, False), (True, True), (False, True)):
                 flags = (("UPCAST", upcast), ("STORE", store), ("SQ", sq))
-                out += [Variant("tn", ptrs, flags, ("sap", "sxq", "scq"), tuple(c.items())) for c in configs]
+                out += [Variant("tn", ptrs, flags, ("sap", "sxq", "scq"), tuple(c.items())) for c in configs
+                        if keeps is None or keeps(c, dict(flags))]
     return out
 
 
-def _gram_variants(configs) -> list[Variant]:
+def _gram_variants(configs, keeps=None) -> list[Variant]:
     out = []
     for d in _DTYPES:
         ptrs = (("a_ptr", _PTR[d]), ("c_ptr", "*fp32"))
         flags = (("UPCAST", d == "fp32"),)
-        out += [Variant("gram", ptrs, flags, ("sad", "scc"), tuple(c.items())) for c in configs]
+        out += [Variant("gram", ptrs, flags, ("sad", "scc"), tuple(c.items())) for c in configs
+                if keeps is None or keeps(c, dict(flags))]
     return out
 
 
@@ -121,7 +124,8 @@ def variants(full: bool = True) -> list[Variant]:
     compiled dot (half-precision pair on the tensor cores, bfloat16 pair, float32 upcast, half
     upcast next to float32) with the flags that load and store the most (see `in_ci`)."""
     k = _kernels()
-    out = _tn_variants(k["tn"][1]) + _gram_variants(k["gram"][1]) + _expand_variants(k["expand"][1])
+    out = _tn_variants(k["tn"][1], k["tn"][3]) + _gram_variants(k["gram"][1], k["gram"][3]) \
+        + _expand_variants(k["expand"][1])
     return out if full else [v for v in out if in_ci(v)]
 
 
@@ -142,8 +146,8 @@ def in_ci(v: Variant) -> bool:
 
 
 def _cubin_resources(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, local memory bytes per thread) of the cubin's one kernel, from
-    `cuobjdump -res-usage` (Triton's bundled copy). Local memory there is register spills."""
+    """(registers per thread, stack frame bytes per thread) of the cubin's one kernel, from
+    `cuobjdump -res-usage` (Triton's bundled copy)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -151,10 +155,31 @@ def _cubin_resources(cubin: bytes) -> tuple[int, int]:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text)
+    m = re.search(r"REG:(\d+) STACK:(\d+) .*?LOCAL:(\d+)", text)
     if m is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {text[-500:]}")
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def _spill_stores(ptx: str, arch: int) -> tuple[int, int]:
+    """(bytes of register spill stores per thread, registers) from `ptxas -v` (the ptxas Triton
+    uses for this arch) on the kernel's PTX: a stack frame alone may be scratch, not spills."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # the options Triton 3.9's make_cubin passes (floating-point fusion on), so that the
+        # report describes the cubin Triton made: its register count must agree
+        proc = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                               src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr
+    m, r = re.search(r"(\d+) bytes spill stores", log), re.search(r"Used (\d+) registers", log)
+    if m is None or r is None:
+        raise RuntimeError(f"no spill report in ptxas -v: {log[-500:]}")
+    return int(m.group(1)), int(r.group(1))
 
 
 def compile_one(v: Variant, arch: int) -> Result:
@@ -163,7 +188,7 @@ def compile_one(v: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    kernel, _, shared_fn = _kernels()[v.kernel]
+    kernel, _, shared_fn, _ = _kernels()[v.kernel]
     jit = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
     config = dict(v.config)
     names = jit.arg_names
@@ -185,7 +210,11 @@ def compile_one(v: Variant, arch: int) -> Result:
     lim = ARCH_LIMITS[arch]
     res.shared = int(compiled.metadata.shared)
     res.threads = 32 * int(compiled.metadata.num_warps)
-    res.regs, res.spill = _cubin_resources(compiled.asm["cubin"])
+    res.regs, stack = _cubin_resources(compiled.asm["cubin"])
+    if stack:
+        res.spill, regs = _spill_stores(compiled.asm["ptx"], arch)
+        if regs != res.regs:
+            res.problems.append(f"ptxas -v reports {regs} registers, the cubin {res.regs}: not the same build")
     res.estimate = shared_fn(config, {**ptrs, **dict(v.flags), "R": 1})
     if res.shared > lim.max_shared:
         res.problems.append(f"shared memory {res.shared} B > {lim.max_shared} B")
@@ -194,7 +223,7 @@ def compile_one(v: Variant, arch: int) -> Result:
     if res.regs * res.threads > lim.max_regs_block:
         res.problems.append(f"{res.regs} registers x {res.threads} threads > {lim.max_regs_block} per block")
     if res.spill:
-        res.problems.append(f"{res.spill} B per thread spilled to local memory")
+        res.problems.append(f"spills registers ({res.spill} B of spill stores per thread)")
     if res.estimate < res.shared:
         res.problems.append(f"shared-memory estimate {res.estimate} B < the compiler's {res.shared} B "
                             f"(launch-time pruning would keep a config that does not fit)")

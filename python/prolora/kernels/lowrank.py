@@ -15,13 +15,15 @@ import triton.language as tl
 from ._config import INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, next_pow2
 
 # BR is the rank tile: a program computes BR columns of the outputs, so any rank runs (r = 256
-# is 4 to 16 rank tiles) in a bounded tile, whatever the device's shared memory.
+# is 4 to 16 rank tiles) in a bounded tile, whatever the device's shared memory. The dots are
+# float32 IEEE (FMA units, operands in registers): K tiles of 16 keep every configuration free
+# of register spills for float16/bfloat16/float32 bases (the AOT check, aot.py).
 _CONFIGS = [
-    dict(BM=64, BK=32, BR=16, num_warps=4, num_stages=3),
-    dict(BM=128, BK=32, BR=16, num_warps=4, num_stages=3),
-    dict(BM=64, BK=32, BR=32, num_warps=4, num_stages=3),
-    dict(BM=128, BK=32, BR=32, num_warps=8, num_stages=3),
-    dict(BM=64, BK=32, BR=64, num_warps=4, num_stages=3),
+    dict(BM=64, BK=16, BR=16, num_warps=4, num_stages=3),
+    dict(BM=128, BK=16, BR=16, num_warps=4, num_stages=3),
+    dict(BM=64, BK=16, BR=32, num_warps=4, num_stages=3),
+    dict(BM=128, BK=16, BR=32, num_warps=8, num_stages=3),
+    dict(BM=64, BK=16, BR=64, num_warps=4, num_stages=3),
     dict(BM=128, BK=16, BR=64, num_warps=8, num_stages=4),
 ]
 

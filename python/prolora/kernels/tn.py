@@ -16,7 +16,11 @@ import triton.language as tl
 
 from ._config import INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, interpreting
 
-_TN_CONFIGS = [
+# Two classes of configurations. Half-precision pairs go to the tensor cores (MMA): wide K
+# tiles. Upcast launches run float32 IEEE dots on the FMA units, where every thread holds its
+# operand fragments in registers: K tiles of 16 (32 for the smallest tile) keep them from
+# spilling (the AOT check, aot.py, fails on any spill). Each launch autotunes over its class.
+_TN_MMA = [
     dict(BP=64, BQ=64, BL=32, num_warps=4, num_stages=3),
     dict(BP=128, BQ=64, BL=32, num_warps=4, num_stages=3),
     dict(BP=64, BQ=128, BL=32, num_warps=4, num_stages=3),
@@ -24,11 +28,39 @@ _TN_CONFIGS = [
     dict(BP=64, BQ=32, BL=64, num_warps=4, num_stages=3),
     dict(BP=32, BQ=16, BL=128, num_warps=4, num_stages=3),
 ]
-_GRAM_CONFIGS = [
+_TN_FMA = [
+    dict(BP=64, BQ=64, BL=16, num_warps=4, num_stages=3),
+    dict(BP=64, BQ=32, BL=16, num_warps=4, num_stages=3),
+    dict(BP=32, BQ=32, BL=32, num_warps=4, num_stages=3),
+]
+_TN_CONFIGS = _TN_MMA + _TN_FMA
+_GRAM_MMA = [
     dict(BT=64, BL=32, num_warps=4, num_stages=3),
     dict(BT=64, BL=64, num_warps=4, num_stages=4),
     dict(BT=128, BL=32, num_warps=8, num_stages=3),
 ]
+_GRAM_FMA = [
+    dict(BT=64, BL=16, num_warps=4, num_stages=3),
+    dict(BT=128, BL=16, num_warps=8, num_stages=3),
+]
+_GRAM_CONFIGS = _GRAM_MMA + _GRAM_FMA
+
+
+def _in(config: dict, configs: list[dict]) -> bool:
+    return any(config == c for c in configs)
+
+
+def tn_keeps(config: dict, args: dict) -> bool:
+    """A launch autotunes over its class: FMA configurations for upcast (float32) dots, MMA
+    ones for half-precision pairs."""
+    return _in(config, _TN_FMA) == bool(args["UPCAST"])
+
+
+def gram_keeps(config: dict, args: dict) -> bool:
+    """As tn_keeps, for the Gram kernel."""
+    return _in(config, _GRAM_FMA) == bool(args["UPCAST"])
+
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -73,7 +105,8 @@ def _tn_acc(a_ptr, x_ptr, L, P, Q, sal, sap, sxl, sxq, p0, q0,
     return acc
 
 
-@autotune(_TN_CONFIGS, key=["L", "P", "Q", "UPCAST"], name="tn", shared=tn_shared, reset_to_zero=["sq_ptr"])
+@autotune(_TN_CONFIGS, key=["L", "P", "Q", "UPCAST"], name="tn", shared=tn_shared, keep=tn_keeps,
+          reset_to_zero=["sq_ptr"])
 @triton.jit
 def _tn_kernel(a_ptr, x_ptr, c_ptr, sq_ptr, L, P, Q,
                sab, sal, sap, sxb, sxl, sxq, scb, scp, scq, sqb,
@@ -98,7 +131,7 @@ def _tn_kernel(a_ptr, x_ptr, c_ptr, sq_ptr, L, P, Q,
         tl.store(sq_ptr + b * sqb + t, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-@autotune(_GRAM_CONFIGS, key=["L", "D", "UPCAST"], name="gram", shared=gram_shared)
+@autotune(_GRAM_CONFIGS, key=["L", "D", "UPCAST"], name="gram", shared=gram_shared, keep=gram_keeps)
 @triton.jit
 def _gram_kernel(a_ptr, c_ptr, L, D, sab, sal, sad, scb, scr, scc,
                  BT: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
