@@ -5,7 +5,9 @@ Per layer dW = W_tuned - W_base (float32 from the stored dtype); its top-r singu
 from the truncated_svd op: the randomized backend (ops/svd_randomized.py) where r is small
 relative to the layer (its accuracy contract: Frobenius error within 1% of optimal), else an
 exact SVD. The factors are split as up = U sqrt(S), down = sqrt(S) V^T (balanced for float16)
-and written with alpha = rank (scale 1), so every reader applies up @ down = the approximation.
+and written with one alpha for every module (--rank, else the most common rank; a module of
+another rank r has its up scaled by r / alpha), so every reader applies up @ down = the
+approximation (see factors.uniform_alpha for why one alpha).
 What sd-scripts offers is here too, reimplemented from its meaning: `clamp_quantile` clamps the
 factors' values at that quantile of their absolute values, `min_diff` skips layers whose largest
 |dW| is below it. Identical layers are skipped and reported, as are layers the output format has
@@ -44,9 +46,13 @@ from ..lora import FORMATS, LoraFile, LoraModule
 from ..ops.registry import Problem
 from ..ops.svd import truncated_svd
 from ..ops.svd_randomized import NAME as RANDOMIZED, check as randomized_check
+from .factors import uniform_alpha
 from .naming import output_key, spelling_for
 
 MAIN_COMPONENTS = ("unet", "transformer")
+# text-encoder layers extracted with --text-encoders: CLIP attention and MLP linears, what kohya's
+# networks adapt (a LoRA on text_projection does not load in diffusers / transformers)
+TEXT_LAYERS = re.compile(r"\.(self_attn|mlp)\.")
 BACKENDS = ("auto", "randomized", "exact")
 Progress = Callable[[int, str], Callable[[int], None]]
 
@@ -59,7 +65,7 @@ class ExtractOptions:
     fraction of each layer's ||dW||_F^2 (one of the two). conv_rank: 3x3 convs are extracted at
     this rank (None: skipped). clamp_quantile: None (the exact approximation) or Q in (0, 1].
     min_diff: layers whose largest |dW| is below it are skipped. layers: a regex searched in the
-    canonical module names. text_encoders: also the text encoders. backend: auto (randomized where
+    canonical module names. text_encoders: also the text encoders' attention and MLP linears. backend: auto (randomized where
     eligible, else exact), randomized, or exact. max_memory: bytes or '2GB' (None: the engine's
     default budget).
     """
@@ -196,7 +202,7 @@ def select_layers(base: BaseModel, opts: ExtractOptions) -> list[_Layer]:
     out: list[_Layer] = []
     for module, ref in base.weights.items():
         component = module.partition(".")[0]
-        if component not in MAIN_COMPONENTS and not opts.text_encoders:
+        if component not in MAIN_COMPONENTS and not (opts.text_encoders and TEXT_LAYERS.search(module)):
             continue
         if pattern is not None and not pattern.search(module):
             continue
@@ -294,7 +300,9 @@ def _factors(layer: _Layer, basis, D: torch.Tensor, opts: ExtractOptions) -> tup
     if len(layer.shape) == 4:
         down = down.reshape((k,) + tuple(layer.shape[1:]))
         up = up.reshape(layer.shape[0], k, 1, 1)
-    mod = LoraModule(layer.key, down.to(opts.save_dtype).contiguous(), up.to(opts.save_dtype).contiguous(), None)
+    # alpha = rank (scale 1) spelled out: a PEFT file then carries it in lora_adapter_metadata, without
+    # which diffusers would scale a module of another rank than the file's most common one
+    mod = LoraModule(layer.key, down.to(opts.save_dtype).contiguous(), up.to(opts.save_dtype).contiguous(), float(k))
     return mod, min(1.0, kept), err
 
 
@@ -503,7 +511,7 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
                 raise NothingTransferredError(f"{t.path}: no layer differs from BASE enough to extract "
                                               f"({len(t.lines)} layers looked at); nothing written")
         for t in targets:
-            lora = LoraFile(format=opts.format, modules=t.modules, metadata=_metadata(base, t, opts),
+            lora = LoraFile(format=opts.format, modules=uniform_alpha(t.modules, opts.rank), metadata=_metadata(base, t, opts),
                             dtype=opts.save_dtype)
             write_lora(t.output, lora, opts.format)
             results.append(ExtractResult(t.output, lora, base.name, t.model.name, opts, t.lines,

@@ -130,3 +130,30 @@ def retained(S: torch.Tensor, k: int) -> float:
     """Fraction of ||dW||_F^2 kept by the top-k singular values (1.0 for a zero dW)."""
     total = float((S.double() ** 2).sum())
     return 1.0 if total == 0.0 else float((S[:k].double() ** 2).sum()) / total
+
+
+def uniform_alpha(modules: dict, alpha: float | None = None) -> dict:
+    """The same modules rewritten with one alpha A for all: a module of rank r and scale s gets
+    alpha A and up * s * r / A, so that A / r * up' @ down = s * up @ down (the same dW).
+
+    Why: diffusers (0.42) mis-scales kohya SD1.x files whose modules have different alphas (its
+    converter keys the alpha pattern under names peft never matches, so every module gets the
+    most common alpha). One alpha is read the same by every loader. A defaults to the most
+    common alpha (rank where a module has none), whose modules keep their factors bit for bit."""
+    from collections import Counter
+
+    from ..lora import LoraModule
+
+    if not modules:
+        return modules
+    if alpha is None:
+        alpha = Counter(float(m.rank if m.alpha is None else m.alpha) for m in modules.values()).most_common(1)[0][0]
+    A = float(alpha)
+    out = {}
+    for key, m in modules.items():
+        up = m.up
+        factor = m.scale * m.rank / A  # the module's own scale, folded with r / A
+        if factor != 1.0:
+            up = (m.up.double() * factor).to(m.up.dtype)
+        out[key] = LoraModule(m.key, m.down, up, A, m.bias)
+    return out

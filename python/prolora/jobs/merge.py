@@ -5,8 +5,8 @@ Per module the weighted factors are concatenated, up = [w_1 s_1 up_1, ..., w_n s
 down = [down_1; ...; down_n] (s_i the module's alpha / rank), so that up @ down is the weighted
 sum exactly; its SVD comes from the factors (QR of each side, SVD of the small core, see
 factors.py) and the best rank-N approximation is kept. Where N is at least the summed rank (or
-not given), the concatenated factors are written as they are: exact. Merged modules carry scale 1
-(kohya alpha = rank).
+not given), the concatenated factors are written as they are: exact. Merged modules carry one
+alpha (--rank, else the most common rank; factors.uniform_alpha).
 
 Modules are matched by name when every LoRA is in one format; with `base`, through the model
 (as `compare` does), so the LoRAs may be in different formats and spellings, fused Flux modules
@@ -28,7 +28,7 @@ from ..errors import LoraMismatchError, ModelError, OptionError, OutputPathError
 from ..formats import read_lora, write_lora
 from ..formats.parts import canonical_modules
 from ..lora import FORMATS, LoraFile, LoraModule
-from .factors import factor_svd, retained, split_factors
+from .factors import factor_svd, retained, split_factors, uniform_alpha
 from .naming import output_key, spelling_for
 
 
@@ -90,7 +90,8 @@ def merge_modules(parts: list[tuple[float, LoraModule]], rank: int | None, key: 
     bias = None
     if any(m.bias is not None for _, m in parts):
         bias = sum(w * m.bias.double() for w, m in parts if m.bias is not None).to(dtype)
-    return LoraModule(key, down.to(dtype).contiguous(), up.to(dtype).contiguous(), None, bias), total, kept
+    # alpha = rank (scale 1) spelled out, so that a PEFT file carries it in its adapter metadata
+    return LoraModule(key, down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(k), bias), total, kept
 
 
 def merge(loras: list[str | os.PathLike | LoraFile], output: str | os.PathLike, ratios: list[float] | None = None,
@@ -165,7 +166,7 @@ def merge(loras: list[str | os.PathLike | LoraFile], output: str | os.PathLike, 
     md.update({"prolora.job": "merge", "prolora.version": __version__,
                "prolora.merge": json.dumps({"inputs": [Path(f.path).name if f.path else None for f in files],
                                             "ratios": ratios, "rank": rank})})
-    out = LoraFile(format=fmt, modules=modules, metadata=md, dtype=out_dtype)
+    out = LoraFile(format=fmt, modules=uniform_alpha(modules, rank), metadata=md, dtype=out_dtype)
     write_lora(output, out, fmt)
     res = MergeResult(output, out, ratios, lines, skipped)
     if report is not None:

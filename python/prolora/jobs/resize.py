@@ -2,10 +2,12 @@
 sd-scripts' dynamic rules (sv_ratio, sv_fro, sv_cumulative; see factors.RankRule), working on
 the factors only (QR of each side and an SVD of the small core; never a dense m x n matrix).
 
-The result keeps each module's scale convention (alpha / rank): a module of scale s written at
-new rank k gets alpha s * k and factors whose product is the truncated dW / s, so diffusers,
-kohya and ComfyUI apply exactly the best rank-k approximation of the input's dW. A module whose
-rule keeps every one of its singular values is written unchanged (bit for bit).
+A module of scale s (alpha / rank) written at new rank k gets alpha s * k and factors whose
+product is the truncated dW / s, so diffusers, kohya and ComfyUI apply exactly the best rank-k
+approximation of the input's dW. A module whose rule keeps every one of its singular values is
+written unchanged (bit for bit). When the new ranks differ between modules, the alphas are then
+made one (factors.uniform_alpha: the most common alpha, the others' scale folded into up),
+because diffusers applies a single alpha to kohya files whose alphas differ.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .. import __version__
 from ..errors import OutputPathError
 from ..formats import read_lora, write_lora
 from ..lora import LoraFile, LoraModule
-from .factors import RankRule, factor_svd, retained, split_factors
+from .factors import RankRule, factor_svd, retained, split_factors, uniform_alpha
 
 
 @dataclass
@@ -116,6 +118,8 @@ def resize(lora: str | os.PathLike | LoraFile, output: str | os.PathLike, rule: 
     md.update({"prolora.job": "resize", "prolora.resize": rule.spec(), "prolora.version": __version__})
     if lf.path is not None:
         md["prolora.input"] = Path(lf.path).name
+    if len({float(m.rank if m.alpha is None else m.alpha) for m in modules.values()}) > 1:
+        modules = uniform_alpha(modules)  # one alpha: diffusers mis-scales kohya files with several
     out = LoraFile(format=lf.format, modules=modules, metadata=md, dtype=lf.dtype, path=lf.path)
     write_lora(output, out)
     res = ResizeResult(output, out, rule, lines)
