@@ -139,7 +139,10 @@ def prepare(cfg: ExtractBenchConfig) -> dict[str, Path]:
         if cfg.family == "flux":
             from ..synthetic import flux_config
 
-            model_cfg = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small")
+            full = flux_config("flux-dev", "full")
+            blocks = None if cfg.depth >= 1.0 else (max(1, round(full.num_layers * cfg.depth)),
+                                                    max(1, round(full.num_single_layers * cfg.depth)))
+            model_cfg = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small", blocks=blocks)
         else:
             model_cfg = shrink(preset(cfg.family), cfg.width, cfg.depth)
         write_model(base, model_cfg, layout="single-file", dtype=dtype, seed=0)
