@@ -46,7 +46,7 @@ def test_cache_reuse_gives_identical_output(sdxl_pair, tmp_path):
     e1, e2 = first.report.info["engine"], second.report.info["engine"]
     assert e1["cache_hits"] == 0 and e2["cache_misses"] == 0 and e2["cache_hits"] > 0
     assert e2["bytes_read"] == 0  # no weight was read: every basis came from the cache
-    assert first.output.read_bytes()[8:] != b"" and _tensors(first.output) == _tensors(second.output)
+    assert first.report.summary()["transferred"] > 0 and _tensors(first.output) == _tensors(second.output)
     models = BasisCache(cache_dir).models()
     assert len(models) == 2 and {m.family for m in models} == {"sdxl"}
 
@@ -188,7 +188,7 @@ def test_finished_layers_are_parked_until_their_lora_is_complete(sdxl_pair, tmp_
     rank = prolora.transfer(*args, tmp_path / "b.safetensors", cache=False, alpha="rank")
     assert len(parked) == 2 * (made - 1) and set(parked) == {torch.float32}
     monkeypatch.setattr(Spill, "put", lambda self, t: pytest.fail("parked"))
-    monkeypatch.setattr("prolora.engine.JobResult.park", lambda self, *a: None)
+    monkeypatch.setattr("prolora.engine.jobs.JobResult.park", lambda self, *a: None)
     held = prolora.transfer(*args, tmp_path / "c.safetensors", cache=False)
     assert _tensors(res.output) == _tensors(held.output)
     assert rank.lora.modules.keys() == res.lora.modules.keys()
@@ -237,4 +237,5 @@ def test_cli_batch_cache_and_backends(sdxl_pair, tmp_path, capsys):
     assert BasisCache(cache_dir).models() == []
     assert main(["backends"]) == 0
     text = capsys.readouterr().out
-    assert "gram" in text and "reference" in text and "no CUDA device" in text or torch.cuda.is_available()
+    assert "gram" in text and "reference" in text
+    assert torch.cuda.is_available() or "no CUDA device" in text

@@ -163,13 +163,13 @@ def test_transfer_layer_gate_and_compression():
     k = 12
     s = ref_svd(Ws, k)
     same = transfer_layer(B, A, s, s, method="prolora", tau=0.8, rank=RankSpec.parse("2r"), r_in=r)
-    assert same.transferred and same.phi_left == pytest.approx(1.0) and same.up.shape[1] == 2 * r
+    assert same.record.transferred and same.record.phi_left == pytest.approx(1.0) and same.up.shape[1] == 2 * r
     squeezed = transfer_layer(B, A, s, s, method="prolora", tau=0.8, rank=RankSpec.parse("same"), r_in=r)
-    assert squeezed.up.shape[1] == r and 0.0 <= squeezed.retained_energy <= 1.0
+    assert squeezed.up.shape[1] == r and 0.0 <= squeezed.record.retained_energy <= 1.0
     unrelated = ref_svd(weight(m, n, 99), k)
     gated = transfer_layer(B, A, s, unrelated, method="prolora-full", tau=0.8, rank=RankSpec.parse("same"), r_in=r)
-    assert not gated.transferred and gated.up is None and "< tau" in gated.reason
-    assert min(gated.phi_left, gated.phi_right) < 0.8
+    assert not gated.record.transferred and gated.up is None and "< tau" in gated.record.reason
+    assert min(gated.record.phi_left, gated.record.phi_right) < 0.8
 
 
 def test_kmode_parse_and_choose():

@@ -34,7 +34,7 @@ def test_same_width_reduces_to_the_subspace_projection():
     b = basis(W, 12)
     got = transfer_layer_widths(B, A, b, b, tau=0.8, rank=RankSpec.parse("2r"), r_in=4)
     want = transfer_layer(B, A, b, b, method="subspace", tau=0.8, rank=RankSpec.parse("2r"), r_in=4)
-    assert got.transferred and got.phi_left == pytest.approx(1.0) and got.phi_right == pytest.approx(1.0)
+    assert got.record.transferred and got.record.phi_left == pytest.approx(1.0) and got.record.phi_right == pytest.approx(1.0)
     assert torch.allclose(got.up @ got.down, want.up @ want.down, atol=1e-10)
 
 
@@ -59,8 +59,8 @@ def test_unrelated_target_is_refused_with_the_reason():
     other = spectral_weight(40, 32, seed=7).double()
     B, A = lora(48, 40)
     res = transfer_layer_widths(B, A, basis(W, 10), basis(other, 10), tau=0.8, rank=RankSpec.parse("same"), r_in=4)
-    assert not res.transferred and res.up is None
-    assert "widths differ (48x40 -> 40x32)" in res.reason and "meaningless" in res.reason
+    assert not res.record.transferred and res.up is None
+    assert "widths differ (48x40 -> 40x32)" in res.record.reason and "meaningless" in res.record.reason
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from .checkpoints import BaseModel, open_model
 from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
 from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, default_budget, finalize,
-                     lora_passes, record)
+                     lora_passes)
 from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
                      OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
@@ -141,7 +141,7 @@ def _cache(opts: TransferOptions) -> BasisCache | None:
 
 def _report(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOptions, seconds: float) -> Report:
     lf, plan = task.lora, task.plan
-    records = [record(r) for r in task.results]
+    records = [r.record() for r in task.results]
     records += [LayerRecord(s.module, s.lora_key, None, s.shape, False, s.reason, rank_in=lf.modules[s.lora_key].rank)
                 for s in plan.skipped]
     report = Report(records, warnings=list(plan.warnings))
@@ -324,6 +324,50 @@ def transfer_many(source: PathLike | BaseModel, target: PathLike | BaseModel, lo
     return batch
 
 
+def transfer_files(source: PathLike, target: PathLike, loras: list[PathLike], output: PathLike,
+                   options: TransferOptions, *, lora_dir: PathLike | None = None, report: PathLike | None = None,
+                   plot: PathLike | None = None, overwrite: bool = False, progress: ProgressFactory | None = None,
+                   on_result: Callable[[TransferResult | Failure], None] | None = None) -> TransferResult | BatchResult:
+    """What `prolora transfer` does, from file names to written files: one LoRA to `output` (a
+    file or a folder), or many (also every LoRA in `lora_dir`) into the folder `output`, created
+    if missing; then the report JSON and the heatmap when asked. Returns the TransferResult of
+    one LoRA, or the BatchResult of many."""
+    loras = list(loras) + (lora_files(lora_dir) if lora_dir else [])
+    if not loras:
+        raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
+    for path in filter(None, (report, plot)):
+        resolve_report_path(path, [source, target, *loras])
+    if len(loras) == 1 and lora_dir is None:
+        res = transfer(source, target, loras[0], output, options, overwrite=overwrite, progress=progress)
+        if report:
+            _write(report, res.report.write_json)
+        if plot:
+            from .plot import transfer_heatmap
+
+            title = f"{res.report.info['source']} -> {res.report.info['target']}: {Path(loras[0]).name}"
+            _write(plot, lambda p: transfer_heatmap(res.report, p, tau=options.tau, title=title))
+        return res
+    out_dir = Path(output)
+    if out_dir.suffix == ".safetensors":
+        raise OptionError(f"{out_dir}: several LoRAs need an output folder, not a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = transfer_many(source, target, loras, out_dir, options, overwrite=overwrite, progress=progress,
+                          on_result=on_result)
+    if report:
+        from .report import write_batch_json
+
+        _write(report, lambda p: write_batch_json(p, batch))
+    return batch
+
+
+def _write(path: PathLike, write: Callable[[PathLike], None]) -> None:
+    """write(path); an OS error (a full disk, ...) becomes a one-line error naming the file."""
+    try:
+        write(path)
+    except OSError as e:
+        raise OutputPathError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
                subspace: KMode | str = "energy:0.9", tau: float = 0.8, layers: str | None = None,
                device: str = "cpu", backends: dict[str, str] | None = None, cache: bool = True,
@@ -352,7 +396,7 @@ def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
         step = progress(len(names), "similarity") if progress else None
         records = []
         for chunk in engine.chunks(names):
-            for m, (sb, tb) in provider.bases(provider.prefetch(chunk)).items():
+            for m, (sb, tb) in provider.bases(provider.loader.prefetch(chunk)).items():
                 shape = src.weights[m].shape
                 sims = layer_similarity(sb, tb, (shape[0], math.prod(shape[1:]))).sims
                 ok = min(sims["phi_left"], sims["phi_right"]) >= tau
@@ -362,7 +406,7 @@ def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
                     step(1)
         info = {"source": src.name, "source_id": src.identity(), "target": tgt.name,
                 "target_id": tgt.identity(), "subspace": str(opts.subspace), "tau": tau,
-                "backend": provider.svd_choice.backend.name, "seconds": round(time.perf_counter() - t0, 3)}
+                "backend": ",".join(sorted(provider.backends)), "seconds": round(time.perf_counter() - t0, 3)}
     return SimilarityResult(Report(records, info))
 
 
@@ -380,7 +424,7 @@ def build_cache(model: PathLike | BaseModel, *, layers: str | None = None, subsp
         provider = BasisProvider(m, m, opts, engine.cache)
         step = progress(len(names), "cache") if progress else None
         for chunk in engine.chunks(names):
-            provider.bases(provider.prefetch(chunk))
+            provider.bases(provider.loader.prefetch(chunk))
             if step:
                 step(len(chunk))
     return len(names)

@@ -173,50 +173,30 @@ def _options(a: argparse.Namespace, **extra):
 
 
 def cmd_transfer(a: argparse.Namespace) -> int:
-    from .api import lora_files, resolve_report_path, transfer, transfer_many
+    from .api import TransferResult, transfer_files
 
     opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped,
                     match=a.match, widths=a.widths)
-    loras = list(a.loras) + (lora_files(a.lora_dir) if a.lora_dir else [])
-    if not loras:
-        raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
-    if a.report:
-        resolve_report_path(a.report, [a.source, a.target, *loras])
     progress = _progress_factory(a.quiet)
-    batch = len(loras) > 1 or a.lora_dir is not None
-    try:
-        if not batch:
-            res = transfer(a.source, a.target, loras[0], a.output, opts, overwrite=a.overwrite, progress=progress)
+
+    def say(r) -> None:  # each LoRA of a batch as it completes
+        if isinstance(r, TransferResult):
+            s = r.report.summary()
+            line, err = f"ok     {r.output}  ({s['transferred']}/{s['layers']} layers)", False
         else:
-            out_dir = Path(a.output)
-            if out_dir.suffix == ".safetensors":
-                raise OptionError(f"{out_dir}: several LoRAs need an output folder, not a file")
-            out_dir.mkdir(parents=True, exist_ok=True)
+            line, err = f"FAILED {r.error}", True
+        if progress:
+            progress.write(line, file=sys.stderr if err else None)
+        else:
+            print(line, file=sys.stderr if err else sys.stdout)
 
-            def say(r) -> None:
-                if hasattr(r, "report"):
-                    s = r.report.summary()
-                    line = f"ok     {r.output}  ({s['transferred']}/{s['layers']} layers)"
-                    (progress.write if progress else print)(line)
-                else:
-                    line = f"FAILED {r.error}"
-                    progress.write(line, file=sys.stderr) if progress else print(line, file=sys.stderr)
-
-            res = transfer_many(a.source, a.target, loras, out_dir, opts, overwrite=a.overwrite,
-                                progress=progress, on_result=say)
+    try:
+        res = transfer_files(a.source, a.target, a.loras, a.output, opts, lora_dir=a.lora_dir, report=a.report,
+                             plot=a.plot, overwrite=a.overwrite, progress=progress, on_result=say)
     finally:
         if progress:
             progress.close()
-    if not batch:
-        if a.report:
-            with _writing(a.report):
-                res.report.write_json(a.report)
-        if a.plot:
-            from .plot import transfer_heatmap
-
-            with _writing(a.plot):
-                transfer_heatmap(res.report, a.plot, tau=opts.tau, title=f"{res.report.info['source']} -> "
-                                 f"{res.report.info['target']}: {Path(loras[0]).name}")
+    if isinstance(res, TransferResult):
         if not a.quiet:
             print(res.report.table())
             for m in res.report.info.get("matching", []):
@@ -226,11 +206,6 @@ def cmd_transfer(a: argparse.Namespace) -> int:
             print(f"prolora: warning: {w}", file=sys.stderr)
         print(f"wrote {res.output}")
         return 0
-    if a.report:
-        from .report import write_batch_json
-
-        with _writing(a.report):
-            write_batch_json(a.report, res)
     s = res.stats
     passes = f" in {s.passes} passes" if s.passes > 1 else ""
     print(f"{len(res.results)} written, {len(res.failures)} failed; {s.modules} layers in {s.chunks} chunks{passes}, "

@@ -9,6 +9,7 @@ from .errors import OptionError
 from .ops import Basis, phi_null, project_lora, small_svd
 from .ops.registry import problem_for as small_svd_problem
 from .ops.projection import METHODS
+from .report import LayerRecord
 
 
 @dataclass(frozen=True)
@@ -114,20 +115,12 @@ def compress(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Ten
 
 @dataclass
 class LayerMath:
-    """The outcome of one layer: factors with the scale folded in (dW_t = up @ down) and the
-    similarity figures that decided it."""
+    """The outcome of one layer: factors with the scale folded in (dW_t = up @ down; None when
+    not transferred) and the record of the verdict and the similarity figures that decided it."""
 
     up: torch.Tensor | None
     down: torch.Tensor | None
-    transferred: bool
-    reason: str
-    k: int | None = None
-    phi_left: float | None = None
-    phi_right: float | None = None
-    phi_null_left: float | None = None
-    phi_null_right: float | None = None
-    gap: float | None = None
-    retained_energy: float | None = None
+    record: LayerRecord
 
 
 @dataclass
@@ -174,16 +167,17 @@ def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Bas
     worst = min(pl, pr)
     shapes = f"{B.shape[0]}x{A.shape[1]} -> {tgt.U.shape[0]}x{tgt.V.shape[0]}"
     if worst < tau:
-        return LayerMath(None, None, False, f"widths differ ({shapes}) and on their shared coordinates "
-                         f"min(phi)={worst:.3f} < tau={tau:g}: a least-squares map would be meaningless", **common)
+        return LayerMath(None, None, LayerRecord(
+            transferred=False, reason=f"widths differ ({shapes}) and on their shared coordinates "
+            f"min(phi)={worst:.3f} < tau={tau:g}: a least-squares map would be meaningless", **common))
     up = tgt.U @ (RL.T @ (src.U.T @ B))
     down = ((A @ src.V) @ RR) @ tgt.V.T
     retained = None
     out_rank = rank.target(r_in, up.shape[1])
     if out_rank < up.shape[1]:
         up, down, retained = compress(up, down, out_rank)
-    return LayerMath(up, down, True, f"transferred across widths ({shapes}, least-squares map)",
-                     retained_energy=retained, **common)
+    return LayerMath(up, down, LayerRecord(transferred=True, reason=f"transferred across widths ({shapes}, "
+                                           "least-squares map)", retained_energy=retained, **common))
 
 
 def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, tgt: Basis, *, method: str,
@@ -201,7 +195,8 @@ def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, t
     common = dict(k=src.k, gap=src.gap(), **sims)
     worst = min(sims["phi_left"], sims["phi_right"])
     if worst < tau:
-        return LayerMath(None, None, False, f"min(phi)={worst:.3f} < tau={tau:g}", **common)
+        return LayerMath(None, None, LayerRecord(transferred=False, reason=f"min(phi)={worst:.3f} < tau={tau:g}",
+                                                 **common))
     if projected is not None:
         up, down = projected
     else:
@@ -211,4 +206,5 @@ def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, t
     retained = None
     if out_rank < up.shape[1]:
         up, down, retained = compress(up, down, out_rank)
-    return LayerMath(up, down, True, "transferred", retained_energy=retained, **common)
+    return LayerMath(up, down, LayerRecord(transferred=True, reason="transferred", retained_energy=retained,
+                                           **common))

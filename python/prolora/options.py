@@ -8,7 +8,8 @@ import torch
 from .errors import OptionError
 from .lora import FORMATS
 from .method import KMode, RankSpec
-from .ops import METHODS
+from .ops import ALL_OPS, METHODS
+from .ops.registry import check_overrides
 
 # Defaults set from the quality benchmark (benchmarks/quality/RESULTS.md; README, "Defaults and the
 # evidence"): prolora-full is exact when the two models share their subspaces and keeps the LoRA's
@@ -82,6 +83,7 @@ class TransferOptions:
                 setattr(self, name, parse_size(v))
             elif v is not None and v <= 0:
                 raise OptionError(f"{name} must be positive")
+        check_overrides(ALL_OPS, self.backends, self.device)
 
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""

@@ -13,14 +13,16 @@ from .safetensors_io import atomic_path
 
 @dataclass
 class LayerRecord:
-    """What happened to one LoRA module (or, for similarity, one weight)."""
+    """What happened to one LoRA module (or, for similarity, one weight): the one record of a
+    layer's outcome. The layer math (method.py) fills in the verdict and the figures that decided
+    it; the engine adds where the layer is (module, keys, shape, ranks) and its time."""
 
-    module: str | None
-    source_key: str
-    target_key: str | None
-    shape: tuple[int, ...] | None
-    transferred: bool
-    reason: str
+    module: str | None = None
+    source_key: str = ""
+    target_key: str | None = None
+    shape: tuple[int, ...] | None = None
+    transferred: bool = False
+    reason: str = ""
     k: int | None = None
     phi_left: float | None = None
     phi_right: float | None = None

@@ -39,9 +39,17 @@ def _check_small_svd(p: Problem) -> str | None:
     if p.dtype not in _DTYPES:
         return f"dtype {p.dtype} not supported (float16/bfloat16 are solved in float32)"
     if p.device.startswith("cuda"):
-        return _native.cuda_unavailable_reason() or measured.verdict("small_svd", "native", p)
+        return _native.cuda_unavailable_reason()
     if p.device != "cpu":
         return f"device {p.device} not supported"
+    return None
+
+
+def _prefer_small_svd(p: Problem) -> str | None:
+    """Where the native solver is the default: on CUDA where measured fastest, on CPU up to
+    CPU_SVD_MAX (measured here)."""
+    if p.device.startswith("cuda"):
+        return measured.verdict("small_svd", "native", p)
     if not p.shape:
         return (f"chosen per shape: on CPU only up to {CPU_SVD_MAX}x{CPU_SVD_MAX}, where the "
                 f"measured Jacobi SVD beats LAPACK (a tie at 16x16, it loses from 32x32 up)")
@@ -51,7 +59,8 @@ def _check_small_svd(p: Problem) -> str | None:
     return None
 
 
-@small_svd.register("native", priority=20, check=_check_small_svd, available=_native_missing)
+@small_svd.register("native", priority=20, check=_check_small_svd, available=_native_missing,
+                    measured=_prefer_small_svd)
 def _small_svd_native(X: torch.Tensor, dtype: torch.dtype | None = None):
     """Batched one-sided Jacobi SVD (CPU threads over the batch, or one CUDA block per matrix)."""
     dt = compute_dtype(X, dtype)
@@ -65,12 +74,19 @@ def _check_gram_jacobi(p: Problem) -> str | None:
     if p.dtype not in _DTYPES[:3]:
         return f"dtype {p.dtype} not supported (float16/bfloat16/float32, computed in float32)"
     if p.device.startswith("cuda"):
-        return _native.cuda_unavailable_reason() or measured.verdict("truncated_svd", "gram-jacobi", p)
+        return _native.cuda_unavailable_reason()
+    return None
+
+
+def _prefer_gram_jacobi(p: Problem) -> str | None:
+    if p.device.startswith("cuda"):
+        return measured.verdict("truncated_svd", "gram-jacobi", p)
     return ("not on CPU: LAPACK syevd beats the Jacobi eigensolver from 8x8 up (measured 0.26x at "
             "32x32, 0.06x at 128x128) and real Gram matrices are 320x320 and larger")
 
 
-@truncated_svd.register("gram-jacobi", priority=20, check=_check_gram_jacobi, available=_native_missing)
+@truncated_svd.register("gram-jacobi", priority=20, check=_check_gram_jacobi, available=_native_missing,
+                        measured=_prefer_gram_jacobi)
 def _svd_gram_jacobi(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
                      dtype: torch.dtype | None = None) -> Basis | list[Basis]:
     """Gram matrices in float32 (torch, one matrix at a time), all eigendecompositions in one

@@ -50,11 +50,14 @@ def _check(op: str, backend: str):
         if p.dtype not in _DTYPES:
             return f"dtype {p.dtype} not supported (float16, bfloat16 or float32)"
         if backend.endswith("jacobi"):
-            why = _native.cuda_unavailable_reason()
-            if why:
-                return why
-        return measured.verdict(op, backend, p)
+            return _native.cuda_unavailable_reason()
+        return None
     return check
+
+
+def _measured(op: str, backend: str):
+    """The default only where the measured-winners table says it beats torch on this GPU."""
+    return lambda p: measured.verdict(op, backend, p)
 
 
 def _on(t: torch.Tensor):
@@ -70,7 +73,8 @@ def _float32_only(dtype: torch.dtype | None, what: str) -> None:
 # ---- project_lora ----------------------------------------------------------------------------
 
 
-@project_lora.register("triton", priority=20, check=_check("project_lora", "triton"), available=triton_missing)
+@project_lora.register("triton", priority=20, check=_check("project_lora", "triton"),
+                       measured=_measured("project_lora", "triton"), available=triton_missing)
 def _project_triton(B, A, Us, Vs, Ut, Vt, method: str, dtype: torch.dtype | None = None, cross=None):
     """Fused low-rank projection: [P_Ut P_Us B | Q_Ut Q_Us B] and the A side in O((m+n) k r),
     float32 accumulation and outputs from float16/bfloat16/float32 inputs. `cross` is not used:
@@ -129,7 +133,7 @@ def _eigh_jacobi(G: torch.Tensor):
 
 
 @truncated_svd.register("gram-triton", priority=20, check=_check("truncated_svd", "gram-triton"),
-                        available=triton_missing)
+                        measured=_measured("truncated_svd", "gram-triton"), available=triton_missing)
 def _svd_gram_triton(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None, dtype: torch.dtype | None = None):
     """Triton Gram (fp32 accumulation straight from fp16/bf16 weights, no fp32 copy of W) +
     torch.linalg.eigh."""
@@ -137,7 +141,8 @@ def _svd_gram_triton(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None, dtype: 
 
 
 @truncated_svd.register("gram-triton-jacobi", priority=20, available=_jacobi_missing,
-                        check=_check("truncated_svd", "gram-triton-jacobi"))
+                        check=_check("truncated_svd", "gram-triton-jacobi"),
+                        measured=_measured("truncated_svd", "gram-triton-jacobi"))
 def _svd_gram_triton_jacobi(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
                             dtype: torch.dtype | None = None):
     """Triton Gram + the native batched Jacobi eigensolver (one CUDA block per matrix, all in
@@ -148,7 +153,8 @@ def _svd_gram_triton_jacobi(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
 # ---- similarity ------------------------------------------------------------------------------
 
 
-@subspace_phi.register("triton", priority=20, check=_check("subspace_phi", "triton"), available=triton_missing)
+@subspace_phi.register("triton", priority=20, check=_check("subspace_phi", "triton"),
+                       measured=_measured("subspace_phi", "triton"), available=triton_missing)
 def _phi_triton(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """U_s^T U_t for every pair of the batch in one launch, squared Frobenius norms summed from
     per-tile partials in the same launch (the k x k products are never written)."""
@@ -162,7 +168,7 @@ def _phi_triton(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = No
 
 
 @principal_cosines.register("triton", priority=20, check=_check("principal_cosines", "triton"),
-                            available=triton_missing)
+                            measured=_measured("principal_cosines", "triton"), available=triton_missing)
 def _cosines_triton(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A^T B with the Triton product (float32 accumulation), then its singular values."""
     _float32_only(dtype, "principal_cosines/triton")

@@ -110,6 +110,9 @@ def verdict(op: str, backend: str, problem: Problem, points: tuple[Point, ...] |
     a problem of unknown shape needs `backend` to win every measured case.
     """
     points = load_points() if points is None else points
+    if not any(p.op == op and p.backend == backend for p in points):
+        return (f"no measurement of {op}/{backend} on any GPU: torch stays the default "
+                f"(benchmarks/gpu_check.sh measures it; PROLORA_WINNERS names a table)")
     device = device if device is not None else device_name(problem.device)
     mine = [p for p in points if p.op == op and p.device == device and p.dtype == problem.dtype]
     if not any(p.backend == backend for p in mine):

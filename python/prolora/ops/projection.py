@@ -105,7 +105,7 @@ def project_group(factors: list[tuple[torch.Tensor, torch.Tensor]], Us: torch.Te
     return out
 
 
-@project_lora.register("torch", priority=10)
+@project_lora.register("torch", priority=10, batched=lambda items, *a, **kw: project_group(items, *a, **kw))
 def _project_torch(B, A, Us, Vs, Ut, Vt, method: str, dtype: torch.dtype | None = None, cross=None):
     """The same thin-GEMM chain in float32 (or `dtype`): what every device runs fast. One LoRA
     goes through project_group too, so that alone and in a batch it gets the same bits."""

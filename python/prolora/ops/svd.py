@@ -50,6 +50,10 @@ class Basis:
             return None
         return float(self.S[k - 1] / self.S[k])
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Basis":
+        """The same basis with `fn` applied to U, S and V (a move to a device, pinning)."""
+        return Basis(fn(self.U), fn(self.S), fn(self.V), self.energy)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
 

@@ -81,7 +81,7 @@ def warm_cache(source: str | Path, target: str | Path, loras: list[Path], opts: 
             provider = BasisProvider(src, tgt, opts, cache)
             step = progress(len(order), "bases") if progress else None
             for chunk in Engine(src, tgt, opts, cache).chunks(order):
-                provider.bases(provider.prefetch(chunk, targets))
+                provider.bases(provider.loader.prefetch(chunk, targets))
                 if step:
                     step(len(chunk))
             stats.seconds.update({k: round(v, 3) for k, v in provider.seconds.items() if k != "project"})

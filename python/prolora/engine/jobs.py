@@ -1,0 +1,164 @@
+"""One LoRA module through the method, and what becomes of its result: parked on disk until its
+LoRA is complete, then put in the output's alpha convention and dtype. Also the record of every
+layer's outcome for the report."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..lora import LoraFile, LoraModule
+from ..method import LayerMath, Similarity, transfer_layer, transfer_layer_widths
+from ..ops import Basis
+from ..options import TransferOptions
+from ..plan import LayerJob, Plan
+from ..report import LayerRecord
+from ..spill import Parked, Spill
+
+
+@dataclass
+class JobResult:
+    job: LayerJob
+    math: LayerMath
+    module: LoraModule | None  # the output module (None: dropped); on the meta device while parked
+    seconds: float
+    spill: Spill | None = None
+    parked: tuple[Parked, Parked] | None = None  # (down, up) in `spill`
+    final: bool = False  # the module is in its output alpha convention and dtype already
+
+    @property
+    def computed(self) -> bool:
+        """Factors made by the method (not copied from the input)."""
+        return self.math.up is not None or self.parked is not None
+
+    def park(self, spill: Spill, opts: TransferOptions, dtype: torch.dtype) -> None:
+        """Move computed factors to `spill` until the LoRA is complete; in the output dtype when
+        the alpha convention does not wait for the other layers (`keep`)."""
+        if self.module is None or self.math.up is None:
+            return
+        m = self.module
+        if opts.alpha == "keep":
+            m, self.final = _with_alpha(m, self.job.lora.alpha, dtype), True
+        self.spill, self.parked = spill, (spill.put(m.down), spill.put(m.up))
+        self.module = LoraModule(m.key, m.down.to("meta"), m.up.to("meta"), m.alpha, m.bias)
+        self.math.up = self.math.down = None
+
+    def output(self) -> LoraModule | None:
+        """The output module with its factors in memory."""
+        if self.parked is None:
+            return self.module
+        m = self.module
+        return LoraModule(m.key, self.spill.get(self.parked[0]), self.spill.get(self.parked[1]), m.alpha, m.bias)
+
+    def record(self) -> LayerRecord:
+        """The report's record: the method's verdict and figures, and where the layer is."""
+        job, out = self.job, self.module
+        return dataclasses.replace(
+            self.math.record, module=job.module, source_key=job.lora_key, target_key=out.key if out else None,
+            shape=job.shape, rank_in=job.lora.rank, rank_out=out.rank if out else None,
+            seconds=round(self.seconds, 6))
+
+
+@dataclass
+class LoraTask:
+    """One LoRA of a batch and its progress through the engine."""
+
+    lora: LoraFile
+    plan: Plan
+    output: Path | None = None
+    results: list[JobResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.results) == len(self.plan.jobs)
+
+
+def _folded_module(job: LayerJob, math_: LayerMath) -> LoraModule:
+    """The transferred factors as a module with scale 1 (alpha None), conv shapes restored."""
+    lm, up, down = job.lora, math_.up, math_.down
+    r = up.shape[1]
+    if lm.is_conv:
+        kernel = job.target_shape[1:] if job.widths_differ else lm.down.shape[1:]
+        up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *kernel)
+    return LoraModule(job.out_key, down, up, None, lm.bias)
+
+
+def _copied(job: LayerJob) -> LoraModule:
+    lm = job.lora
+    return LoraModule(job.out_key, lm.down, lm.up, lm.alpha, lm.bias)
+
+
+def factors(job: LayerJob, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of a job's LoRA module as the method takes them: B (m x r) with the scale folded
+    in, A (r x n), in the bases' dtype, on the bases' device."""
+    lm = job.lora
+    dev, dt = basis.U.device, basis.U.dtype
+    B = lm.up.reshape(job.shape[0], lm.rank).to(dev, non_blocking=True).to(dt) * lm.scale
+    A = lm.down.reshape(lm.rank, -1).to(dev, non_blocking=True).to(dt)
+    return B, A
+
+
+def matrix_shape(job: LayerJob) -> tuple[int, int]:
+    return job.shape[0], math.prod(job.shape[1:])
+
+
+def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferOptions,
+            shared: Similarity | None = None, projected=None, project=None) -> JobResult:
+    """One LoRA module through the method (no bases needed for `copy`). `projected`: its
+    (up, down) when the module's LoRAs were projected together; else `project` (a project_lora
+    backend function) projects it here. Finished factors come back to the host."""
+    t0 = time.perf_counter()
+    if opts.method == "copy":
+        if job.widths_differ:  # a copy cannot change a layer's shape
+            rec = LayerRecord(transferred=False, reason=f"target weight has shape {job.target_shape}")
+            return JobResult(job, LayerMath(None, None, rec), None, time.perf_counter() - t0)
+        return JobResult(job, LayerMath(None, None, LayerRecord(transferred=True, reason="copied")), _copied(job),
+                         time.perf_counter() - t0)
+    # projected together: the factors are not needed again (transfer_layer takes only `projected`)
+    B, A = factors(job, src) if projected is None or job.widths_differ else (None, None)
+    if job.widths_differ:
+        res = transfer_layer_widths(B, A, src, tgt, tau=opts.tau, rank=opts.rank, r_in=job.lora.rank)
+    else:
+        res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=job.lora.rank,
+                             project=project, shared=shared, projected=projected)
+    rec = res.record
+    if rec.transferred:
+        res.up, res.down = res.up.cpu(), res.down.cpu()
+        out = _folded_module(job, res)
+    elif opts.skipped == "copy" and not job.widths_differ:
+        out, rec.reason = _copied(job), rec.reason + " (copied unchanged)"
+    else:
+        out = None
+    return JobResult(job, res, out, time.perf_counter() - t0)
+
+
+def _with_alpha(m: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraModule:
+    """The same dW = scale * up @ down written with `alpha` (None: scale 1), in `dtype`."""
+    new_scale = 1.0 if alpha is None else alpha / m.rank
+    up = m.up.double() * (m.scale / new_scale)
+    return LoraModule(m.key, m.down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, m.bias)
+
+
+def finalize(results: list[JobResult], opts: TransferOptions, dtype: torch.dtype) -> dict[str, LoraModule]:
+    """Output modules in the chosen alpha convention: `keep` writes each module with its input
+    alpha; `rank` writes one alpha (the largest output rank) for all, since loaders such as
+    diffusers apply one alpha per component. Copied modules stay bit-for-bit unless converted."""
+    out: dict[str, LoraModule] = {}
+    made = [r for r in results if r.module is not None and r.computed]
+    top = max((r.module.rank for r in made), default=0)
+    for r in results:
+        m = r.output()
+        if m is None or r.final:
+            pass
+        elif r.computed:
+            m = _with_alpha(m, r.job.lora.alpha if opts.alpha == "keep" else float(top), dtype)
+        elif opts.alpha == "rank" and opts.method != "copy" and top:
+            m = _with_alpha(m, float(top), dtype)
+        if m is not None:
+            out[m.key] = m
+    return out

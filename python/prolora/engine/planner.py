@@ -1,0 +1,72 @@
+"""The chunk and pass planner: which modules compute together (a chunk, sized to the host and
+device budgets) and which LoRAs of a batch share a pass over the models (their inputs stay
+resident for the pass). Pure arithmetic over shapes and sizes: it reads nothing."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from ..checkpoints import BaseModel
+
+# the chunk computing plus the next one's raw weights in flight share the budget
+IN_FLIGHT = 1.5
+
+
+def module_bytes(shape: tuple[int, ...], raw_itemsize: int, weights: int) -> int:
+    """Working memory for one module whose `weights` (0-2) weights must be loaded: raw bytes,
+    float32 copies, Gram matrix, eigenvectors and workspace, and the bases kept."""
+    m, n = shape[0], math.prod(shape[1:])
+    d = min(m, n)
+    per_weight = m * n * (raw_itemsize + 4) + 3 * 4 * d * d
+    bases = 2 * 4 * (m + n) * d
+    return weights * per_weight + bases
+
+
+def module_need(model: BaseModel, module: str) -> int:
+    """module_bytes of a module whose source and target weights are both read."""
+    ref = model.weights[module]
+    return module_bytes(ref.shape, 2 if ref.dtype in ("F16", "BF16") else 4, 2)
+
+
+def chunk_modules(modules: list[str], need: Mapping[str, int] | None, limit: float,
+                  model: BaseModel | None = None) -> list[list[str]]:
+    """Consecutive modules whose working memory (need[m], else module_need(model, m)) adds up
+    to at most `limit` bytes; at least one module per chunk."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    used = 0
+    for m in modules:
+        size = need[m] if need is not None else module_need(model, m)
+        if cur and used + size > limit:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += size
+    if cur:
+        out.append(cur)
+    return out
+
+
+def chunk_limit(host_budget: int, host_resident: int, device_budget: int | None) -> float:
+    """Bytes one chunk may take: what the host budget leaves over what is resident, and the
+    device budget when computing on a GPU, each shared with the next chunk in flight."""
+    limits = [max(host_budget - host_resident, 0) / IN_FLIGHT]
+    if device_budget is not None:
+        limits.append(device_budget / IN_FLIGHT)
+    return min(limits)
+
+
+def lora_passes(sizes: list[int], spare: int) -> list[list[int]]:
+    """Consecutive groups of a batch's LoRAs (by index) whose inputs, resident for a whole pass
+    over the models, take at most two thirds of `spare` (what the memory budget leaves): the
+    rest is the chunks' working memory. At least one LoRA per pass."""
+    limit = max(spare, 0) * 2 // 3
+    out: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if not out or (used + size > limit and out[-1]):
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += size
+    return out

@@ -1,0 +1,194 @@
+"""The job runner: one pass over the models for a batch of LoRA tasks. Per chunk of modules, in
+model order: the loader's reads (one chunk ahead, in a background thread) -> bases -> each
+module's similarity, formed once for every LoRA on it -> the projection of all its LoRAs, through
+the project_lora backend dispatched for that module -> finished layers parked until their LoRA is
+complete -> on_done(task), which writes the output."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache import BasisCache
+from ..checkpoints import BaseModel
+from ..method import Similarity, similarity
+from ..ops import Basis, project_lora
+from ..ops.registry import Backend, Problem, override_for
+from ..options import TransferOptions
+from ..plan import LayerJob
+from ..spill import Spill
+from .bases import BasisProvider
+from .jobs import JobResult, LoraTask, factors, matrix_shape, run_job
+from .memory import current_rss, default_budget, peak_rss, trim_near
+from .planner import chunk_limit, chunk_modules
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class EngineStats:
+    modules: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    peak_rss: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    backends: dict[str, str] = field(default_factory=dict)  # op -> the backends that ran it
+    matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
+    passes: int = 0
+
+    def add(self, other: "EngineStats") -> None:
+        """Fold in the stats of a further pass over the models."""
+        self.modules = max(self.modules, other.modules)
+        self.chunks += other.chunks
+        self.bytes_read += other.bytes_read
+        self.peak_rss = max(self.peak_rss, other.peak_rss)
+        for k, v in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.backends = self.backends or other.backends
+        self.passes += 1
+
+
+class _CannotPark(Exception):
+    pass
+
+
+def _spill_folder(tasks: list[LoraTask]) -> str | None:
+    """Where finished layers wait: beside the outputs (a disk with room for them; /tmp may be
+    RAM-backed tmpfs), else the system's temporary folder."""
+    return next((str(t.output.parent) for t in tasks if t.output is not None), None)
+
+
+def host_budget(opts: TransferOptions) -> int:
+    return opts.max_memory if opts.max_memory is not None else default_budget()
+
+
+class Engine:
+    """Streams the modules of many LoRA tasks through bases and the method under memory budgets."""
+
+    def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions,
+                 cache: BasisCache | None = None, progress: Progress | None = None):
+        self.source, self.target, self.opts, self.cache = source, target, opts, cache
+        self.progress = progress
+        self.stats = EngineStats()
+        self.project_backends: set[str] = set()
+
+    def chunks(self, modules: list[str]) -> list[list[str]]:
+        """Consecutive modules whose working memory fits the budgets (at least one per chunk)."""
+        gpu = self.opts.max_gpu_memory if self.opts.device.startswith("cuda") else None
+        return chunk_modules(modules, None, chunk_limit(host_budget(self.opts), current_rss(), gpu), self.source)
+
+    def run(self, tasks: list[LoraTask], on_done: Callable[[LoraTask], None]) -> EngineStats:
+        """Process every task; call on_done(task) as soon as each one is complete (or failed)."""
+        t0 = time.perf_counter()
+        work: dict[str, list[tuple[LoraTask, LayerJob]]] = {}
+        targets: dict[str, str] = {}
+        for task in tasks:
+            for job in task.plan.jobs:
+                work.setdefault(job.module, []).append((task, job))
+                if targets.setdefault(job.module, job.target_module) != job.target_module:
+                    raise ValueError(f"{job.module} maps to two target modules in one batch")
+        for task in tasks:
+            if task.done:
+                on_done(task)
+        order = [m for m in self.source.weights if m in work]
+        self.stats.modules = len(order)
+        if self.opts.method == "copy":
+            for m in order:
+                self._apply(m, work[m], None, None, on_done)
+            self.stats.seconds = {"total": time.perf_counter() - t0}
+            return self.stats
+        provider = BasisProvider(self.source, self.target, self.opts, self.cache)
+        loader = provider.loader
+        seen = (self.cache.hits, self.cache.misses) if self.cache is not None else (0, 0)
+        chunks = self.chunks(order)
+        self.stats.chunks = len(chunks)
+        budget = host_budget(self.opts)
+        project_s = 0.0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool, \
+                closing(Spill(_spill_folder(tasks))) as spill:
+            ahead: Future | None = pool.submit(loader.prefetch, chunks[0], targets) if chunks else None
+            for i, chunk in enumerate(chunks):
+                pre = ahead.result()
+                ahead = pool.submit(loader.prefetch, chunks[i + 1], targets) if i + 1 < len(chunks) else None
+                try:
+                    bases = provider.bases(pre)
+                    del pre
+                    t1 = time.perf_counter()
+                    for m in chunk:
+                        src, tgt = bases.pop(m)
+                        self._apply(m, work[m], src, tgt, on_done, spill)
+                    trim_near(budget)  # near the budget: give back the heap's holes
+                    project_s += time.perf_counter() - t1
+                except BaseException:
+                    if ahead is not None:
+                        ahead.cancel()
+                    raise
+        self.stats.bytes_read = loader.bytes_read
+        self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,
+                              "total": time.perf_counter() - t0}
+        self.stats.backends = {"truncated_svd": ",".join(sorted(provider.backends)),
+                               "project_lora": ",".join(sorted(self.project_backends))}
+        if self.cache is not None:
+            self.stats.cache_hits, self.stats.cache_misses = self.cache.hits - seen[0], self.cache.misses - seen[1]
+        self.stats.peak_rss = peak_rss()
+        return self.stats
+
+    def _project_backend(self, src: Basis, shape: tuple[int, int], items) -> Backend:
+        """The project_lora backend for one module's LoRAs, dispatched on the real problem."""
+        problem = Problem(device=src.U.device.type, dtype=str(src.U.dtype).removeprefix("torch."), shape=shape,
+                          batch=len(items), k=src.k, r=max(job.lora.rank for _, job in items))
+        backend = project_lora.choose(problem, override_for(project_lora, self.opts.backends)).backend
+        self.project_backends.add(backend.name)
+        return backend
+
+    def _projected(self, backend: Backend, items, src: Basis, tgt: Basis, shared: Similarity) -> dict[int, tuple]:
+        """The (up, down) of every LoRA on the module, projected together by `backend` (its
+        batched form when it has one), when the gate lets the module through; else {}. A failure
+        here falls back to projecting each job alone, so that only the LoRA at fault fails."""
+        if min(shared.sims["phi_left"], shared.sims["phi_right"]) < self.opts.tau:
+            return {}
+        live = [(i, job) for i, (task, job) in enumerate(items) if task.error is None and not job.widths_differ]
+        try:
+            got = backend.many([factors(job, src) for _, job in live], src.U, src.V, tgt.U, tgt.V,
+                               self.opts.method, cross=shared.cross)
+        except Exception:
+            return {}
+        return {i: p for (i, _), p in zip(live, got)}
+
+    def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None) -> None:
+        shared = None  # the module's similarity, formed once for all the LoRAs on it
+        backend = None
+        projected: dict[int, tuple] = {}
+        for n, (task, job) in enumerate(items):
+            if task.error is not None:
+                continue
+            try:
+                if shared is None and src is not None and not job.widths_differ:
+                    shape = matrix_shape(job)
+                    shared = similarity(src, tgt, shape)
+                    backend = self._project_backend(src, shape, items)
+                    projected = self._projected(backend, items, src, tgt, shared)
+                res = run_job(job, src, tgt, self.opts, shared, projected.pop(n, None),
+                              backend.fn if backend is not None else None)
+                if spill is not None and len(task.results) + 1 < len(task.plan.jobs):
+                    try:  # a result completing its task is used at once
+                        res.park(spill, self.opts, task.lora.dtype)
+                    except OSError as e:  # the spill lies beside the outputs: a full disk there
+                        raise _CannotPark(f"{task.output or 'spill file'}: cannot write: {e.strerror or e}") from e
+                task.results.append(res)
+            except _CannotPark as e:
+                task.error = str(e)
+            except Exception as e:  # one LoRA's failure must not stop the others
+                task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
+            if task.done:
+                on_done(task)
+        if self.progress:
+            self.progress(1)
