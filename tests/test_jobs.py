@@ -393,3 +393,25 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(sdxl_pair, sd15_pair, tm
     assert len(lines) == 1 and lines[0].startswith("prolora: error: ") and expect in lines[0], r.stderr
     assert list(out.parent.iterdir()) == []
     assert Path(sdxl_pair["kohya"]).read_bytes() == before
+
+
+def test_merge_into_a_checkpoint_adds_the_weighted_sum(sdxl_pair, tmp_path):
+    from prolora.jobs.merge import merge_into
+    from prolora.safetensors_io import SafetensorsFile
+
+    src = sdxl_pair["source"]
+    out = tmp_path / "merged.safetensors"
+    res = merge_into([sdxl_pair["kohya"], sdxl_pair["peft"]], src, out, [0.5, 2.0])
+    kohya, peft = read_lora(sdxl_pair["kohya"]), read_lora(sdxl_pair["peft"])
+    with open_model(src) as b, open_model(out) as m:
+        ck, cp = canonical_modules(kohya.modules, b), canonical_modules(peft.modules, b)
+        assert set(res.changed) == set(ck) | set(cp)
+        for module in list(res.changed)[:40]:
+            want = 0.5 * dense(ck[module]) + (2.0 * dense(cp[module]) if module in cp else 0)
+            got = (m.load(module, torch.float64) - b.load(module, torch.float64)).flatten(1)
+            # float16 checkpoint: W + dW rounds at 2^-11 |W|
+            assert float((got - want).norm()) <= 2e-3 * float(b.load(module, torch.float64).norm()), module
+    with SafetensorsFile(src) as f, SafetensorsFile(out) as g:
+        assert f.keys() == g.keys()
+        untouched = next(k for k in f.keys() if "norm" in k)
+        assert torch.equal(f.get(untouched), g.get(untouched))

@@ -37,6 +37,8 @@ def register(sub, commands: dict[str, Handler]) -> None:
     m.add_argument("--base", metavar="MODEL", help="match modules through this base model (LoRAs in different formats)")
     m.add_argument("--format", choices=FORMATS, help="output format (default: the first LoRA's; needs --base to change)")
     m.add_argument("--report", metavar="FILE", help="per-module report as JSON")
+    m.add_argument("--into", metavar="BASE", help="write a merged checkpoint: BASE (a single .safetensors file) "
+                                                  "plus the weighted sum, to -o")
     m.add_argument("-q", "--quiet", action="store_true")
     commands["merge"] = cmd_merge
 
@@ -108,8 +110,14 @@ def _ratios(text: str | None) -> list[float] | None:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merge import merge, merge_into
 
+    if a.into:
+        if a.base or a.format or a.report:
+            raise OptionError("--into matches modules through BASE itself and writes a checkpoint: drop --base/--format/--report")
+        done = merge_into(a.loras, a.into, a.output, _ratios(a.ratios), rank=a.rank)
+        print(f"wrote {done.output}: {len(done.changed)} weights changed")
+        return 0
     res = merge(a.loras, a.output, _ratios(a.ratios), rank=a.rank, base=a.base, format=a.format, report=a.report)
     s = res.summary()
     if not a.quiet:

@@ -175,3 +175,86 @@ def merge(loras: list[str | os.PathLike | LoraFile], output: str | os.PathLike, 
         with atomic_path(report) as tmp:
             Path(tmp).write_text(json.dumps(res.report(), indent=2))
     return res
+
+
+@dataclass
+class MergeIntoResult:
+    """A checkpoint with LoRAs merged in: its path and which weights changed."""
+
+    output: Path
+    changed: dict[str, float]  # canonical module -> ||dW||_F / ||W||_F
+    skipped: dict[str, str]
+
+
+def merge_into(loras: list[str | os.PathLike | LoraFile], into: str | os.PathLike, output: str | os.PathLike,
+               ratios: list[float] | None = None, rank: int | None = None) -> MergeIntoResult:
+    """Write a copy of the single-file checkpoint `into` with sum_i w_i dW_i (recompressed to
+    `rank` if given) added to its weights, tensor by tensor with the streaming writer (never the
+    whole model in memory; atomic: nothing is left at `output` on error). Modules are matched
+    through `into`, so the LoRAs may be in any format."""
+    from ..safetensors_io import SafetensorsFile, StreamingWriter
+
+    files = [x if isinstance(x, LoraFile) else read_lora(x) for x in loras]
+    ratios = [1.0] * len(files) if ratios is None else [float(r) for r in ratios]
+    if len(ratios) != len(files):
+        raise OptionError(f"{len(ratios)} ratios for {len(files)} LoRAs; give one ratio per LoRA")
+    into, output = Path(into), Path(output)
+    if not into.is_file():
+        raise OptionError(f"--into {into}: merging into a checkpoint needs a single .safetensors file")
+    if output.exists() and output.resolve() in {into.resolve(), *(Path(f.path).resolve() for f in files if f.path)}:
+        raise OutputPathError(f"{output}: is an input; refusing to overwrite it, choose another output")
+    with open_model(into) as model:
+        groups: dict[str, list[tuple[float, LoraModule]]] = {}
+        for w, f in zip(ratios, files):
+            for module, m in canonical_modules(f.modules, model).items():
+                if module not in model.weights:
+                    raise LoraMismatchError(f"{f.path}: module '{module}' is not a weight of {into.name} "
+                                            f"({model.family}); is the LoRA for another model?")
+                groups.setdefault(module, []).append((w, m))
+        by_key: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for module, parts in groups.items():
+            merged, _, _ = merge_modules(parts, rank, module, torch.float64)
+            ref = model.weights[module]
+            dw = (merged.scale * (_flat(merged.up) @ _flat(merged.down))).reshape(ref.shape)
+            if tuple(dw.shape) != tuple(ref.shape):
+                raise LoraMismatchError(f"module '{module}': dW {tuple(dw.shape)} does not fit the weight {ref.shape}")
+            if ref.file.resolve() != into.resolve():
+                raise OptionError(f"--into {into}: weight '{module}' lies in another file")
+            by_key.setdefault(ref.key, []).append((module, dw))
+        changed: dict[str, float] = {}
+        with SafetensorsFile(into) as f:
+            entries = [(name, _torch_dtype(f.info(name).dtype), f.info(name).shape) for name in f.keys()]
+            md = {**f.metadata, "prolora.job": "merge-into", "prolora.version": __version__,
+                  "prolora.merge": json.dumps({"inputs": [Path(x.path).name if x.path else None for x in files],
+                                               "ratios": ratios, "rank": rank})}
+            with StreamingWriter(output, entries, md) as out:
+                for name, dtype, _ in entries:
+                    t = f.get(name)
+                    hits = by_key.get(name)
+                    if hits:
+                        w = t.double()
+                        norm = max(float(w.norm()), 1e-30)
+                        for module, dw in hits:
+                            ref = model.weights[module]
+                            if ref.transposed:
+                                dw = dw.T
+                            if ref.pieces or ref.rows:
+                                at = 0
+                                for a, b in (ref.pieces or (ref.rows,)):
+                                    w[a:b] += dw[at:at + b - a]
+                                    at += b - a
+                            else:
+                                w += dw
+                            changed[module] = float(dw.norm()) / norm
+                        t = w.to(dtype)
+                    out.write(name, t.contiguous())
+    return MergeIntoResult(output, changed, {})
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    table = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise ModelError(f"tensor dtype {name} is not supported for --into")
+    return table[name]
