@@ -85,17 +85,11 @@ def _median_time(fn, repeats: int) -> float:
 
 def prepare(cfg: BenchConfig) -> dict[str, Path]:
     """Source and target checkpoints (single-file) and the LoRAs; reused when already there."""
-    from .synthetic import flux_config, preset, shrink, write_model
+    from .synthetic import write_model
 
     cfg.folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
-    if cfg.family == "flux":  # FLUX.1-dev: width 1 is the real 3072, anything less the small preset (384)
-        base = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small")
-        model_cfg = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small",
-                                blocks=(max(1, round(base.num_layers * cfg.depth)),
-                                        max(1, round(base.num_single_layers * cfg.depth))))
-    else:
-        model_cfg = shrink(preset(cfg.family), cfg.width, cfg.depth)
+    model_cfg = _model_config(cfg)
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
@@ -253,6 +247,62 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
     return {"layers": len(sample), "rel_error_merged_dw": math.sqrt(num / den) if den else 0.0,
             "worst_layer_rel_error": worst, "same_gate_decisions": same_decisions,
             "note": "merged dW = scale * up @ down as written (fp16 factors) vs float64 reference transfer"}
+
+
+# ----------------------------------------------------------------------------- device plan (dry run)
+
+
+def _model_config(cfg: BenchConfig):
+    """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1)."""
+    from .synthetic import flux_config, preset, shrink
+
+    if cfg.family == "flux":  # FLUX.1-dev: width 1 is the real 3072, anything less the small preset (384)
+        scale = "full" if cfg.width >= 1.0 else "small"
+        base = flux_config("flux-dev", scale)
+        return flux_config("flux-dev", scale, blocks=(max(1, round(base.num_layers * cfg.depth)),
+                                                      max(1, round(base.num_single_layers * cfg.depth))))
+    return shrink(preset(cfg.family), cfg.width, cfg.depth)
+
+
+def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
+    """The chunk plan of a cold `--device cuda` transfer of the bench's LoRA layers, from the
+    model's layer shapes alone (no file, no number computed): per chunk, its modules and the
+    device bytes the planner budgets for them (both weights in their stored dtype and in
+    float32, Gram matrix and eigensolver workspace, both bases), plus the LoRAs' factors. The
+    planner keeps each chunk within --max-gpu-memory / 1.5 (the next chunk's weights are in
+    flight); the fake-CUDA tests (tests/test_fake_cuda.py) run the real engine on small shapes and
+    check that the live device bytes stay within --max-gpu-memory."""
+    from .engine.planner import chunk_limit, chunk_modules, module_bytes
+    from .options import parse_size
+    from .synthetic import model_params
+
+    pattern = FLUX_LINEAR if cfg.family == "flux" else BLOCK_LINEAR
+    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in model_params(_model_config(cfg)).items()
+              for name, shape in params if name.endswith(".weight")}
+    modules = [m for m in shapes if pattern.match(m)]
+    itemsize = torch.finfo(cfg.dtype).bits // 8
+    need = {m: module_bytes(shapes[m], itemsize, 2) + cfg.loras * cfg.rank * sum(shapes[m][:2]) * 4
+            for m in modules}
+    limit = chunk_limit(parse_size(cfg.max_memory), 0, max_gpu_memory)
+    chunks = chunk_modules(modules, need, limit)
+    rows = [{"chunk": i, "modules": len(c), "first": c[0], "last": c[-1], "device_bytes": sum(need[m] for m in c)}
+            for i, c in enumerate(chunks)]
+    return {"family": cfg.family, "width": cfg.width, "depth": cfg.depth, "layers": len(modules),
+            "max_memory": parse_size(cfg.max_memory), "max_gpu_memory": max_gpu_memory, "chunk_limit": int(limit),
+            "chunks": rows, "peak_device_bytes": max((r["device_bytes"] for r in rows), default=0)}
+
+
+def plan_table(plan: dict[str, Any]) -> str:
+    gib = 2**30
+    lines = [f"device plan (dry run, nothing computed): {plan['family']} width {plan['width']} depth {plan['depth']}, "
+             f"{plan['layers']} LoRA layers, --max-memory {plan['max_memory'] / gib:.1f} GiB, --max-gpu-memory "
+             f"{plan['max_gpu_memory'] / gib:.1f} GiB (a chunk may take {plan['chunk_limit'] / gib:.2f} GiB)",
+             f"{'chunk':>5} {'modules':>7} {'device GiB':>10}  first .. last module"]
+    for r in plan["chunks"]:
+        lines.append(f"{r['chunk']:>5} {r['modules']:>7} {r['device_bytes'] / gib:>10.3f}  {r['first']} .. {r['last']}")
+    lines.append(f"{len(plan['chunks'])} chunks; peak planned device memory {plan['peak_device_bytes'] / gib:.2f} GiB "
+                 f"of {plan['max_gpu_memory'] / gib:.1f} GiB")
+    return "\n".join(lines)
 
 
 def run(cfg: BenchConfig, json_path: Path | None = None) -> BenchResult:

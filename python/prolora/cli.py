@@ -14,6 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import OptionError, OutputPathError, ProloraError
+from .jobs.cli import register as register_jobs
 from .lora import FORMATS
 from .ops.projection import METHODS
 from .options import DEFAULT_METHOD, DEFAULT_SUBSPACE, DEFAULT_TAU
@@ -140,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true",
                    help="cold run only, storing no bases (a full-size Flux pair's bases take tens of GB)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    b.add_argument("--max-gpu-memory", default="16GB", metavar="SIZE", help="with --device cuda (default %(default)s)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="with --device cuda: print the chunk plan and the device memory of each chunk of a cold "
+                        "transfer at this size, from the layer shapes alone (no files, nothing computed)")
 
     d = sub.add_parser("demo", help="generate a tiny SDXL-shaped pair and a LoRA, transfer it, print the report")
     d.add_argument("--dir", metavar="DIR", help="keep the demo files in DIR (default: a temporary folder)")
     d.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     _add_migrate(sub)
-    __import__("prolora.jobs.cli", fromlist=["register"]).register(sub, COMMANDS)  # extract, resize, merge, bench --job
+    register_jobs(sub, COMMANDS)  # extract, resize, merge, bench --job
     return ap
 
 
@@ -379,6 +385,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
                       skip_reference=a.skip_reference, cache=not a.no_cache,
                       dtype=torch.bfloat16 if a.family == "flux" else torch.float16)
+    if a.dry_run:
+        if not a.device.startswith("cuda"):
+            raise OptionError("--dry-run plans a GPU run: add --device cuda")
+        from .bench import device_plan, plan_table
+        from .options import parse_size
+
+        plan = device_plan(cfg, parse_size(a.max_gpu_memory))
+        if a.json:
+            with _writing(a.json):
+                Path(a.json).write_text(json.dumps(plan, indent=2) + "\n")
+        print(plan_table(plan))
+        return 0
+    if a.device != "cpu":
+        raise OptionError(f"bench --device {a.device}: only the --dry-run plan runs on a GPU from here; the GPU "
+                          "measurements are benchmarks/gpu_check.sh")
     print(table(run(cfg, Path(a.json) if a.json else None)))
     return 0
 

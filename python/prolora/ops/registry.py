@@ -190,4 +190,5 @@ def check_overrides(ops: "list[Op] | tuple[Op, ...]", overrides: dict[str, str],
             b = op.backends[name]
             why = device_missing(device) or b.available()
             if why:
-                raise OptionError(f"backend '{name}' cannot run {op.name} here: {why}")
+                what = f" {op.name}" if key != "*" else ""
+                raise OptionError(f"backend '{name}' cannot run{what} here: {why}")

@@ -28,7 +28,7 @@ from .writing import WEIGHTS, write_tensors
 def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
                 dtype: torch.dtype = torch.float16, seed: int = 0, base: str | os.PathLike | BaseModel | None = None,
                 perturbation: Perturbation | float = Perturbation(), threads: int | None = None,
-                shard_bytes: int = 10 * 2**30) -> Path:
+                shard_bytes: int = 10 * 2**30, device: str | None = None) -> Path:
     """Write a synthetic base model; returns its path.
 
     `cfg`: a ModelConfig / FluxConfig or a preset name ("sdxl", "sd15:tiny", "ssd-1b:small",
@@ -40,6 +40,8 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     the result is then a TARGET: each source weight plus a `perturbation` (relative Frobenius
     size, or a Perturbation); other parameters equal the source's.
     `threads`: torch threads while generating (default: 1 below 100M parameters, else torch's).
+    `device`: draw the values on this device (e.g. "cuda": a full-size pair in seconds); the
+    values then differ from the CPU's, the shapes and layout do not.
     """
     cfg = resolve(cfg)
     layouts = ("diffusers", "single-file") + (("single-file-prefixed",) if isinstance(cfg, FluxConfig) else ())
@@ -52,7 +54,7 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     opened = None
     if base is not None and not isinstance(base, BaseModel):
         base = opened = open_model(base)
-    values = Values(seed, base, perturbation)
+    values = Values(seed, base, perturbation, device)
     meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
                                              "target_of": base.identity() if base is not None else None,
                                              "perturbation": asdict(perturbation) if base is not None else None})}

@@ -20,12 +20,14 @@ def _is_lora_weight(name: str, shape: tuple[int, ...]) -> bool:
     return name.endswith(".weight") and len(shape) in (2, 4) and ".embeddings." not in name
 
 
-def source_tensor(component: str, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The float32 value of one source parameter (depends only on seed, component and name)."""
-    g = generator("source", seed, component, name)
+def source_tensor(component: str, name: str, shape: tuple[int, ...], seed: int,
+                  device: str | torch.device | None = None) -> torch.Tensor:
+    """The float32 value of one source parameter (depends only on seed, component and name, and
+    on the device it is drawn on), on that device."""
+    g = generator("source", seed, component, name, device=device)
     if _is_lora_weight(name, shape):
         return spectral_weight(shape, g)
-    t = torch.randn(shape, generator=g)
+    t = torch.randn(shape, generator=g, device=g.device)
     if ".embeddings." in name:
         return 0.02 * t
     if name.endswith(".bias"):
@@ -51,11 +53,11 @@ class Perturbation:
 
 def perturb(w: torch.Tensor, name: str, p: Perturbation) -> torch.Tensor:
     """w + a fine-tune-like change of relative Frobenius size p.size (float32)."""
-    g = generator("target", p.seed, name)
+    g = generator("target", p.seed, name, device=w.device)
     m, n = w.shape[0], w[0].numel()
     r = max(1, round(min(m, n) * p.rank_fraction))
-    drift = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
-    noise = torch.randn(m, n, generator=g)
+    drift = torch.randn(m, r, generator=g, device=g.device) @ torch.randn(r, n, generator=g, device=g.device)
+    noise = torch.randn(m, n, generator=g, device=g.device)
     dw = math.sqrt(1 - p.noise_fraction) * drift / drift.norm() + math.sqrt(p.noise_fraction) * noise / noise.norm()
     dw *= p.size * w.norm() / dw.norm()
     return w + dw.reshape(w.shape)
@@ -64,15 +66,20 @@ def perturb(w: torch.Tensor, name: str, p: Perturbation) -> torch.Tensor:
 class Values:
     """Produces each parameter's value: the source's, or source + perturbation for a target."""
 
-    def __init__(self, seed: int, base: BaseModel | None, perturbation: Perturbation):
-        self.seed, self.base, self.p = seed, base, perturbation
+    def __init__(self, seed: int, base: BaseModel | None, perturbation: Perturbation,
+                 device: str | torch.device | None = None):
+        self.seed, self.base, self.p, self.device = seed, base, perturbation, device
 
     def __call__(self, component: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The value on the host (drawn on `device` when given)."""
+        return self._value(component, name, shape).cpu()
+
+    def _value(self, component: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if self.base is None or not _is_lora_weight(name, shape):
-            return source_tensor(component, name, shape, self.seed)
+            return source_tensor(component, name, shape, self.seed, self.device)
         module = f"{component}.{name[: -len('.weight')]}"
         ref = self.base.weights.get(module)
         if ref is None or tuple(ref.shape) != tuple(shape):
             have = None if ref is None else tuple(ref.shape)
             raise ValueError(f"base model {self.base.path} does not match the config at '{module}': {have} vs {shape}")
-        return perturb(self.base.load(module), module, self.p)
+        return perturb(self.base.load(module).to(self.device or "cpu"), module, self.p)
