@@ -3,9 +3,11 @@
 #   1. versions, nvcc, nvidia-smi
 #   2. build the native module with its CUDA launchers (PROLORA_CUDA=ON, this GPU's architecture)
 #   3. the GPU tests (marked gpu) and the Triton kernel tests, compiled on the GPU
-#   4. the kernel benchmarks against torch.linalg / cuSOLVER / torch.svd_lowrank
-#   5. the measured-winners table (gpu_winners.json) that dispatch consults, and a summary
-# Results go to $OUT if set, else benchmarks/gpu_results/<UTC time>/ (at most 8 files).
+#   4. cold transfers of full-size SDXL- and Flux-shaped pairs with --device cuda, default dispatch
+#      vs torch-only backends (benchmarks/gpu_transfer.py): seconds, peak device memory
+#   5. the kernel benchmarks against torch.linalg / cuSOLVER / torch.svd_lowrank
+#   6. the measured-winners table (gpu_winners.json) that dispatch consults, and a summary
+# Results go to $OUT if set, else benchmarks/gpu_results/<UTC time>/ (at most 10 files).
 # To ship the table: copy gpu_winners.json to python/prolora/ops/gpu_winners.json (or point
 # PROLORA_WINNERS at it); without one, torch stays the default on every GPU.
 #
@@ -115,6 +117,16 @@ step backends 60 "$PY" -m prolora.cli backends
 # ---- tests --------------------------------------------------------------------------------------
 step tests 150 "$PY" -m pytest tests/test_kernels_triton.py tests/test_backends_native.py tests/test_native.py \
   -m "not slow" -q -p no:cacheprovider -rs --junitxml="$RES/tests.xml"
+
+# ---- cold transfers with --device cuda: default dispatch vs torch-only, in the same run ----------
+# full-size SDXL- and Flux-shaped pairs generated on the GPU (reused from /tmp between runs)
+if ((DRY)); then
+  XFER=(--device cpu --width 0.25 --depth 0.1)
+else
+  XFER=(--device cuda)
+fi
+step transfer-sdxl 150 "$PY" -m benchmarks.gpu_transfer --family sdxl "${XFER[@]}" --json "$RES/transfer_sdxl.json"
+step transfer-flux 240 "$PY" -m benchmarks.gpu_transfer --family flux "${XFER[@]}" --json "$RES/transfer_flux.json"
 
 # ---- benchmarks (one JSON per op family: a timeout loses one family, not all) ----------------------
 if ((DRY)); then

@@ -23,7 +23,9 @@ from .formats import read_lora, summarize, write_lora
 from .formats.parts import assemble_parts, canonical_modules
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
-from .method import KMode, similarity as layer_similarity
+from .method import KMode, similarities as layer_similarities
+from .ops import subspace_phi
+from .ops.registry import override_for
 from .options import TransferOptions
 from .plan import build_plan, check_families
 from .report import LayerRecord, Report
@@ -395,15 +397,17 @@ def similarity(source: PathLike | BaseModel, target: PathLike | BaseModel, *,
         provider = BasisProvider(src, tgt, opts, engine.cache)
         step = progress(len(names), "similarity") if progress else None
         records = []
+        override = override_for(subspace_phi, opts.backends)
         for chunk in engine.chunks(names):
-            for m, (sb, tb) in provider.bases(provider.loader.prefetch(chunk)).items():
-                shape = src.weights[m].shape
-                sims = layer_similarity(sb, tb, (shape[0], math.prod(shape[1:]))).sims
-                ok = min(sims["phi_left"], sims["phi_right"]) >= tau
-                records.append(LayerRecord(m, m, m, shape, ok, "above tau" if ok else "below tau", k=sb.k,
-                                           gap=sb.gap(), **sims))
-                if step:
-                    step(1)
+            bases = provider.bases(provider.loader.prefetch(chunk))
+            flat = {m: (src.weights[m].shape[0], math.prod(src.weights[m].shape[1:])) for m in chunk}
+            sims = layer_similarities(bases, flat, override)
+            for m in chunk:
+                ok = min(sims[m]["phi_left"], sims[m]["phi_right"]) >= tau
+                records.append(LayerRecord(m, m, m, src.weights[m].shape, ok, "above tau" if ok else "below tau",
+                                           k=bases[m][0].k, gap=bases[m][0].gap(), **sims[m]))
+            if step:
+                step(len(chunk))
         info = {"source": src.name, "source_id": src.identity(), "target": tgt.name,
                 "target_id": tgt.identity(), "subspace": str(opts.subspace), "tau": tau,
                 "backend": ",".join(sorted(provider.backends)), "seconds": round(time.perf_counter() - t0, 3)}

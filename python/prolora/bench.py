@@ -55,6 +55,7 @@ class BenchConfig:
     skip_reference: bool = False
     cache: bool = True  # False: the cold run writes no cache and the warm runs are skipped
     dtype: torch.dtype = torch.float16
+    device: str | None = None  # where the synthetic models' values are drawn (cuda: full size in seconds)
 
 
 @dataclass
@@ -93,10 +94,10 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
-        write_model(src, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0)
+        write_model(src, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, device=cfg.device)
     if not tgt.exists():
         _say(f"writing target model {tgt}")
-        write_model(tgt, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, base=src)
+        write_model(tgt, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, base=src, device=cfg.device)
     loras = []
     with open_model(src) as m:
         modules = [name for name in m.weights if (FLUX_LINEAR if cfg.family == "flux" else BLOCK_LINEAR).match(name)]

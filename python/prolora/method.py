@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import OptionError
-from .ops import Basis, phi_null, project_lora, small_svd
-from .ops.registry import problem_for as small_svd_problem
+from .ops import Basis, phi_null, project_lora, small_svd, subspace_phi
+from .ops.registry import problem_for
 from .ops.projection import METHODS
 from .report import LayerRecord
 
@@ -104,7 +104,7 @@ def compress(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Ten
     Q1, R1 = torch.linalg.qr(up)
     Q2, R2 = torch.linalg.qr(down.T)
     core = R1 @ R2.T  # 2r x 2r at most: the small solver dispatch picks (native Jacobi where it wins)
-    Uc, Sc, Vch = small_svd.choose(small_svd_problem(core)).backend.fn(core)
+    Uc, Sc, Vch = small_svd.choose(problem_for(core)).backend.fn(core)
     total = float((Sc.double() ** 2).sum())
     kept = float((Sc[:rank].double() ** 2).sum())
     root = Sc[:rank].sqrt()
@@ -140,6 +140,28 @@ def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
     pl, pr = (float((M.double() ** 2).sum() / k) if k else 1.0 for M in (Ml, Mr))
     return Similarity({"phi_left": pl, "phi_right": pr,
                        "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr))
+
+
+def similarities(pairs: dict[str, tuple[Basis, Basis]], shapes: dict[str, tuple[int, int]],
+                 override: str | None = None) -> dict[str, dict[str, float | None]]:
+    """similarity()'s figures (phi and phi_null on both sides) of many layers at once, for when
+    the cross products are not needed (the similarity report): one subspace_phi call per side
+    for all the layers of a shape and k, dispatched on that batch. `override` forces a backend."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (src, tgt) in pairs.items():
+        groups.setdefault((shapes[name], src.k, tgt.k), []).append(name)
+    out: dict[str, dict[str, float | None]] = {}
+    for ((m, n), k, _), names in groups.items():
+        phis = []
+        for side in ("U", "V"):
+            A = torch.stack([getattr(pairs[x][0], side) for x in names])
+            B = torch.stack([getattr(pairs[x][1], side) for x in names])
+            backend = subspace_phi.choose(problem_for(A, k=k), override).backend
+            phis.append(backend.fn(A, B).tolist())
+        for x, pl, pr in zip(names, *phis):
+            out[x] = {"phi_left": pl, "phi_right": pr, "phi_null_left": phi_null(pl, m, k),
+                      "phi_null_right": phi_null(pr, n, k)}
+    return out
 
 
 def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, float]:
