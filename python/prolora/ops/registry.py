@@ -190,5 +190,5 @@ def check_overrides(ops: "list[Op] | tuple[Op, ...]", overrides: dict[str, str],
             b = op.backends[name]
             why = device_missing(device) or b.available()
             if why:
-                what = f" {op.name}" if key != "*" else ""
+                what = f" {op.name}" if key != "*" or len(targets) == 1 else ""
                 raise OptionError(f"backend '{name}' cannot run{what} here: {why}")
