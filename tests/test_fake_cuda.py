@@ -71,3 +71,15 @@ def test_cuda_transfer_stays_on_the_device_within_its_budget(kind, pairs, tmp_pa
     warm = runs[1][1]
     assert warm.report.info["engine"]["bytes_read"] == 0  # every basis came from the cache
     assert [r.transferred for r in warm.report.layers] == [r.transferred for r in cpu.report.layers]
+
+
+def test_only_finished_factors_come_back_to_the_host(pairs, tmp_path):
+    """Without a cache, the only device-to-host copies of a cuda transfer are the finished
+    factors (float32, one up and one down per transferred layer): no round trip between the
+    bases, the similarity and the projection."""
+    src, tgt, lora = pairs["sdxl"]
+    with FakeCuda() as fc:
+        res = prolora.transfer(src, tgt, lora, tmp_path / "o.safetensors", device="cuda", cache=False)
+    done = [m for m in read_lora(res.output).modules.values()]
+    assert res.report.summary()["transferred"] == len(done) > 0
+    assert fc.ledger.d2h_bytes == sum(4 * (m.up.numel() + m.down.numel()) for m in done)

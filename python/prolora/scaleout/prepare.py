@@ -84,8 +84,9 @@ def warm_cache(source: str | Path, target: str | Path, loras: list[Path], opts: 
                 provider.bases(provider.loader.prefetch(chunk, targets))
                 if step:
                     step(len(chunk))
-            stats.seconds.update({k: round(v, 3) for k, v in provider.seconds.items() if k != "project"})
-            stats.bytes_read = provider.bytes_read
+            stats.seconds.update({"load": round(provider.loader.seconds, 3),
+                                  **{k: round(v, 3) for k, v in provider.seconds.items()}})
+            stats.bytes_read = provider.loader.bytes_read
         stats.seconds["plan"] = round(t1 - t0, 3)
     stats.seconds["total"] = round(time.perf_counter() - t0, 3)
     return stats
