@@ -95,16 +95,17 @@ class RankSpec:
         return str(self.value) if self.kind == "fixed" else self.kind
 
 
-def compress(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def compress(up: torch.Tensor, down: torch.Tensor, rank: int,
+             override: str | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of up @ down (QR of each side, SVD of the small core).
 
     Returns balanced factors (sqrt of the singular values on each side) and the retained share
-    of the Frobenius energy, in [0, 1].
+    of the Frobenius energy, in [0, 1]. `override` forces the small_svd backend of the core.
     """
     Q1, R1 = torch.linalg.qr(up)
     Q2, R2 = torch.linalg.qr(down.T)
     core = R1 @ R2.T  # 2r x 2r at most: the small solver dispatch picks (native Jacobi where it wins)
-    Uc, Sc, Vch = small_svd.choose(problem_for(core)).backend.fn(core)
+    Uc, Sc, Vch = small_svd.choose(problem_for(core), override).backend.fn(core)
     total = float((Sc.double() ** 2).sum())
     kept = float((Sc[:rank].double() ** 2).sum())
     root = Sc[:rank].sqrt()
@@ -177,7 +178,7 @@ def _shared_rotation(Us: torch.Tensor, Ut: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Basis, *, tau: float,
-                          rank: RankSpec, r_in: int) -> LayerMath:
+                          rank: RankSpec, r_in: int, svd: str | None = None) -> LayerMath:
     """LoRA-X's least-squares map for a target weight of another shape (docs/method.md, "Layers of another
     width"): dW_t = P_L dW_s P_R^T with P = argmin ||P U_s - U_t||, i.e. P_L = U_t R_L^T U_s^T,
     where R_L pairs the two k-dim subspaces through the coordinates both widths share (the
@@ -197,16 +198,17 @@ def transfer_layer_widths(B: torch.Tensor, A: torch.Tensor, src: Basis, tgt: Bas
     retained = None
     out_rank = rank.target(r_in, up.shape[1])
     if out_rank < up.shape[1]:
-        up, down, retained = compress(up, down, out_rank)
+        up, down, retained = compress(up, down, out_rank, svd)
     return LayerMath(up, down, LayerRecord(transferred=True, reason=f"transferred across widths ({shapes}, "
                                            "least-squares map)", retained_energy=retained, **common))
 
 
 def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, tgt: Basis, *, method: str,
-                   tau: float, rank: RankSpec, r_in: int, project=None,
+                   tau: float, rank: RankSpec, r_in: int, project=None, svd: str | None = None,
                    shared: Similarity | None = None, projected=None) -> LayerMath:
     """Transfer one LoRA layer. B (m x r) has the scale folded in, A is (r x n); src and tgt
     are the source and target bases at the same k. `project` is a project_lora backend;
+    `svd` forces the small_svd backend of the compression (--backend);
     `shared` is similarity(src, tgt) when the caller has it (one per module for many LoRAs);
     `projected` is this LoRA's (up, down) when the caller projected many at once (then B and A
     may be None: with `shared` given they are not read)."""
@@ -227,6 +229,6 @@ def transfer_layer(B: torch.Tensor | None, A: torch.Tensor | None, src: Basis, t
     out_rank = rank.target(r_in, up.shape[1])
     retained = None
     if out_rank < up.shape[1]:
-        up, down, retained = compress(up, down, out_rank)
+        up, down, retained = compress(up, down, out_rank, svd)
     return LayerMath(up, down, LayerRecord(transferred=True, reason="transferred", retained_energy=retained,
                                            **common))

@@ -13,7 +13,8 @@ import torch
 
 from ..lora import LoraFile, LoraModule
 from ..method import LayerMath, Similarity, transfer_layer, transfer_layer_widths
-from ..ops import Basis
+from ..ops import Basis, small_svd
+from ..ops.registry import override_for
 from ..options import TransferOptions
 from ..plan import LayerJob, Plan
 from ..report import LayerRecord
@@ -121,11 +122,12 @@ def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferO
                          time.perf_counter() - t0)
     # projected together: the factors are not needed again (transfer_layer takes only `projected`)
     B, A = factors(job, src) if projected is None or job.widths_differ else (None, None)
+    svd = override_for(small_svd, opts.backends)
     if job.widths_differ:
-        res = transfer_layer_widths(B, A, src, tgt, tau=opts.tau, rank=opts.rank, r_in=job.lora.rank)
+        res = transfer_layer_widths(B, A, src, tgt, tau=opts.tau, rank=opts.rank, r_in=job.lora.rank, svd=svd)
     else:
         res = transfer_layer(B, A, src, tgt, method=opts.method, tau=opts.tau, rank=opts.rank, r_in=job.lora.rank,
-                             project=project, shared=shared, projected=projected)
+                             project=project, svd=svd, shared=shared, projected=projected)
     rec = res.record
     if rec.transferred:
         res.up, res.down = res.up.cpu(), res.down.cpu()
