@@ -349,30 +349,19 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 def cmd_backends(a: argparse.Namespace) -> int:
     from .ops import ALL_OPS, Problem
-    from .ops.registry import device_missing
 
     for device in ("cpu", "cuda"):
-        problem = Problem(device=device, dtype="float32")
         print(f"{device}:")
         for op in ALL_OPS:
-            choice = None
-            try:
-                choice = op.choose(problem)
-            except ProloraError:
-                pass
             print(f"  {op.name}")
-            for b in op.backends.values():
-                missing = device_missing(device) or b.available()
-                rule = None if missing else b.check(problem)
-                mark = "*" if choice and choice.backend is b else " "
-                state = (f"unavailable: {missing}" if missing else f"available, not chosen by default: {rule}"
-                         if rule else "available")
-                print(f"   {mark} {b.name:<20} {state}{'  (reference)' if b.reference else ''}")
+            for b, chosen, state in op.explain(Problem(device=device, dtype="float32")):
+                print(f"   {'*' if chosen else ' '} {b.name:<20} {state}{'  (reference)' if b.reference else ''}")
     from . import _native
 
     print(f"native module: {'built' if _native.available() else _native.why_unavailable()}"
           + (" with CUDA" if _native.available() and _native.has_cuda() else ""))
-    print("* = chosen by default; override with --backend or PROLORA_BACKEND")
+    print("* = the default for a float32 problem of unknown shape (dispatch decides per call with the real "
+          "problem); force any available backend with --backend or PROLORA_BACKEND")
     return 0
 
 

@@ -100,6 +100,27 @@ class Op:
                 ok.append(b)
         return ok, rejected
 
+    def explain(self, problem: Problem) -> list[tuple[Backend, bool, str]]:
+        """(backend, chosen by default, why or why not) for every backend of the op on `problem`:
+        what `prolora backends` prints."""
+        try:
+            choice = self.choose(problem)
+        except OptionError:
+            choice = None
+        ok, _ = self.runnable(problem)
+        out = []
+        for b in self.backends.values():
+            chosen = choice is not None and choice.backend is b
+            if b not in ok:
+                why = device_missing(problem.device) or b.available()
+                state = f"unavailable: {why}" if why else f"cannot run this problem: {b.check(problem)}"
+            elif chosen:
+                state = "available, the default"
+            else:
+                state = f"available; not the default: {choice.rejected.get(b.name) if choice else '?'}"
+            out.append((b, chosen, state))
+        return out
+
     def choose(self, problem: Problem, override: str | None = None) -> Choice:
         """The highest-priority backend that can run `problem` (custom kernels only where
         measured fastest), or `override`, which runs whenever it can run the problem at all."""
