@@ -4,9 +4,11 @@ resident for the pass). Pure arithmetic over shapes and sizes: it reads nothing.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from ..checkpoints import BaseModel
+
+T = TypeVar("T")
 
 # the chunk computing plus the next one's raw weights in flight share the budget
 IN_FLIGHT = 1.5
@@ -28,23 +30,29 @@ def module_need(model: BaseModel, module: str) -> int:
     return module_bytes(ref.shape, 2 if ref.dtype in ("F16", "BF16") else 4, 2)
 
 
+def consecutive(items: Sequence[T], size: Callable[[T], int], limit: float) -> list[list[T]]:
+    """Consecutive groups of `items` whose sizes add up to at most `limit` (at least one item
+    per group): the chunks of a pass over a model."""
+    out: list[list[T]] = []
+    cur: list[T] = []
+    used = 0
+    for x in items:
+        n = size(x)
+        if cur and used + n > limit:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(x)
+        used += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def chunk_modules(modules: list[str], need: Mapping[str, int] | None, limit: float,
                   model: BaseModel | None = None) -> list[list[str]]:
     """Consecutive modules whose working memory (need[m], else module_need(model, m)) adds up
     to at most `limit` bytes; at least one module per chunk."""
-    out: list[list[str]] = []
-    cur: list[str] = []
-    used = 0
-    for m in modules:
-        size = need[m] if need is not None else module_need(model, m)
-        if cur and used + size > limit:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(m)
-        used += size
-    if cur:
-        out.append(cur)
-    return out
+    return consecutive(modules, (lambda m: need[m]) if need is not None else (lambda m: module_need(model, m)), limit)
 
 
 def chunk_limit(host_budget: int, host_resident: int, device_budget: int | None) -> float:
