@@ -4,7 +4,9 @@ Names alone cannot say which source block a shallower target's block 3 came from
 matched by subspace similarity: for every attention module present in both models, each target
 transformer block is assigned a distinct source block of the same attention module, maximising
 the summed similarity (mean phi over the block's linears of equal role and shape). Source blocks
-left unassigned have no counterpart in the target.
+left unassigned have no counterpart in the target. Target blocks that get no source block (a
+target deeper than the source, or an attention module the source lacks) are listed too, with
+source_block None, so that every target block is either matched or reported.
 """
 from __future__ import annotations
 
@@ -94,8 +96,8 @@ def assign(score: list[list[float]]) -> list[int]:
 class BlockMatch:
     attention: str
     target_block: int
-    source_block: int
-    score: float  # mean phi over the block's compared linears
+    source_block: int | None  # None: no source block for this target block (it gets no LoRA)
+    score: float  # mean phi over the block's compared linears (0.0 when unmatched)
 
 
 BasisOf = Callable[[str, str, int | None], Basis]  # (side, module, k) -> basis; side "source"/"target"
@@ -112,8 +114,11 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
     out: list[BlockMatch] = []
     for attn, t_idx in t_blocks.items():
         s_idx = s_blocks.get(attn)
-        if not s_idx or sorted(s_idx) == sorted(t_idx):
-            continue  # absent in the source, or same depth: names are trusted there
+        if not s_idx:  # an attention module the source lacks: reported, nothing lands there
+            out += [BlockMatch(attn, tb, None, 0.0) for tb in sorted(t_idx)]
+            continue
+        if sorted(s_idx) == sorted(t_idx):
+            continue  # same depth: names are trusted there
         t_list, s_list = sorted(t_idx), sorted(s_idx)
         score = []
         for tb in t_list:
@@ -135,14 +140,15 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
             transposed = [list(col) for col in zip(*score)]
             rows = assign(transposed)
             out += [BlockMatch(attn, t_list[r], sb, transposed[i][r]) for i, (sb, r) in enumerate(zip(s_list, rows))]
+            out += [BlockMatch(attn, tb, None, 0.0) for r, tb in enumerate(t_list) if r not in set(rows)]
     return out
 
 
 def block_mapping(source_weights: dict, matches: list[BlockMatch]) -> dict[str, str | None]:
     """Source module -> target module (None: its block has no counterpart) for every linear of
     the attention modules that were matched; other modules keep their names."""
-    assigned = {(m.attention, m.source_block): m.target_block for m in matches}
-    matched = {m.attention for m in matches}
+    assigned = {(m.attention, m.source_block): m.target_block for m in matches if m.source_block is not None}
+    matched = {m.attention for m in matches if m.source_block is not None}
     out: dict[str, str | None] = {}
     for module in source_weights:
         hit = split_block(module)

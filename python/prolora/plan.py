@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
+from .checkpoints.family import SDXL_KIN
 from .errors import InvalidLoraError, LoraMismatchError, ModelError
 from .formats.parts import part_key, split_module
 from .lora import LoraFile, LoraModule
 
-# families whose weights share names and shapes closely enough for name matching
-COMPATIBLE = {("sdxl", "ssd-1b"), ("ssd-1b", "sdxl")}
+# families whose weights share names and shapes closely enough for name matching (SDXL and its
+# depth-pruned kin; blocks the depths disagree on are matched by similarity, see matching.py)
+COMPATIBLE = {(a, b) for a in SDXL_KIN for b in SDXL_KIN if a != b} | {("flux", "chroma")}
 
 # below this share of modules found in the source model, the LoRA is for another model
 MIN_MATCH_SHARE = 0.5

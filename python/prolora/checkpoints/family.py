@@ -8,7 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "flux", "unknown")  # flux: checkpoints.flux
+FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "vega", "koala", "flux", "chroma", "unknown")  # flux, chroma: checkpoints.flux
+# SDXL and its depth-pruned kin: same widths, text encoders and key layout, fewer transformer blocks
+# (and, for KOALA, one resnet + attention per encoder level); their layers are matched by similarity
+SDXL_KIN = ("sdxl", "ssd-1b", "vega", "koala")
 
 _BLOCK = re.compile(r"^unet\.(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.")
 
@@ -81,13 +84,20 @@ def detect_family(st: UnetStats, te_hidden: dict[str, int]) -> str:
         if te_hidden:
             if set(te_hidden) != {"text_encoder", "text_encoder_2"} or sum(te_hidden.values()) != st.cross_dim:
                 return "unknown"
-        # SDXL: every attention of a level has the same depth, up levels mirror down levels, and
-        # the middle block has attention as deep as the deepest level. SSD-1B prunes blocks.
+        # KOALA (700M: depths [0,2,5], 1B: [0,2,6]) keeps one resnet + attention per encoder
+        # level. SDXL: two per level, every attention of a level as deep, up levels mirror down
+        # levels, and the middle block has attention as deep as the deepest level. Vega
+        # ([0,0,1,1,2,2]) is as regular but has no attention in the middle block; SSD-1B prunes
+        # blocks unevenly ([0,0,2,2,4,4] down, other depths up).
+        if all(len(d) <= 1 for d in st.down_depths):
+            return "koala"
         uniform = all(len(set(d)) <= 1 for d in st.down_depths + st.up_depths)
         mirrored = all(set(st.up_depths[i]) == set(st.down_depths[st.levels - 1 - i]) for i in range(st.levels))
         deepest = max(st.down_depths[2])
         if uniform and mirrored and st.mid_depths == [deepest]:
             return "sdxl"
+        if uniform and mirrored and not st.mid_depths:
+            return "vega"
         return "ssd-1b"
     if len(te_hidden) > 1 or st.levels != 4:
         return "unknown"

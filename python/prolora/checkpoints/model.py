@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ModelError
 from ..safetensors_io import Header, SafetensorsFile
-from .family import unet_stats
+from .family import SDXL_KIN, unet_stats
 from .unet_keys import UnetStructure
 
 # How a LoRA file can spell a module of a base model. The readers of LoRA files keep a module's
@@ -100,7 +100,7 @@ class BaseModel:
     path: Path
     name: str
     layout: str  # "diffusers" | "single-file"
-    family: str  # "sd1" | "sd2" | "sdxl" | "ssd-1b" | "unknown"
+    family: str  # "sd1" | "sd2" | "sdxl" | "ssd-1b" | "vega" | "koala" | "unknown" (family.FAMILIES)
     weights: dict[str, WeightRef]
     files: dict[str, Path] = field(repr=False)  # role (relative name) -> file, every file involved
     headers: dict[Path, Header] = field(repr=False)
@@ -116,10 +116,10 @@ class BaseModel:
     @property
     def kohya_spelling(self) -> str:
         """The UNet spelling kohya's own scripts write for this family."""
-        return "kohya-ldm" if self.family in ("sdxl", "ssd-1b") else "kohya-diffusers"
+        return "kohya-ldm" if self.family in SDXL_KIN else "kohya-diffusers"
 
     def _two_encoders(self) -> bool:
-        return self.family in ("sdxl", "ssd-1b") or "text_encoder_2" in self.text_encoders
+        return self.family in SDXL_KIN or "text_encoder_2" in self.text_encoders
 
     def _comfy_clip(self, component: str) -> str:
         if component == "text_encoder_2":
