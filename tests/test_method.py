@@ -8,7 +8,7 @@ from prolora.ops import phi, phi_null, principal_cosines, project_lora, truncate
 
 ref_svd = truncated_svd.reference.fn
 ref_project = project_lora.reference.fn
-ref_cos = principal_cosines.reference.fn
+ref_cos = principal_cosines
 
 
 def weight(m, n, seed, decay=0.01):

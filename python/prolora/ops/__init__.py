@@ -10,7 +10,7 @@ from .svd import Basis, truncated_svd
 from . import backends_native, backends_triton  # noqa: E402,F401  isort: skip
 from . import svd_randomized  # noqa: E402,F401  isort: skip  (extract's small-rank truncated SVD)
 
-ALL_OPS = (truncated_svd, principal_cosines, project_lora, subspace_phi, small_svd)
+ALL_OPS = (truncated_svd, project_lora, subspace_phi, small_svd)
 
 __all__ = ["ALL_OPS", "Basis", "Choice", "METHODS", "Op", "Problem", "overrides_from_env",
            "parse_overrides", "phi", "phi_null", "principal_cosines", "project_lora", "small_svd",

@@ -1,10 +1,11 @@
-"""Triton backends (kernels in prolora.kernels, the top-level kernels/ folder) of project_lora,
-truncated_svd, subspace_phi and principal_cosines.
+"""Triton backends (kernels in the subpackage prolora.kernels) of project_lora,
+truncated_svd and subspace_phi.
 
-They run on CUDA devices; without one `available` says so and dispatch never picks them (the
-tests run the same functions on CPU tensors under TRITON_INTERPRET=1). On a GPU they are chosen
-only where the measured-winners table (ops.measured) says they beat torch; without a table
-torch stays the default. Triton itself is imported only when a kernel runs.
+They run on CUDA devices; without one `available` says so and they cannot be chosen (the tests
+run the same functions on CPU tensors under TRITON_INTERPRET=1). On a GPU they are the default
+only where the measured-winners table (ops.measured) says they beat torch; without a table torch
+stays the default, and --backend forces them wherever they can run the problem. Triton itself is
+imported only when a kernel runs.
 """
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ from .svd import as_batch
 from .gram_basis import bases_from_eigh, gram_operand
 from .projection import project_lora
 from .registry import Problem
-from .similarity import principal_cosines
 from .subspace_phi import check_pair, finish, subspace_phi
 from .svd import Basis, KSpec, truncated_svd
 
 try:
     from ..kernels import _config as _kconfig
-except ImportError as exc:  # an install without the kernels/ package mapping
+except ImportError as exc:  # a broken install missing the prolora.kernels subpackage
     _kconfig = None
     _KERNELS_WHY = f"prolora.kernels is not installed ({exc})"
 else:
@@ -165,15 +165,3 @@ def _phi_triton(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = No
     with _on(A):
         _, sq = tn(A, B, store=False, squares=True)
     return finish(sq, A.shape[-1])
-
-
-@principal_cosines.register("triton", priority=20, check=_check("principal_cosines", "triton"),
-                            measured=_measured("principal_cosines", "triton"), available=triton_missing)
-def _cosines_triton(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A^T B with the Triton product (float32 accumulation), then its singular values."""
-    _float32_only(dtype, "principal_cosines/triton")
-    from ..kernels.tn import tn
-
-    with _on(A):
-        M, _ = tn(A, B)
-    return torch.linalg.svdvals(M).clamp_(0.0, 1.0)

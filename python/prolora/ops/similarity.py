@@ -1,16 +1,14 @@
-"""principal_cosines: cosines of the principal angles between two subspaces (orthonormal bases)."""
+"""Subspace similarity: the principal angles between two subspaces (orthonormal bases) and phi,
+their mean squared cosine, which needs no SVD (batched over many layers: the subspace_phi op)."""
 from __future__ import annotations
 
 import torch
 
-from .registry import Op
 
-principal_cosines = Op("principal_cosines", "cosines of the principal angles between span(A) and span(B)")
-
-
-@principal_cosines.register("reference", reference=True)
-def _cosines_reference(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Singular values of A^T B, clamped to [0, 1], descending."""
+def principal_cosines(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Cosines of the principal angles between span(A) and span(B): the singular values of
+    A^T B (in float64 unless told), clamped to [0, 1], descending. The definition phi and the
+    tests build on; the engine needs only phi."""
     dtype = dtype or torch.float64
     M = A.to(dtype).T @ B.to(dtype)
     return torch.linalg.svdvals(M).clamp_(0.0, 1.0)
