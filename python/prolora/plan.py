@@ -12,7 +12,7 @@ from .lora import LoraFile, LoraModule
 
 # families whose weights share names and shapes closely enough for name matching (SDXL and its
 # depth-pruned kin; blocks the depths disagree on are matched by similarity, see matching.py)
-COMPATIBLE = {(a, b) for a in SDXL_KIN for b in SDXL_KIN if a != b} | {("flux", "chroma")}
+COMPATIBLE = {(a, b) for a in SDXL_KIN for b in SDXL_KIN if a != b} | {("flux", "chroma"), ("chroma", "flux")}
 
 # below this share of modules found in the source model, the LoRA is for another model
 MIN_MATCH_SHARE = 0.5
@@ -99,7 +99,7 @@ def _out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None,
 def _check_format(out_format: str, target: BaseModel) -> None:
     if out_format == "xlabs" and target.family != "flux":
         raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}")
-    if out_format == "diffusers-old" and target.family == "flux":
+    if out_format == "diffusers-old" and target.family in ("flux", "chroma"):
         raise ModelError("the old diffusers LoRA format has no Flux layout; choose peft, kohya, comfy or xlabs")
 
 

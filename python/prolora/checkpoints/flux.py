@@ -26,6 +26,25 @@ h is the hidden width (3072), mlp the MLP width (12288); both are read from the 
 models work the same. guidance_in exists in FLUX.1-dev only (schnell is guidance-free): a dev LoRA
 on it has no counterpart in schnell and is dropped and reported.
 
+Chroma
+------
+Chroma (diffusers ChromaTransformer2DModel, from FLUX.1-schnell) is read by the same code as family
+"chroma": the same double and single blocks at the same widths, without the modulation linears
+(img_mod / txt_mod -> norm1.linear / norm1_context.linear, single-block modulation -> norm.linear,
+final_layer.adaLN_modulation -> norm_out.linear) and without time_in / vector_in / guidance_in
+(time_text_embed.*: Chroma's time_text_embed has no weights). What it adds is the modulation
+approximator, whose 2-D weights are
+
+    BFL                                            canonical (diffusers)
+    distilled_guidance_layer.in_proj / out_proj    distilled_guidance_layer.in_proj / out_proj
+    distilled_guidance_layer.layers.N.in_layer     distilled_guidance_layer.layers.N.linear_1
+    distilled_guidance_layer.layers.N.out_layer    distilled_guidance_layer.layers.N.linear_2
+    (distilled_guidance_layer.norms.N.scale        distilled_guidance_layer.norms.N.weight, no LoRA target)
+
+(diffusers' convert_chroma_transformer_checkpoint_to_diffusers). Its pipeline has a T5 encoder in
+text_encoder/ and no CLIP-L. A Flux LoRA's modules on what Chroma lacks get no counterpart and are
+dropped and named in the report (`missing_hint`); the output holds no key for them.
+
 Fused weights: subspaces per logical slice
 ------------------------------------------
 q, k, v and the MLP input are different operators that only share a storage layout, so bases are
@@ -91,7 +110,12 @@ GLOBAL_WHOLE = {
     "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
+    # Chroma's modulation approximator (ChromaApproximator)
+    "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+    "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
 }
+APPROX = "distilled_guidance_layer."
+APPROX_LAYER = {"in_layer": "linear_1", "out_layer": "linear_2"}
 GLOBAL_SWAPPED = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
 # parameters that are no LoRA targets (norm scales), for writing whole files
 DOUBLE_NORMS = {
@@ -117,6 +141,10 @@ _DOUBLE = re.compile(r"^double_blocks\.(\d+)\.(.+)$")
 _SINGLE = re.compile(r"^single_blocks\.(\d+)\.(.+)$")
 _D_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _D_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.(.+)$")
+_APPROX = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.(in_layer|out_layer)$")
+_D_APPROX = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.(linear_1|linear_2)$")
+_APPROX_NORM = re.compile(r"^distilled_guidance_layer\.norms\.(\d+)\.scale$")
+_D_APPROX_NORM = re.compile(r"^distilled_guidance_layer\.norms\.(\d+)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -185,7 +213,10 @@ def bfl_to_diffusers(shapes: dict[str, tuple[int, ...]], where: str = "") -> tup
             else:
                 unmapped.append(path)
             continue
-        if path in GLOBAL_WHOLE:
+        m = _APPROX.match(path)
+        if m:
+            out[f"distilled_guidance_layer.layers.{m.group(1)}.{APPROX_LAYER[m.group(2)]}"] = BflPlace(path, None, rows)
+        elif path in GLOBAL_WHOLE:
             out[GLOBAL_WHOLE[path]] = BflPlace(path, None, rows)
         elif path in GLOBAL_SWAPPED:
             if rows % 2:
@@ -229,7 +260,11 @@ def diffusers_to_bfl(shapes: dict[str, tuple[int, ...]]) -> dict[str, BflPlace]:
                 start = sum(sizes[:j])
                 out[path] = BflPlace(f"single_blocks.{i}.linear1", ((start, start + rows),), sum(sizes))
             continue
-        if path in inv_global:
+        m = _D_APPROX.match(path)
+        if m:
+            inv = {v: k for k, v in APPROX_LAYER.items()}
+            out[path] = BflPlace(f"distilled_guidance_layer.layers.{m.group(1)}.{inv[m.group(2)]}", None, rows)
+        elif path in inv_global:
             out[path] = BflPlace(inv_global[path], None, rows)
         elif path in inv_swapped:
             h = rows // 2
@@ -284,6 +319,10 @@ def bfl_file_plan(params: list[tuple[str, tuple[int, ...]]], prefix: str = "") -
         if m and m.group(2) in inv_single:
             add(f"single_blocks.{m.group(1)}.{inv_single[m.group(2)]}", name, 0, shape[0])
             continue
+        m = _D_APPROX_NORM.match(name)
+        if m:  # Chroma
+            add(f"distilled_guidance_layer.norms.{m.group(1)}.scale", name, 0, shape[0])
+            continue
         raise ModelError(f"Flux parameter '{name}' has no BFL name")
     out = []
     for key in order:
@@ -315,6 +354,8 @@ class FluxModel(BaseModel):
 
     @property
     def variant(self) -> str:
+        if self.family == "chroma":
+            return "chroma"
         return "dev" if any(m.startswith(f"{COMPONENT}.{GUIDANCE}") for m in self.weights) else "schnell"
 
     def _two_encoders(self) -> bool:  # kohya's Flux scripts name CLIP-L lora_te1_
@@ -456,8 +497,12 @@ class FluxModel(BaseModel):
                 "comfy or peft to keep it")
 
     def missing_hint(self, module: str) -> str | None:
+        if self.family == "chroma":
+            return chroma_lacks(module, self.name)
         if module.startswith(f"{COMPONENT}.{GUIDANCE}"):
             return f"{self.name} has no guidance embedder (guidance_in), like FLUX.1-schnell"
+        if module.startswith(f"{COMPONENT}.{APPROX}"):
+            return f"{self.name} has no distilled_guidance_layer (Chroma's modulation approximator; FLUX.1 has img_mod, txt_mod and modulation linears instead)"
         return None
 
     # ------------------------------------------------------------------ description
@@ -491,7 +536,8 @@ def _structure_facts(modules: dict[str, tuple[int, ...]], unmapped: list[str]) -
     mlp = modules.get("single_transformer_blocks.0.proj_mlp") or modules.get("transformer_blocks.0.ff.net.0.proj")
     facts = {"double_blocks": len(double), "single_blocks": len(single), "hidden": q[0] if q else None,
              "mlp_hidden": mlp[0] if mlp else None,
-             "guidance_embedder": any(m.startswith(GUIDANCE) for m in modules)}
+             "guidance_embedder": any(m.startswith(GUIDANCE) for m in modules),
+             "approximator_layers": len({int(m.group(1)) for m in map(_D_APPROX.match, modules) if m})}
     if unmapped:
         facts["unmapped"] = sorted(unmapped)
     return facts
@@ -535,6 +581,41 @@ def _order(weights: dict[str, WeightRef]) -> dict[str, WeightRef]:
     return dict(sorted(weights.items(), key=lambda kv: (not kv[0].startswith(COMPONENT + "."), rank(kv[0]))))
 
 
+def _family(weights: dict[str, WeightRef]) -> str:
+    """"chroma" where the transformer has Chroma's modulation approximator, else "flux"."""
+    return "chroma" if any(m.startswith(f"{COMPONENT}.{APPROX}") for m in weights) else "flux"
+
+
+# what Chroma lacks of FLUX.1, by canonical prefix (inside the transformer), and why
+_CHROMA_LACKS = (
+    (re.compile(r"^transformer_blocks\.\d+\.norm1\.linear$"), "img_mod",
+     "Chroma pruned the double blocks' modulation; its distilled_guidance_layer computes it"),
+    (re.compile(r"^transformer_blocks\.\d+\.norm1_context\.linear$"), "txt_mod",
+     "Chroma pruned the double blocks' modulation; its distilled_guidance_layer computes it"),
+    (re.compile(r"^single_transformer_blocks\.\d+\.norm\.linear$"), "single-block modulation",
+     "Chroma pruned it; its distilled_guidance_layer computes it"),
+    (re.compile(r"^norm_out\.linear$"), "final_layer.adaLN_modulation",
+     "Chroma pruned it; its distilled_guidance_layer computes it"),
+    (re.compile(r"^time_text_embed\.timestep_embedder\."), "time_in",
+     "Chroma feeds the timestep to its distilled_guidance_layer"),
+    (re.compile(r"^time_text_embed\.text_embedder\."), "vector_in", "Chroma has no pooled CLIP-L input"),
+    (re.compile(r"^time_text_embed\.guidance_embedder\."), "guidance_in", "Chroma has no guidance embedder"),
+)
+
+
+def chroma_lacks(module: str, name: str = "Chroma") -> str | None:
+    """Why a Chroma model has no `module` (a canonical FLUX.1 id), or None if Chroma should have it."""
+    component, _, path = module.partition(".")
+    if component == "text_encoder":
+        return f"{name} has no CLIP-L text encoder (Chroma conditions on T5 only)"
+    if component != COMPONENT:
+        return None
+    for rx, what, why in _CHROMA_LACKS:
+        if rx.match(path):
+            return f"{name} has no {what} ({why})"
+    return None
+
+
 def is_flux_keys(keys) -> str | None:
     """The prefix under which `keys` hold a BFL Flux transformer, else None."""
     keys = list(keys)
@@ -569,7 +650,7 @@ def open_flux_single_file(path: Path, header: Header | None = None) -> FluxModel
         encoders[T5] = comp.facts
     if not weights:
         raise ModelError(f"{path}: Flux keys but no transformer weights")
-    return FluxModel(path=path, name=path.stem, layout="single-file", family="flux", weights=_order(weights),
+    return FluxModel(path=path, name=path.stem, layout="single-file", family=_family(weights), weights=_order(weights),
                      files={"single-file": path}, headers={path: header}, ldm_names={}, text_encoders=encoders,
                      bfl=bfl, facts=facts)
 
@@ -579,7 +660,8 @@ def is_flux_folder(path: Path) -> bool:
     transformer folder."""
     for cfg in (path / "transformer" / "config.json", path / "config.json"):
         try:
-            if "Flux" in str(json.loads(cfg.read_text()).get("_class_name", "")):
+            name = str(json.loads(cfg.read_text()).get("_class_name", ""))
+            if "Flux" in name or name == "ChromaTransformer2DModel":
                 return True
         except (OSError, ValueError):
             continue
@@ -617,5 +699,5 @@ def open_flux_folder(path: Path) -> FluxModel:
         comp = t5_from_transformers(read_component(t5, path, files, headers), T5)
         weights.update(comp.weights)
         encoders[T5] = comp.facts
-    return FluxModel(path=path, name=path.name, layout="diffusers", family="flux", weights=_order(weights),
+    return FluxModel(path=path, name=path.name, layout="diffusers", family=_family(weights), weights=_order(weights),
                      files=files, headers=headers, ldm_names={}, text_encoders=encoders, bfl=bfl, facts=facts)
