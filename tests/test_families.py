@@ -228,11 +228,11 @@ def test_kin_transfer_from_the_cli(kin, tmp_path):
 # ----------------------------------------------------------------------------- FLUX.1 -> Chroma
 #
 # A tiny diffusers FluxTransformer2DModel (FLUX.1-dev layout: guidance_in, pooled CLIP-L input)
-# is the source, as a pipeline folder with a CLIP-L text encoder (transformer/ + text_encoder/);
-# a tiny diffusers ChromaTransformer2DModel of the same widths whose shared weights are the
-# source's plus a small change is the target, as a diffusers folder (transformer/, sharded) and as
-# a BFL single file (`model.diffusion_model.` keys, the layout diffusers' Chroma single-file
-# converter reads).
+# is the source, as a pipeline folder with CLIP-L in text_encoder/ and T5 in text_encoder_2/; a
+# tiny diffusers ChromaTransformer2DModel of the same widths whose shared weights are the source's
+# plus a small change is the target, as a diffusers pipeline folder (transformer/, sharded, and its
+# only encoder, T5, in text_encoder/ as ChromaPipeline has it) and as a BFL single file
+# (`model.diffusion_model.` keys, the layout diffusers' Chroma single-file converter reads).
 
 CHROMA = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
               num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
@@ -274,6 +274,9 @@ def chroma(tmp_path_factory):
     fsd = {k: v.detach().clone() for k, v in flux.state_dict().items()}
     flux.save_pretrained(d / "flux" / "transformer")
     transformers.CLIPTextModel(CLIPTextConfig(**TE1)).eval().save_pretrained(d / "flux" / "text_encoder")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(d_model=24, d_kv=4, num_heads=2, d_ff=32, num_layers=2,
+                                                           vocab_size=100)).eval()
+    t5.save_pretrained(d / "flux" / "text_encoder_2")
     (d / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     ch = diffusers.ChromaTransformer2DModel(**CHROMA).eval()
     g = torch.Generator().manual_seed(4)
@@ -286,16 +289,21 @@ def chroma(tmp_path_factory):
             new[k] = v  # Chroma's own: the approximator
     ch.load_state_dict(new)
     ch.save_pretrained(d / "chroma" / "transformer", max_shard_size="60KB")
+    with torch.no_grad():
+        for w in t5.parameters():
+            w.add_(0.03 * w.std() * torch.randn(w.shape, generator=g))
+    t5.save_pretrained(d / "chroma" / "text_encoder")
     (d / "chroma" / "model_index.json").write_text(json.dumps({"_class_name": "ChromaPipeline"}))
     single = _bfl_file({k: v.detach().clone() for k, v in ch.state_dict().items()}, d / "chroma.safetensors",
                        "model.diffusion_model.")
     # Flux LoRAs on every linear of the transformer (kohya BFL names and PEFT), the kohya one with
-    # CLIP-L modules too (lora_te1_, as kohya's Flux scripts name them)
+    # CLIP-L and T5 attention modules too (lora_te1_ / lora_te3_, as kohya's Flux scripts name them)
     kohya = write_lora(d / "flux", d / "flux_kohya.safetensors", format="kohya", rank=4, targets="all")
     lf = read_lora(kohya)
     mods = dict(lf.modules)
     with open_model(d / "flux") as src:
-        for module in [m for m in src.weights if m.startswith("text_encoder.") and ".self_attn." in m]:
+        for module in [m for m in src.weights if m.startswith("text_encoder.") and ".self_attn." in m
+                       or m.startswith("text_encoder_2.") and ".SelfAttention." in m]:
             shape = src.weights[module].shape
             key = src.spell(module, "kohya-ldm")
             mods[key] = LoraModule(key, torch.randn(4, shape[1], generator=g).half() * 0.1,
@@ -364,6 +372,7 @@ def test_flux_lora_onto_chroma_drops_and_names_what_chroma_lacks(chroma, fmt, la
     assert {r.source_key for r in rows} == set(lora.modules)  # every module is in the report
     dropped = {r.source_key: r.reason for r in rows if not r.transferred}
     lacks = [k for k in lora.modules if any(x in k for x in CHROMA_LACKS) or "time_text_embed" in k
+             or (layout == "single" and k.startswith("lora_te3_"))  # a transformer-only file has no T5
              or ".norm1.linear" in k or "norm1_context.linear" in k or ".norm.linear" in k or "norm_out.linear" in k]
     assert lacks and set(dropped) == set(lacks)
     for key, why in dropped.items():
@@ -399,12 +408,12 @@ def test_diffusers_chroma_pipeline_loads_the_output(chroma, fmt, tmp_path, caplo
     from test_client_flux import _kohya_loadable, _without
 
     lora = chroma[fmt]
-    if fmt == "kohya":  # CLIP-L (lora_te1_) modules stay in: the transfer drops them
-        import shutil
+    if fmt == "kohya":  # CLIP-L (lora_te1_) modules stay in: the transfer drops them; T5 (lora_te3_) goes,
+        import shutil      # this test checks the transformer (diffusers ignores T5 LoRA keys)
 
         lora = tmp_path / "in_kohya.safetensors"
         shutil.copy(chroma["kohya"], lora)
-        lora = _without(lora, _kohya_loadable)
+        lora = _without(lora, lambda k: _kohya_loadable(k) or k.startswith("lora_te3_"))
     out = tmp_path / f"out_{fmt}.safetensors"
     prolora.transfer(chroma["source"], chroma["target"], lora, out, tau=0.0, cache=False)
     transformer = ChromaTransformer2DModel.from_pretrained(chroma["target"] / "transformer", local_files_only=True)
@@ -453,3 +462,26 @@ def test_pin_diffusers_warns_of_unexpected_keys_for_the_flux_lora_itself(chroma,
         pipe.load_lora_weights(str(chroma["peft"]), adapter_name=ADAPTER)
     text = " ".join(r.getMessage() for r in caplog.records if "unexpected keys" in r.getMessage())
     assert "norm1.linear" in text and "time_text_embed" in text
+
+
+def test_chroma_t5_in_text_encoder(chroma, tmp_path):
+    """ChromaPipeline keeps T5 in text_encoder/: it is read as T5 (canonical `text_encoder_2.`, so a
+    Flux LoRA's T5 modules find it), kohya lora_te3_ modules transfer, and PEFT keys are spelled
+    with the pipeline's own component name."""
+    with open_model(chroma["target"]) as t:
+        assert t.text_encoders == {"text_encoder_2": {"kind": "t5", "layers": 2, "hidden": 24}}
+        q = "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"
+        assert q in t.weights and t.spell(q, "peft") == "text_encoder.encoder.block.0.layer.0.SelfAttention.q"
+        assert t.resolve("text_encoder.encoder.block.0.layer.0.SelfAttention.q")[0] == q
+        assert t.resolve("lora_te3_encoder_block_0_layer_0_SelfAttention_q")[0] == q
+    res = prolora.transfer(chroma["source"], chroma["target"], chroma["kohya"], tmp_path / "o.safetensors", tau=0.0,
+                           cache=False)
+    te3 = [r for r in res.report.layers if r.source_key.startswith("lora_te3_")]
+    assert te3 and all(r.transferred for r in te3)
+    peft = prolora.transfer(chroma["source"], chroma["target"], chroma["kohya"], tmp_path / "p.safetensors",
+                            tau=0.0, cache=False, format="peft")
+    from prolora.formats import read_lora
+
+    keys = set(read_lora(peft.output).modules)
+    assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q" in keys
+    assert not any(k.startswith("text_encoder_2.") for k in keys)

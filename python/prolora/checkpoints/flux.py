@@ -344,6 +344,9 @@ class FluxModel(BaseModel):
 
     bfl: dict[str, BflPlace] = field(default_factory=dict, repr=False)
     facts: dict = field(default_factory=dict, repr=False)
+    # the pipeline component holding T5 (PEFT keys are spelled with it): FLUX.1's text_encoder_2,
+    # Chroma's text_encoder (its only encoder); the canonical ids stay `text_encoder_2.` either way
+    t5_component: str = field(default=T5, repr=False)
     _fused: dict[str, FusedHit] | None = field(default=None, repr=False)
     _fused_out: dict[tuple[str, str], tuple[str, int, Rows]] | None = field(default=None, repr=False)
 
@@ -387,7 +390,8 @@ class FluxModel(BaseModel):
             if spelling == "xlabs":
                 raise ModelError(f"{self.path}: '{module}' has no XLabs name (XLabs LoRAs adapt the transformer only)")
             if component == T5:
-                return {"peft": module, "comfy": T5_COMFY + path}.get(spelling, "lora_te3_" + _flat(path))
+                return {"peft": f"{self.t5_component}.{path}", "comfy": T5_COMFY + path}.get(
+                    spelling, "lora_te3_" + _flat(path))
             return super().spell(module, spelling)
         if spelling == "peft":
             return module
@@ -422,7 +426,7 @@ class FluxModel(BaseModel):
         for module in self.weights:
             component, _, path = module.partition(".")
             if component == T5:
-                add(module, module, "peft")
+                add(f"{self.t5_component}.{path}", module, "peft")
                 add("lora_te3_" + _flat(path), module, "kohya-ldm")
                 add(T5_COMFY + path, module, "comfy")
             if component != COMPONENT:
@@ -497,6 +501,9 @@ class FluxModel(BaseModel):
                 "comfy or peft to keep it")
 
     def missing_hint(self, module: str) -> str | None:
+        component = module.partition(".")[0]
+        if component == T5 and not any(m.startswith(T5 + ".") for m in self.weights):
+            return f"{self.name} has no T5 encoder in it (transformer only); a target that holds T5 keeps these modules"
         if self.family == "chroma":
             return chroma_lacks(module, self.name)
         if module.startswith(f"{COMPONENT}.{GUIDANCE}"):
@@ -690,14 +697,27 @@ def open_flux_folder(path: Path) -> FluxModel:
     facts = _structure_facts(shapes, [m for m in shapes if m not in places])
     encoders = {}
     te = path / "text_encoder"
-    if folder != path and te.is_dir():
+    t5_component = T5
+    if folder != path and te.is_dir() and _is_t5(te):  # Chroma: T5 is its only encoder
+        t5_component = "text_encoder"
+    elif folder != path and te.is_dir():
         comp: Component = clip_from_transformers(read_component(te, path, files, headers), "text_encoder")
         weights.update(comp.weights)
         encoders["text_encoder"] = comp.facts
-    t5 = path / T5
+    t5 = path / t5_component
     if folder != path and t5.is_dir():
         comp = t5_from_transformers(read_component(t5, path, files, headers), T5)
         weights.update(comp.weights)
         encoders[T5] = comp.facts
     return FluxModel(path=path, name=path.name, layout="diffusers", family=_family(weights), weights=_order(weights),
-                     files=files, headers=headers, ldm_names={}, text_encoders=encoders, bfl=bfl, facts=facts)
+                     files=files, headers=headers, ldm_names={}, text_encoders=encoders, bfl=bfl, facts=facts,
+                     t5_component=t5_component)
+
+
+def _is_t5(folder: Path) -> bool:
+    """A transformers T5 encoder folder (config.json model_type "t5" / T5EncoderModel)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("model_type") in ("t5", "umt5") or any("T5" in a for a in cfg.get("architectures") or [])
