@@ -185,21 +185,31 @@ def _file_deltas(path: Path, target: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
 @pytest.mark.parametrize("name", list(KIN))
-def test_diffusers_loads_the_kin_output_into_the_target_unet(kin, kin_results, name, caplog):
-    """diffusers' SDXL loader (kohya SGM names -> diffusers, through the target's own config)
-    attaches every module of the output to the target UNet, warns of no unexpected key, and the
-    merged weights equal base + dW computed from the file."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+def test_diffusers_loads_the_kin_output_into_the_target_unet(kin, kin_results, name, fmt, tmp_path, caplog):
+    """diffusers' StableDiffusionXLPipeline.load_lora_weights (kohya SGM names mapped to diffusers
+    through the target's own config; PEFT as written) attaches every module of the output to the
+    target UNet, warns of no unexpected key, and the merged weights equal base + dW computed from
+    the file."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from test_client_diffusers import _output_deltas
 
-    path, target = kin_results[name].output, kin["targets"][name]
+    target = kin["targets"][name]
+    if fmt == "kohya":
+        path = kin_results[name].output
+    else:
+        path = prolora.transfer(kin["source"], target, kin["lora"], tmp_path / "peft.safetensors", tau=0.0,
+                                format="peft").output
     unet = UNet2DConditionModel.from_pretrained(target, local_files_only=True)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(),
+                                     add_watermarker=False)
     before = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    deltas = _file_deltas(path, target)
+    deltas = _file_deltas(path, target) if fmt == "kohya" else _output_deltas(path, target, {"unet": unet})
     assert deltas
     with caplog.at_level(logging.WARNING):
-        sd, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=unet.config)
-        StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name=ADAPTER)
+        pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
     assert not [r for r in caplog.records if "unexpected keys" in r.getMessage()]
     adapted = {f"unet.{n}": layer for n, layer in unet.named_modules()
                if hasattr(layer, "lora_A") and ADAPTER in layer.lora_A}
@@ -210,6 +220,24 @@ def test_diffusers_loads_the_kin_output_into_the_target_unet(kin, kin_results, n
         w0 = before[module[len("unet."):] + ".weight"].double()
         dw = deltas[module]
         assert float((w1 - (w0 + dw)).norm() / dw.norm()) < 1e-5, module
+
+
+@pytest.mark.parametrize("name", ["vega", "koala-700m"])
+def test_kin_single_file_targets(kin, kin_results, name, tmp_path):
+    """The same targets as SGM single files (UNet only, `model.diffusion_model.` keys laid out for
+    their own block structure): the same family, and the transfer adapts the same target layers."""
+    from diffusers import UNet2DConditionModel
+    from zoo import write_single_file
+
+    unet = UNet2DConditionModel.from_pretrained(kin["targets"][name], local_files_only=True)
+    single = write_single_file({"unet": unet.state_dict()}, tmp_path / f"{name}.safetensors", components=("unet",))
+    with open_model(single) as m:
+        assert m.family == FAMILY[name] and m.layout == "single-file"
+    res = prolora.transfer(kin["source"], single, kin["lora"], tmp_path / "out.safetensors", tau=0.0)
+    done = lambda r: {(x.source_key, x.transferred, x.reason) for x in r.report.layers}  # noqa: E731
+    assert done(res) == done(kin_results[name])
+    pairs = lambda r: {(m["attention"], m["target_block"], m["source_block"]) for m in r.report.info["matching"]}  # noqa: E731
+    assert pairs(res) == pairs(kin_results[name])
 
 
 def test_kin_transfer_from_the_cli(kin, tmp_path):
