@@ -404,7 +404,7 @@ def _compute_chunk(chunk: list[_Layer], data: dict, targets: list[_Target], opts
         ks = [_k_spec(x, opts) for x, _, _, _ in items]
         if all(isinstance(k, int) for k in ks):
             ks = [min(k, min(shape)) for k in ks]
-        D = torch.stack([d for _, _, d, _ in items])
+        D = items[0][2][None] if len(items) == 1 else torch.stack([d for _, _, d, _ in items])
         bases, name = _svd(D, ks, opts)
         for (x, t, d, top), basis in zip(items, bases):
             mod, kept, err = _factors(x, basis, d, opts)
@@ -506,7 +506,9 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
                 if step:
                     step(len(chunk))
         results = []
+        order = {x.module: i for i, x in enumerate(layers)}
         for t in targets:
+            t.lines.sort(key=lambda line: order[line.module])  # model order (chunks batch by shape)
             if not t.modules:
                 raise NothingTransferredError(f"{t.path}: no layer differs from BASE enough to extract "
                                               f"({len(t.lines)} layers looked at); nothing written")

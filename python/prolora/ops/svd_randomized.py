@@ -55,13 +55,16 @@ def check(problem: Problem) -> str | None:
 
 
 def _cholqr(Y: torch.Tensor) -> torch.Tensor | None:
-    """One Cholesky QR pass in float64: Q = Y R^-1 with R^T R = Y^T Y; None if Y^T Y is not
-    numerically positive definite (Y of lower rank than its columns)."""
+    """One Cholesky QR pass: Q = Y R^-1 with R^T R = Y^T Y, the l x l Gram matrix, its Cholesky
+    factor and R^-1 in float64, the product Y R^-1 (the only large step) in Y's dtype. None if
+    Y^T Y is not numerically positive definite (Y of lower rank than its columns)."""
     Yd = Y.double()
     L, info = torch.linalg.cholesky_ex(Yd.mT @ Yd)
     if bool((info != 0).any()):
         return None
-    return torch.linalg.solve_triangular(L, Yd.mT, upper=False).mT
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    Rinv = torch.linalg.solve_triangular(L.mT, eye, upper=True)  # (L^T)^-1
+    return Y @ Rinv.to(Y.dtype)
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,7 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
         Q = _cholqr(Q)
     if Q is None:
         return torch.linalg.qr(Y, mode="reduced").Q
-    return Q.to(Y.dtype)
+    return Q
 
 
 def randomized_svd(Wb: torch.Tensor, k: int, power: int = POWER_ITERATIONS, over: int | None = None,
