@@ -513,3 +513,31 @@ def test_chroma_t5_in_text_encoder(chroma, tmp_path):
     keys = set(read_lora(peft.output).modules)
     assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q" in keys
     assert not any(k.startswith("text_encoder_2.") for k in keys)
+
+
+@pytest.mark.parametrize("fmt,kw,out_fmt", [("comfy", {}, None), ("kohya", {"split_qkv": True}, None),
+                                            ("kohya", {"spelling": "kohya-diffusers"}, None), ("xlabs", {}, "comfy")])
+def test_other_flux_lora_formats_onto_chroma(chroma, fmt, kw, out_fmt, tmp_path):
+    """ComfyUI-saved, kohya split_qkv and kohya `lora_transformer_` Flux LoRAs keep their format on
+    Chroma, dropping what Chroma lacks; an XLabs LoRA (a format with no Chroma loader) is refused
+    in one line unless another output format is asked for."""
+    from prolora.errors import ModelError
+    from prolora.formats import read_lora
+
+    lora = write_lora(chroma["source"], tmp_path / "in.safetensors", format=fmt, rank=4, targets="all", **kw)
+    if out_fmt is not None:
+        with pytest.raises(ModelError, match="exists for Flux only.*--format"):
+            prolora.transfer(chroma["source"], chroma["target"], lora, tmp_path / "refused.safetensors", cache=False)
+    opts = {"format": out_fmt} if out_fmt else {}
+    res = prolora.transfer(chroma["source"], chroma["target"], lora, tmp_path / "out.safetensors", tau=0.0,
+                           cache=False, **opts)
+    out = read_lora(res.output)
+    assert out.format == (out_fmt or read_lora(lora).format)
+    with open_model(chroma["target"]) as t:
+        for key in out.modules:
+            hit = t.resolve(key) or t.resolve_fused(key)
+            assert hit is not None, key
+            assert not re.search(r"img_mod|txt_mod|modulation|time_in|vector_in|guidance_in|time_text_embed|norm1|"
+                                 r"norm_out|[._]norm[._]linear", key), key
+    for r in res.report.layers:
+        assert r.transferred or "has no" in r.reason, (r.source_key, r.reason)

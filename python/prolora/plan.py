@@ -98,7 +98,8 @@ def _out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None,
 
 def _check_format(out_format: str, target: BaseModel) -> None:
     if out_format == "xlabs" and target.family != "flux":
-        raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}")
+        raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}: "
+                         "write kohya, comfy or peft (--format)")
     if out_format == "diffusers-old" and target.family in ("flux", "chroma"):
         raise ModelError("the old diffusers LoRA format has no Flux layout; choose peft, kohya, comfy or xlabs")
 
