@@ -324,6 +324,7 @@ def chroma(tmp_path_factory):
     (d / "chroma" / "model_index.json").write_text(json.dumps({"_class_name": "ChromaPipeline"}))
     single = _bfl_file({k: v.detach().clone() for k, v in ch.state_dict().items()}, d / "chroma.safetensors",
                        "model.diffusion_model.")
+    bare = _bfl_file({k: v.detach().clone() for k, v in ch.state_dict().items()}, d / "chroma_bare.safetensors")
     # Flux LoRAs on every linear of the transformer (kohya BFL names and PEFT), the kohya one with
     # CLIP-L and T5 attention modules too (lora_te1_ / lora_te3_, as kohya's Flux scripts name them)
     kohya = write_lora(d / "flux", d / "flux_kohya.safetensors", format="kohya", rank=4, targets="all")
@@ -338,7 +339,8 @@ def chroma(tmp_path_factory):
                                    torch.randn(shape[0], 4, generator=g).half() * 0.1, 2.0)
     write_lora_file(kohya, LoraFile(lf.format, mods, dict(lf.metadata)))
     peft = write_lora(d / "flux", d / "flux_peft.safetensors", format="peft", rank=4, targets="all", seed=1)
-    return {"dir": d, "source": d / "flux", "target": d / "chroma", "single": single, "kohya": kohya, "peft": peft,
+    return {"dir": d, "source": d / "flux", "target": d / "chroma", "single": single, "bare": bare, "kohya": kohya,
+            "peft": peft,
             "state": {k: v.detach().clone() for k, v in ch.state_dict().items()}}
 
 
@@ -367,7 +369,7 @@ def test_chroma_layout_is_diffusers_single_file_layout():
 def test_chroma_is_detected_in_every_layout(chroma):
     from prolora.api import inspect
 
-    for path in (chroma["target"], chroma["target"] / "transformer", chroma["single"]):
+    for path in (chroma["target"], chroma["target"] / "transformer", chroma["single"], chroma["bare"]):
         with open_model(path) as m:
             assert m.family == "chroma", path
             assert not any(".norm1.linear" in k or "time_text_embed" in k for k in m.weights)
@@ -541,3 +543,19 @@ def test_other_flux_lora_formats_onto_chroma(chroma, fmt, kw, out_fmt, tmp_path)
                                  r"norm_out|[._]norm[._]linear", key), key
     for r in res.report.layers:
         assert r.transferred or "has no" in r.reason, (r.source_key, r.reason)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_chroma_lora_onto_flux_drops_the_approximator(chroma, fmt, tmp_path):
+    """The other way: a LoRA trained on Chroma, with modules on its distilled_guidance_layer, onto
+    FLUX.1: those are named as dropped (FLUX.1 has no approximator), the rest transfers."""
+    from prolora.formats import read_lora
+
+    lora = write_lora(chroma["single"], tmp_path / "in.safetensors", format=fmt, rank=4, targets="all")
+    res = prolora.transfer(chroma["single"], chroma["source"], lora, tmp_path / "out.safetensors", tau=0.0,
+                           cache=False)
+    keys = set(read_lora(lora).modules)
+    dropped = {r.source_key for r in res.report.layers if not r.transferred}
+    assert dropped == {k for k in keys if "distilled_guidance_layer" in k} and len(dropped) == 12
+    assert all("has no distilled_guidance_layer" in r.reason for r in res.report.layers if not r.transferred)
+    assert not any("distilled_guidance_layer" in k for k in read_lora(res.output).modules)

@@ -43,7 +43,7 @@ def write_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike, fo
     opened = None if isinstance(model, BaseModel) else open_model(model)
     m = opened or model
     try:
-        if m.family == "flux":
+        if m.family in ("flux", "chroma"):
             mods = _flux_modules(m, format, rank, alpha, targets, seed, size, split_qkv, spelling)
             family = {"ss_base_model_version": "flux1"}
         else:
