@@ -81,7 +81,8 @@ def kin(tmp_path_factory):
     for name, cfg in KIN.items():
         tgt = UNet2DConditionModel(**cfg)
         t_state = tgt.state_dict()
-        truth = {}  # (canonical attention, target block) -> source block: a sorted random subset, as pruning keeps order
+        # (canonical attention, target block) -> source block: a sorted random subset, as pruning keeps order
+        truth = {}
         for attn, n in _depths(t_state).items():
             if attn in s_depth and s_depth[attn] != n:
                 keep = sorted(torch.randperm(s_depth[attn], generator=g)[:n].tolist())
@@ -236,7 +237,8 @@ def test_kin_single_file_targets(kin, kin_results, name, tmp_path):
     res = prolora.transfer(kin["source"], single, kin["lora"], tmp_path / "out.safetensors", tau=0.0)
     done = lambda r: {(x.source_key, x.transferred, x.reason) for x in r.report.layers}  # noqa: E731
     assert done(res) == done(kin_results[name])
-    pairs = lambda r: {(m["attention"], m["target_block"], m["source_block"]) for m in r.report.info["matching"]}  # noqa: E731
+    pairs = lambda r: {(m["attention"], m["target_block"], m["source_block"])  # noqa: E731
+                       for m in r.report.info["matching"]}
     assert pairs(res) == pairs(kin_results[name])
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "vega", "koala", "flux", "chroma", "unknown")  # flux, chroma: checkpoints.flux
+# flux and chroma are detected in checkpoints.flux
+FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "vega", "koala", "flux", "chroma", "unknown")
 # SDXL and its depth-pruned kin: same widths, text encoders and key layout, fewer transformer blocks
 # (and, for KOALA, one resnet + attention per encoder level); their layers are matched by similarity
 SDXL_KIN = ("sdxl", "ssd-1b", "vega", "koala")

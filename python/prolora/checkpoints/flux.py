@@ -143,7 +143,6 @@ _D_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _D_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.(.+)$")
 _APPROX = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.(in_layer|out_layer)$")
 _D_APPROX = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.(linear_1|linear_2)$")
-_APPROX_NORM = re.compile(r"^distilled_guidance_layer\.norms\.(\d+)\.scale$")
 _D_APPROX_NORM = re.compile(r"^distilled_guidance_layer\.norms\.(\d+)\.weight$")
 
 
@@ -509,7 +508,8 @@ class FluxModel(BaseModel):
         if module.startswith(f"{COMPONENT}.{GUIDANCE}"):
             return f"{self.name} has no guidance embedder (guidance_in), like FLUX.1-schnell"
         if module.startswith(f"{COMPONENT}.{APPROX}"):
-            return f"{self.name} has no distilled_guidance_layer (Chroma's modulation approximator; FLUX.1 has img_mod, txt_mod and modulation linears instead)"
+            return (f"{self.name} has no distilled_guidance_layer (Chroma's modulation approximator; FLUX.1 "
+                    "has img_mod, txt_mod and modulation linears instead)")
         return None
 
     # ------------------------------------------------------------------ description
