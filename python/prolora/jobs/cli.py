@@ -175,7 +175,7 @@ def cmd_bench_extract(a: argparse.Namespace) -> int:
     from .bench import ExtractBenchConfig, run, table
 
     cfg = ExtractBenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), rank=a.extract_rank,
-                             max_memory=a.max_memory, skip_reference=a.skip_reference)
+                             max_memory=a.max_memory, skip_reference=a.skip_reference, repeats=a.repeats)
     result = run(cfg)
     if a.json:
         from ..safetensors_io import atomic_path

@@ -348,12 +348,13 @@ def _peak_rss() -> int:
     return peak_rss()
 
 
-def _release() -> None:
+def _release(budget: int) -> None:
+    """Hand the allocator's free pages back once the resident memory nears the budget."""
     try:
-        from ..engine.memory import release_free_memory
+        from ..engine.memory import trim_near
     except ImportError:
         return
-    release_free_memory()
+    trim_near(budget)
 
 
 @dataclass
@@ -387,11 +388,12 @@ def _compute_chunk(chunk: list[_Layer], data: dict, targets: list[_Target], opts
             continue
         wb, wts = data.pop(x.module)
         for t, wt in zip(targets, wts):
-            if wt.dtype == wb.dtype and torch.equal(wt, wb):
+            D = wt.to(torch.float32, copy=True).reshape(x.flat)
+            D -= wb.reshape(x.flat)  # promoted elementwise: no float32 copy of the base weight
+            top = float(torch.linalg.vector_norm(D, ord=math.inf))
+            if top == 0.0:
                 t.lines.append(LayerExtract(x.module, x.key, x.shape, "identical"))
                 continue
-            D = (wt.to(torch.float32) - wb.to(torch.float32)).reshape(x.flat)
-            top = float(D.abs().max())
             if not math.isfinite(top):
                 raise ModelError(f"{t.path}: layer '{x.module}' differs from BASE by NaN or Inf")
             if top < opts.min_diff:
@@ -502,7 +504,7 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
                 ahead = pool.submit(_read_chunk, base, targets, chunks[i + 1]) if i + 1 < len(chunks) else None
                 _compute_chunk(chunk, data, targets, opts)
                 del data
-                _release()
+                _release(budget)
                 if step:
                     step(len(chunk))
         results = []
