@@ -91,15 +91,15 @@ def write_tuned(base_path: Path, out: Path, seed: int = 7, layers: str | None = 
 
     pattern = re.compile(layers) if layers else None
     with open_model(base_path) as base:
-        targets = {}
+        targets: dict[str, list] = {}
         for module, ref in base.weights.items():
-            if module.partition(".")[0] not in ("unet", "transformer") or ref.rows or ref.pieces or ref.transposed:
+            if module.partition(".")[0] not in ("unet", "transformer") or ref.pieces or ref.transposed:
                 continue
             if len(ref.shape) == 4 and tuple(ref.shape[2:]) != (1, 1):
                 continue
             if pattern is not None and not pattern.search(module):
                 continue
-            targets[ref.key] = ref
+            targets.setdefault(ref.key, []).append(ref)  # several for a fused weight (row slices)
         orth = _Orthonormal(seed)
         with SafetensorsFile(base_path) as f:
             entries = []
@@ -109,17 +109,21 @@ def write_tuned(base_path: Path, out: Path, seed: int = 7, layers: str | None = 
             with StreamingWriter(out, entries, {**f.metadata, "prolora.bench": "extract tuned copy"}) as w:
                 for name, dtype, shape in entries:
                     t = f.get(name)
-                    ref = targets.get(name)
-                    if ref is not None:
-                        W = t.float().reshape(shape[0], -1)
-                        m, n = W.shape
-                        d = min(m, n)
-                        s = spectrum(d).float()
-                        dW = (orth(m, d) * s) @ orth(n, d).T
-                        dW *= SIZE * W.norm() / dW.norm()
-                        t = (W + dW).reshape(shape).to(dtype)
+                    refs = targets.get(name)
+                    if refs:
+                        full = t.float().reshape(shape[0], -1)
+                        for ref in refs:  # each logical slice (Flux q, k, v, mlp) its own difference
+                            a, b = ref.rows or (0, shape[0])
+                            W = full[a:b]
+                            m, n = W.shape
+                            d = min(m, n)
+                            s = spectrum(d).float()
+                            dW = (orth(m, d) * s) @ orth(n, d).T
+                            dW *= SIZE * W.norm() / dW.norm()
+                            full[a:b] = W + dW
+                        t = full.reshape(shape).to(dtype)
                     w.write(name, t.contiguous())
-        return len(targets)
+        return sum(len(v) for v in targets.values())
 
 
 def _dtype(name: str) -> torch.dtype:
