@@ -206,8 +206,11 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         if not a.quiet:
             print(res.report.table())
             for m in res.report.info.get("matching", []):
-                print(f"matched {m['attention']} block {m['target_block']} <- source block {m['source_block']} "
-                      f"(mean phi {m['score']:.3f})")
+                if m["source_block"] is None:
+                    print(f"unmatched {m['attention']} block {m['target_block']}: no source block for it")
+                else:
+                    print(f"matched {m['attention']} block {m['target_block']} <- source block {m['source_block']} "
+                          f"(mean phi {m['score']:.3f})")
         for w in res.report.warnings:
             print(f"prolora: warning: {w}", file=sys.stderr)
         print(f"wrote {res.output}")
