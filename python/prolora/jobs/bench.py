@@ -200,6 +200,9 @@ def phase_reference(base: str, tuned: str, lora: str, report: str, rank: int) ->
     svd_seconds = cpu_seconds = 0.0
     rows = []
     with open_model(base) as b, open_model(tuned) as t:
+        from ..formats.parts import canonical_modules
+
+        canon = canonical_modules(lf.modules, b)  # fused modules (Flux qkv, linear1) cut into slices
         for x in layers:
             t0, c0 = time.perf_counter(), _cpu()
             D = t.load(x["module"], torch.float32) - b.load(x["module"], torch.float32)
@@ -212,7 +215,7 @@ def phase_reference(base: str, tuned: str, lora: str, report: str, rank: int) ->
             S64 = S.double()
             total = float((S64 ** 2).sum())
             opt = math.sqrt(float((S64[rank:] ** 2).sum()))
-            m = lf.modules[x["key"]]
+            m = canon[x["module"]]
             A = m.scale * (m.up.double().reshape(m.up.shape[0], -1) @ m.down.double().reshape(m.down.shape[0], -1))
             err = float((D.double() - A).norm())
             rows.append({"module": x["module"], "shape": list(D.shape), "backend": x["backend"],
