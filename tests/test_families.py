@@ -40,6 +40,19 @@ import prolora  # noqa: E402
 from prolora.checkpoints import open_model  # noqa: E402
 from prolora.synthetic import write_lora  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def diffusers_warnings():
+    """The unexpected-keys checks read diffusers' warnings: whatever verbosity an earlier test
+    module left (test_client_flux silences diffusers), warnings are on here, and restored after."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_warning()
+    yield
+    dlog.set_verbosity(level)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADAPTER = "prolora_out"
 
