@@ -39,6 +39,8 @@ import torch
 
 from .. import __version__
 from ..checkpoints import BaseModel, open_model
+from ..engine.memory import default_budget, peak_rss, trim_near
+from ..engine.planner import consecutive
 from ..errors import (InputFileError, LoraMismatchError, ModelError, NothingTransferredError, OptionError,
                       OutputPathError, ProloraError)
 from ..formats import write_lora
@@ -309,52 +311,13 @@ def _factors(layer: _Layer, basis, D: torch.Tensor, opts: ExtractOptions) -> tup
 # ----------------------------------------------------------------------------- the pass
 
 
-def _chunks(layers: list[_Layer], budget: int, itemsizes: int) -> list[list[_Layer]]:
-    out: list[list[_Layer]] = []
-    cur: list[_Layer] = []
-    used = 0
-    for x in layers:
-        size = x.raw_bytes(itemsizes)
-        if cur and used + size > budget:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(x)
-        used += size
-    if cur:
-        out.append(cur)
-    return out
-
-
 def _itemsize(model: BaseModel) -> int:
     sizes = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "float16": 2, "bfloat16": 2, "float32": 4}
     return max((sizes.get(r.dtype, 4) for r in model.weights.values()), default=4)
 
 
 def _budget(opts: ExtractOptions) -> int:
-    if opts.max_memory:
-        return int(opts.max_memory)
-    try:
-        from ..engine.memory import default_budget
-    except ImportError:  # before the engine package split
-        from ..engine import default_budget
-    return default_budget()
-
-
-def _peak_rss() -> int:
-    try:
-        from ..engine.memory import peak_rss
-    except ImportError:
-        from ..engine import peak_rss
-    return peak_rss()
-
-
-def _release(budget: int) -> None:
-    """Hand the allocator's free pages back once the resident memory nears the budget."""
-    try:
-        from ..engine.memory import trim_near
-    except ImportError:
-        return
-    trim_near(budget)
+    return int(opts.max_memory) if opts.max_memory else default_budget()
 
 
 @dataclass
@@ -491,7 +454,7 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
             return []
         itemsizes = _itemsize(base) + _itemsize(targets[0].model) * len(targets)
         budget = _budget(opts)
-        chunks = _chunks(layers, max(budget // 4, 1), itemsizes)
+        chunks = consecutive(layers, lambda x: x.raw_bytes(itemsizes), max(budget // 4, 1))
         biggest = max((x.raw_bytes(itemsizes) for x in layers if not x.skip), default=0)
         if biggest > budget:
             raise OptionError(f"--max-memory {budget / 2**30:.2f} GiB is below what the largest layer needs "
@@ -504,7 +467,7 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
                 ahead = pool.submit(_read_chunk, base, targets, chunks[i + 1]) if i + 1 < len(chunks) else None
                 _compute_chunk(chunk, data, targets, opts)
                 del data
-                _release(budget)
+                trim_near(budget)
                 if step:
                     step(len(chunk))
         results = []
@@ -519,7 +482,7 @@ def _run(base_path, tuned: list[tuple[Path, Path]], opts: ExtractOptions, progre
                             dtype=opts.save_dtype)
             write_lora(t.output, lora, opts.format)
             results.append(ExtractResult(t.output, lora, base.name, t.model.name, opts, t.lines,
-                                         time.perf_counter() - t0, _peak_rss()))
+                                         time.perf_counter() - t0, peak_rss()))
         return results
 
 
