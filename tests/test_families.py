@@ -34,6 +34,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from safetensors import safe_open  # noqa: E402
+from test_flux import bfl_tensors  # noqa: E402
 from zoo import SDXL_UNET  # noqa: E402
 
 import prolora  # noqa: E402
@@ -286,17 +287,10 @@ CHROMA_LACKS = ("img_mod", "txt_mod", "modulation", "final_layer_adaLN_modulatio
 
 
 def _bfl_file(sd: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path:
-    from prolora.checkpoints.flux import bfl_file_plan
+    """A diffusers-named Chroma state dict saved as a BFL single file (test_flux's layout plan)."""
     from prolora.safetensors_io import save
 
-    tensors = {}
-    for e in bfl_file_plan([(k, tuple(v.shape)) for k, v in sd.items()], prefix):
-        t = torch.cat([sd[n] for n in e.sources])
-        if e.swap:
-            a, b = t.chunk(2)
-            t = torch.cat([b, a])
-        tensors[e.key] = t.contiguous()
-    save(path, tensors)
+    save(path, bfl_tensors(sd, prefix))
     return path
 
 
