@@ -13,6 +13,7 @@ from typing import Any, Callable
 from . import __version__
 from .cache import BasisCache
 from .checkpoints import BaseModel, open_model
+from .checkpoints.memory import LAYOUT as MEMORY_LAYOUT, in_memory_model, is_in_memory
 from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
 from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, default_budget, finalize,
@@ -49,13 +50,21 @@ class SimilarityResult:
     report: Report
 
 
-def _model(x: PathLike | BaseModel, stack: ExitStack) -> BaseModel:
-    return x if isinstance(x, BaseModel) else stack.enter_context(open_model(x))
+def _model(x: PathLike | BaseModel | Any, stack: ExitStack) -> BaseModel:
+    """A BaseModel for a path, a BaseModel, or weights held in memory (a diffusers pipeline, a
+    model module, (state_dict, config): checkpoints.memory)."""
+    if isinstance(x, BaseModel):
+        return x
+    if is_in_memory(x):
+        return in_memory_model(x)
+    return stack.enter_context(open_model(x))
 
 
 def _paths_of(x: Any) -> list[Path]:
     if isinstance(x, BaseModel):
-        return [Path(x.path)]
+        return [] if x.layout == MEMORY_LAYOUT else [Path(x.path)]
+    if is_in_memory(x):
+        return []
     if isinstance(x, LoraFile):
         return [Path(x.path)] if x.path else []
     return [Path(x)]
@@ -195,7 +204,7 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
 
     with ExitStack() as stack:
         src, tgt = _model(source, stack), _model(target, stack)
-        check_families(src, tgt)  # before any similarity work
+        check_families(src, tgt, opts.widths)  # before any similarity work
         cache = _cache(opts)
         mapping, matches = _matching(src, tgt, opts, cache)
 
@@ -267,13 +276,16 @@ def _matching(src: BaseModel, tgt: BaseModel, opts: TransferOptions, cache: Basi
     return block_mapping(src.weights, matches), matches
 
 
-def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: PathLike | LoraFile,
+def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel | Any, lora: PathLike | LoraFile,
              output: PathLike | None = None, options: TransferOptions | None = None, *,
              overwrite: bool = False, progress: ProgressFactory | None = None,
              **option_kwargs: Any) -> TransferResult:
     """Move `lora` (trained on `source`) onto `target`; write it to `output` if given.
 
     Options come as a TransferOptions or as its fields by keyword (method="prolora", tau=0.8...).
+    `target` may also be held in memory: a diffusers pipeline, a UNet2DConditionModel /
+    FluxTransformer2DModel (or text encoder), or (state_dict, config); its weights are read from
+    the modules where they live (checkpoints.memory).
     """
     opts = _options(options, option_kwargs)
     out_path = resolve_output(output, lora, [source, target, lora], overwrite) if output is not None else None
@@ -329,14 +341,24 @@ def transfer_many(source: PathLike | BaseModel, target: PathLike | BaseModel, lo
 def transfer_files(source: PathLike, target: PathLike, loras: list[PathLike], output: PathLike,
                    options: TransferOptions, *, lora_dir: PathLike | None = None, report: PathLike | None = None,
                    plot: PathLike | None = None, overwrite: bool = False, progress: ProgressFactory | None = None,
-                   on_result: Callable[[TransferResult | Failure], None] | None = None) -> TransferResult | BatchResult:
+                   on_result: Callable[[TransferResult | Failure], None] | None = None,
+                   target_2: PathLike | None = None) -> TransferResult | BatchResult | Any:
     """What `prolora transfer` does, from file names to written files: one LoRA to `output` (a
     file or a folder), or many (also every LoRA in `lora_dir`) into the folder `output`, created
     if missing; then the report JSON and the heatmap when asked. Returns the TransferResult of
-    one LoRA, or the BatchResult of many."""
+    one LoRA, or the BatchResult of many. A target of two experts (a Wan 2.2 A14B folder, or
+    `target_2`) gets one output per expert: experts.ExpertsResult."""
     loras = list(loras) + (lora_files(lora_dir) if lora_dir else [])
     if not loras:
         raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
+    from .experts import experts_of, transfer_experts
+
+    experts = experts_of(target, target_2)
+    if experts is not None:
+        if len(loras) != 1 or plot:
+            raise OptionError("a target of two experts takes one LoRA per run and no --plot")
+        return transfer_experts(source, experts, loras[0], output, options, report=report, overwrite=overwrite,
+                                progress=progress)
     for path in filter(None, (report, plot)):
         resolve_report_path(path, [source, target, *loras])
     if len(loras) == 1 and lora_dir is None:

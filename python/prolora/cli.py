@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--widths", choices=("refuse", "lstsq"), default="refuse",
                    help="a target weight of another shape: skip it, or map the LoRA by LoRA-X's least-squares "
                         "map, refused where the subspaces disagree on the shared channels (default %(default)s)")
+    t.add_argument("--target-2", metavar="TARGET_2", default=None,
+                   help="a second expert (Wan 2.2 A14B split files: TARGET_BASE the high-noise, TARGET_2 the "
+                        "low-noise expert): one output per expert, OUT.high_noise / OUT.low_noise.safetensors "
+                        "(a Wan 2.2 folder with transformer/ and transformer_2/ does this by itself)")
     t.add_argument("--report", metavar="FILE", help="write the per-layer report(s) as JSON")
     t.add_argument("--plot", metavar="FILE.png", help="write a per-block heatmap of phi and of what was transferred")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
@@ -198,10 +202,20 @@ def cmd_transfer(a: argparse.Namespace) -> int:
 
     try:
         res = transfer_files(a.source, a.target, a.loras, a.output, opts, lora_dir=a.lora_dir, report=a.report,
-                             plot=a.plot, overwrite=a.overwrite, progress=progress, on_result=say)
+                             plot=a.plot, overwrite=a.overwrite, progress=progress, on_result=say,
+                             target_2=a.target_2)
     finally:
         if progress:
             progress.close()
+    if not isinstance(res, TransferResult) and hasattr(res, "targets"):  # experts.ExpertsResult
+        for label, r in res.results.items():
+            print(f"== {label.replace('_', '-')} expert: {res.targets[label]}")
+            if not a.quiet:
+                print(r.report.table())
+            for w in r.report.warnings:
+                print(f"prolora: warning: {label}: {w}", file=sys.stderr)
+            print(f"wrote {r.output}")
+        return 0
     if isinstance(res, TransferResult):
         if not a.quiet:
             print(res.report.table())

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
 from .checkpoints.family import SDXL_KIN
+from .checkpoints.wan import pair_refusal as wan_pair_refusal
 from .errors import InvalidLoraError, LoraMismatchError, ModelError
 from .formats.parts import part_key, split_module
 from .lora import LoraFile, LoraModule
@@ -13,6 +14,8 @@ from .lora import LoraFile, LoraModule
 # families whose weights share names and shapes closely enough for name matching (SDXL and its
 # depth-pruned kin; blocks the depths disagree on are matched by similarity, see matching.py)
 COMPATIBLE = {(a, b) for a in SDXL_KIN for b in SDXL_KIN if a != b} | {("flux", "chroma"), ("chroma", "flux")}
+# Wan: 2.2 TI2V-5B beside the 14B layout, refused unless --widths lstsq (checkpoints.wan.pair_refusal)
+COMPATIBLE |= {("wan", "wan-ti2v"), ("wan-ti2v", "wan")}
 
 # below this share of modules found in the source model, the LoRA is for another model
 MIN_MATCH_SHARE = 0.5
@@ -102,6 +105,8 @@ def _check_format(out_format: str, target: BaseModel) -> None:
                          "write kohya, comfy or peft (--format)")
     if out_format == "diffusers-old" and target.family in ("flux", "chroma"):
         raise ModelError("the old diffusers LoRA format has no Flux layout; choose peft, kohya, comfy or xlabs")
+    if out_format == "diffusers-old" and target.family in ("wan", "wan-ti2v"):
+        raise ModelError("the old diffusers LoRA format has no Wan layout; choose peft, kohya or comfy")
     if out_format == "diffusers-old" and target.family == "qwen-image":
         raise ModelError("the old diffusers LoRA format has no Qwen-Image layout; choose peft, kohya or comfy")
 
@@ -128,12 +133,16 @@ def _unresolved_reason(source: BaseModel, key: str) -> str:
     return "no such module in the source model" + (f": {why}; dropped" if why else "")
 
 
-def check_families(source: BaseModel, target: BaseModel) -> None:
-    """Refuse a transfer between model families whose layers do not correspond."""
+def check_families(source: BaseModel, target: BaseModel, widths: str = "refuse") -> None:
+    """Refuse a transfer between model families whose layers do not correspond (`widths`: the
+    --widths option, which lets Wan models of other widths through)."""
     if source.family != target.family and "unknown" not in (source.family, target.family):
         if (source.family, target.family) not in COMPATIBLE:
             raise ModelError(f"source {source.name} is {source.family} but target {target.name} is "
                              f"{target.family}: cross-family transfer is not supported")
+    why = wan_pair_refusal(source, target, widths)
+    if why is not None:
+        raise ModelError(why)
 
 
 def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None,
@@ -145,7 +154,7 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     out_format = out_format or lora.format
     _check_format(out_format, target)
     warnings: list[str] = []
-    check_families(source, target)
+    check_families(source, target, widths)
     if source.family != target.family and "unknown" not in (source.family, target.family):
         how = "by similarity where depths differ" if mapping else "by name"
         warnings.append(f"{source.family} -> {target.family}: layers matched {how}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-# flux and chroma are detected in checkpoints.flux, qwen-image (Qwen-Image and -Edit) in checkpoints.qwen
-FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "vega", "koala", "flux", "chroma", "qwen-image", "unknown")
+# flux and chroma are detected in checkpoints.flux, qwen-image (Qwen-Image and -Edit) in checkpoints.qwen,
+# wan and wan-ti2v (Wan 2.2 TI2V-5B) in checkpoints.wan
+FAMILIES = ("sd1", "sd2", "sdxl", "ssd-1b", "vega", "koala", "flux", "chroma", "qwen-image", "wan", "wan-ti2v",
+            "unknown")
 # SDXL and its depth-pruned kin: same widths, text encoders and key layout, fewer transformer blocks
 # (and, for KOALA, one resnet + attention per encoder level); their layers are matched by similarity
 SDXL_KIN = ("sdxl", "ssd-1b", "vega", "koala")

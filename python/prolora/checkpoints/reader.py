@@ -11,6 +11,7 @@ from .flux import is_flux_folder, is_flux_keys, open_flux_folder, open_flux_sing
 from .model import BaseModel
 from .qwen import is_qwen_folder, is_qwen_keys, open_qwen_folder, open_qwen_single_file
 from .single_file import open_single_file
+from .wan import is_wan_folder, open_wan_folder, open_wan_single_file, wan_prefix
 
 
 def open_model(path: str | os.PathLike) -> BaseModel:
@@ -28,11 +29,15 @@ def open_model(path: str | os.PathLike) -> BaseModel:
         header = read_header(p)
         if is_flux_keys(header.tensors) is not None:
             return open_flux_single_file(p, header)
+        if wan_prefix(header.tensors) is not None:
+            return open_wan_single_file(p, header)
         if is_qwen_keys(header.tensors) is not None:
             return open_qwen_single_file(p, header)
         return open_single_file(p)
     if not (p / "unet").is_dir() and is_flux_folder(p):
         return open_flux_folder(p)
+    if not (p / "unet").is_dir() and is_wan_folder(p):
+        return open_wan_folder(p)
     if not (p / "unet").is_dir() and is_qwen_folder(p):
         return open_qwen_folder(p)
     if (p / "model_index.json").is_file() or (p / "unet").is_dir():

@@ -1,0 +1,98 @@
+"""One LoRA onto a target made of several experts (Wan 2.2 A14B: a high-noise and a low-noise
+transformer of Wan 2.1's layout): one transfer per expert, one output and one report each.
+
+The target is either a Wan 2.2 A14B diffusers folder holding both experts (transformer/ is the
+high-noise one, transformer_2/ the low-noise one: checkpoints.wan.expert_targets) or two models
+given separately, e.g. ComfyUI's split files (`--target-2`: TARGET is then the high-noise expert
+and the second the low-noise one).
+
+Output naming: OUT `style.safetensors` -> `style.high_noise.safetensors` and
+`style.low_noise.safetensors` beside it; OUT an existing folder -> `<folder>/<LoRA stem>.<expert>.safetensors`.
+Every output path is checked before any work, as for a single transfer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoints.wan import EXPERTS, expert_label, expert_targets
+from .errors import OptionError, OutputPathError
+from .options import TransferOptions
+from .safetensors_io import atomic_path
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class ExpertsResult:
+    """A LoRA moved to every expert of a target: expert label -> its TransferResult (its own
+    report and output), in the order the experts run (high-noise first)."""
+
+    results: dict[str, Any]  # label -> api.TransferResult
+    targets: dict[str, Path]
+
+
+def experts_of(target: PathLike, target_2: PathLike | None = None) -> dict[str, Path] | None:
+    """{expert label: model path} when `target` is a folder holding both Wan 2.2 experts or
+    `target_2` is given (TARGET high-noise, TARGET_2 low-noise); None for an ordinary target."""
+    if not isinstance(target, (str, os.PathLike)):
+        return None  # a model held in memory (api.transfer) is one model
+    if target_2 is None:
+        return expert_targets(target)
+    if expert_targets(target) is not None:
+        raise OptionError(f"{target} holds both Wan 2.2 experts already; give no second target")
+    pair = {"high_noise": Path(target), "low_noise": Path(target_2)}
+    for label, path in pair.items():
+        named = expert_label(path)
+        if named is not None and named != label:
+            raise OptionError(f"{path} is named as the {named.replace('_', '-')} expert but was given as the "
+                              f"{label.replace('_', '-')} one: TARGET is the high-noise expert, the second target "
+                              "the low-noise expert")
+    return pair
+
+
+def expert_outputs(output: PathLike, lora: PathLike, labels: list[str]) -> dict[str, Path]:
+    """The output path of each expert (see the module doc for the naming)."""
+    out = Path(output)
+    if out.is_dir():
+        stem = out / Path(lora).stem
+    elif out.suffix.lower() == ".safetensors":
+        stem = out.with_suffix("")
+    else:
+        raise OutputPathError(f"{out}: output must be a .safetensors file or an existing folder")
+    return {label: stem.parent / f"{stem.name}.{label}.safetensors" for label in labels}
+
+
+def transfer_experts(source: PathLike, experts: dict[str, PathLike], lora: PathLike, output: PathLike,
+                     options: TransferOptions, *, report: PathLike | None = None, overwrite: bool = False,
+                     progress=None) -> ExpertsResult:
+    """Move `lora` (trained on `source`) onto each expert; write `<OUT>.<expert>.safetensors`
+    per expert and, with `report`, one JSON whose `experts` section holds each expert's report."""
+    from .api import resolve_output, resolve_report_path, transfer
+
+    unknown = set(experts) - set(EXPERTS)
+    if unknown:
+        raise OptionError(f"unknown expert label(s) {sorted(unknown)}; expected {sorted(EXPERTS)}")
+    inputs = [source, *experts.values(), lora]
+    outs = expert_outputs(output, lora, list(experts))
+    for out in outs.values():
+        resolve_output(out, lora, inputs, overwrite)
+    if report:
+        resolve_report_path(report, inputs)
+    results = {label: transfer(source, path, lora, outs[label], options, overwrite=overwrite, progress=progress)
+               for label, path in experts.items()}
+    res = ExpertsResult(results, {k: Path(v) for k, v in experts.items()})
+    if report:
+        write_experts_json(report, res)
+    return res
+
+
+def write_experts_json(path: PathLike, res: ExpertsResult) -> None:
+    """One JSON: per expert, its target, output and report (summary, layers, info, warnings)."""
+    data = {"experts": {label: {"target": str(res.targets[label]), "output": str(r.output), **r.report.to_dict()}
+                        for label, r in res.results.items()}}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,302 @@
+"""Wan-shaped base models and LoRAs on disk (diffusers WanTransformer3DModel layouts).
+
+Layouts: a diffusers folder (transformer/ with config.json, sharded like `save_pretrained`), a
+Wan 2.2 A14B pipeline folder with both experts (transformer/ high-noise, transformer_2/
+low-noise, model_index.json with boundary_ratio), and single files with the original Wan keys,
+bare or under ComfyUI's `model.diffusion_model.` (ComfyUI's split expert files). Original names
+come from the reader's own map (checkpoints.wan.diffusers_to_original), so a synthetic file is
+read back by the same map that reads real ones; tests/test_wan.py checks the map against
+diffusers' own converter and the parameter list against WanTransformer3DModel.
+
+Presets (diffusers config fields; published sizes):
+    wan2.1-t2v-14b   40 blocks, width 5120 (40 heads of 128), ffn 13824, 16 latent channels;
+                     also the layout of each Wan 2.2 A14B expert
+    wan2.1-t2v-1.3b  30 blocks, width 1536, ffn 8960
+    wan2.2-ti2v-5b   30 blocks, width 3072 (24 heads of 128), ffn 14336, 48 latent channels
+":tiny" keeps each preset's structure (latent channels, text width ratio) at a few dozen channels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import BaseModel, open_model
+from ..checkpoints.wan import COMPONENT, EXPERTS, diffusers_to_original
+from ..formats import write_lora as write_lora_file
+from ..lora import LoraFile, LoraModule
+from .flux import _shards
+from .loras import _check_targets, _chosen, _fit
+from .models import _threads
+from .params import Params
+from .spectra import generator
+from .values import Perturbation, Values
+from .writing import WEIGHTS, write_tensors
+
+LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
+BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """WanTransformer3DModel's config fields (text-to-video: no image embedder)."""
+
+    num_layers: int = 40
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    ffn_dim: int = 13824
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    @property
+    def hidden(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def diffusers_config(self) -> dict:
+        """config.json of a transformer folder (what WanTransformer3DModel(**...) takes, plus _class_name)."""
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.0", **d}
+
+
+WAN_PRESETS = {
+    "wan2.1-t2v-14b": WanConfig(),
+    "wan2.1-t2v-1.3b": WanConfig(num_layers=30, num_attention_heads=12, ffn_dim=8960),
+    "wan2.2-ti2v-5b": WanConfig(num_layers=30, num_attention_heads=24, ffn_dim=14336, in_channels=48,
+                                out_channels=48),
+}
+# tiny sizes: (blocks, heads, head dim, ffn), text width 64, 32 timestep channels; latent channels kept
+WAN_TINY = {"wan2.1-t2v-14b": (3, 2, 16, 88), "wan2.1-t2v-1.3b": (2, 2, 8, 56), "wan2.2-ti2v-5b": (2, 2, 12, 112)}
+
+
+def wan_config(name: str = "wan2.1-t2v-14b", scale: str = "full") -> WanConfig:
+    """A Wan preset (see the module doc) at "full" or "tiny" size; also "NAME:SCALE"."""
+    if ":" in name:
+        name, scale = name.split(":", 1)
+    if name not in WAN_PRESETS:
+        raise ValueError(f"unknown Wan preset {name!r}; choose one of {sorted(WAN_PRESETS)}")
+    cfg = WAN_PRESETS[name]
+    if scale == "tiny":
+        blocks, heads, hd, ffn = WAN_TINY[name]
+        cfg = replace(cfg, num_layers=blocks, num_attention_heads=heads, attention_head_dim=hd, ffn_dim=ffn,
+                      text_dim=64, freq_dim=32)
+    elif scale != "full":
+        raise ValueError(f"unknown scale {scale!r}; choose full or tiny")
+    return cfg
+
+
+def wan_params(cfg: WanConfig) -> Params:
+    """(diffusers name, shape) of every WanTransformer3DModel parameter, in state_dict order."""
+    h, f = cfg.hidden, cfg.ffn_dim
+    p: Params = [("patch_embedding.weight", (h, cfg.in_channels, *cfg.patch_size)), ("patch_embedding.bias", (h,))]
+
+    def linear(name: str, out: int, inp: int) -> None:
+        p.extend([(f"{name}.weight", (out, inp)), (f"{name}.bias", (out,))])
+
+    linear("condition_embedder.time_embedder.linear_1", h, cfg.freq_dim)
+    linear("condition_embedder.time_embedder.linear_2", h, h)
+    linear("condition_embedder.time_proj", 6 * h, h)
+    linear("condition_embedder.text_embedder.linear_1", h, cfg.text_dim)
+    linear("condition_embedder.text_embedder.linear_2", h, h)
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        for attn in ("attn1", "attn2"):
+            for x in ("to_q", "to_k", "to_v", "to_out.0"):
+                linear(f"{b}.{attn}.{x}", h, h)
+            p.extend([(f"{b}.{attn}.norm_q.weight", (h,)), (f"{b}.{attn}.norm_k.weight", (h,))])
+        if cfg.cross_attn_norm:
+            p.extend([(f"{b}.norm2.weight", (h,)), (f"{b}.norm2.bias", (h,))])
+        linear(f"{b}.ffn.net.0.proj", f, h)
+        linear(f"{b}.ffn.net.2", h, f)
+        p.append((f"{b}.scale_shift_table", (1, 6, h)))
+    linear("proj_out", cfg.out_channels * math.prod(cfg.patch_size), h)
+    p.append(("scale_shift_table", (1, 2, h)))
+    return p
+
+
+def write_wan_model(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-t2v-14b:tiny", layout: str = "diffusers",
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    base: str | os.PathLike | BaseModel | None = None,
+                    perturbation: Perturbation | float = Perturbation(), shard_bytes: int = 10 * 2**30) -> Path:
+    """Write one Wan transformer at `path`; returns `path`.
+
+    `layout`: "diffusers" (a pipeline folder with transformer/ in shards of at most `shard_bytes`),
+    "single-file" (original Wan keys) or "single-file-prefixed" (under `model.diffusion_model.`).
+    `base`: a Wan model written earlier with the same config and seed; the result is then a
+    TARGET, each weight the base's plus `perturbation` (see synthetic.values)."""
+    cfg = wan_config(cfg) if isinstance(cfg, str) else cfg
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    path = Path(path)
+    with _values(cfg, seed, base, perturbation) as (values, meta):
+        if layout == "diffusers":
+            _write_component(path / COMPONENT, cfg, values, dtype, meta, shard_bytes)
+            _model_index(path, {COMPONENT: ["diffusers", "WanTransformer3DModel"]})
+        else:
+            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+            _write_original(path, cfg, prefix, values, dtype, meta)
+    return path
+
+
+def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-t2v-14b:tiny",
+                        dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                        base: str | os.PathLike | BaseModel | None = None,
+                        high_noise: Perturbation = Perturbation(size=0.08, seed=21),
+                        low_noise: Perturbation = Perturbation(size=0.05, seed=22),
+                        layout: str = "diffusers", shard_bytes: int = 10 * 2**30) -> dict[str, Path]:
+    """A Wan 2.2 A14B-shaped pair of experts, each `base` plus its own perturbation (two
+    fine-tunes of one model, as the experts are of Wan 2.1's layout).
+
+    layout "diffusers": one pipeline folder at `path` with transformer/ (high-noise) and
+    transformer_2/ (low-noise) and model_index.json (WanPipeline, boundary_ratio); returns
+    {"pipeline": path, "high_noise": path/transformer, "low_noise": path/transformer_2}.
+    layout "single-file-prefixed" / "single-file": ComfyUI's split files in the folder `path`
+    (`wan2.2_t2v_high_noise_14B_fp16.safetensors`, `..._low_noise_...`)."""
+    cfg = wan_config(cfg) if isinstance(cfg, str) else cfg
+    path = Path(path)
+    out: dict[str, Path] = {}
+    for label, p in (("high_noise", high_noise), ("low_noise", low_noise)):
+        with _values(cfg, seed, base, p) as (values, meta):
+            if layout == "diffusers":
+                out[label] = _write_component(path / EXPERTS[label], cfg, values, dtype, meta, shard_bytes)
+            else:
+                prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+                out[label] = path / f"wan2.2_t2v_{label}_14B_fp16.safetensors"
+                _write_original(out[label], cfg, prefix, values, dtype, meta)
+    if layout == "diffusers":
+        _model_index(path, {c: ["diffusers", "WanTransformer3DModel"] for c in EXPERTS.values()},
+                     boundary_ratio=BOUNDARY_RATIO)
+        out["pipeline"] = path
+    return out
+
+
+class _values:
+    """Context: (Values, file metadata) for a source (`base` None) or a target of `base`."""
+
+    def __init__(self, cfg: WanConfig, seed: int, base, perturbation: Perturbation | float):
+        self.cfg, self.seed, self.base = cfg, seed, base
+        self.p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
+        self.opened: BaseModel | None = None
+
+    def __enter__(self):
+        base = self.base
+        if base is not None and not isinstance(base, BaseModel):
+            base = self.opened = open_model(base)
+        self._threads = _threads(1)
+        self._threads.__enter__()
+        meta = {"prolora.synthetic": json.dumps({
+            "family": "wan", "config": self.cfg.diffusers_config(), "seed": self.seed,
+            "target_of": base.identity() if base is not None else None,
+            "perturbation": asdict(self.p) if base is not None else None})}
+        return Values(self.seed, base, self.p), meta
+
+    def __exit__(self, *exc) -> None:
+        self._threads.__exit__(*exc)
+        if self.opened is not None:
+            self.opened.close()
+
+
+def _write_component(folder: Path, cfg: WanConfig, values: Values, dtype: torch.dtype, meta: dict[str, str],
+                     shard_bytes: int) -> Path:
+    """config.json and the weights (sharded with an index when more than one file), like save_pretrained."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg.diffusers_config(), indent=2))
+    params = wan_params(cfg)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    shards = _shards(params, itemsize, shard_bytes)
+    n = len(shards)
+    names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                       for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        write_tensors(folder / fname, [(k, s, (lambda k=k, s=s: values(COMPONENT, k, s))) for k, s in shard],
+                      dtype, meta)
+        weight_map.update({k: fname for k, _ in shard})
+    if n > 1:
+        total = sum(math.prod(s) * itemsize for _, s in params)
+        (folder / f"{WEIGHTS}.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
+def _model_index(path: Path, components: dict[str, list[str]], **config) -> None:
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.35.0", **components, **config}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_original(path: Path, cfg: WanConfig, prefix: str, values: Values, dtype: torch.dtype,
+                    meta: dict[str, str]) -> None:
+    """One file with original Wan keys (the reader's own map), in diffusers' parameter order."""
+    items = []
+    for name, shape in wan_params(cfg):
+        key = diffusers_to_original(name)
+        if key is None:
+            raise ValueError(f"Wan parameter '{name}' has no original name")
+        items.append((prefix + key, shape, (lambda n=name, s=shape: values(COMPONENT, n, s))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(path, items, dtype, meta)
+
+
+# ----------------------------------------------------------------------------- LoRAs
+
+
+def wan_lora_targets(model: BaseModel, targets: str = "transformer") -> list[str]:
+    """Canonical ids a Wan LoRA adapts: "attn" (self and cross attention q/k/v/o), "transformer"
+    (every linear of the blocks: attention and ffn, what musubi-tuner and diffusers trainers
+    target), "all" (also the embedders and proj_out)."""
+    _check_targets(targets)
+    out = []
+    for module in model.weights:
+        if not module.startswith(COMPONENT + "."):
+            continue
+        in_block = module.startswith(f"{COMPONENT}.blocks.")
+        if _chosen(targets, attn=in_block and (".attn1." in module or ".attn2." in module), transformer=in_block):
+            out.append(module)
+    return out
+
+
+def write_wan_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike, format: str = "peft",
+                   rank: int = 4, alpha: float | None = None, targets: str = "transformer", seed: int = 0,
+                   size: float = 0.05) -> Path:
+    """A synthetic Wan LoRA as the trainers write it: format "peft" (diffusers / ai-toolkit,
+    `transformer.blocks.0.attn1.to_q.lora_A.weight`), "kohya" (musubi-tuner,
+    `lora_unet_blocks_0_self_attn_q.lora_down.weight` + alpha) or "comfy"
+    (`diffusion_model.blocks.0.self_attn.q.lora_down.weight`). Each module's delta has Frobenius
+    norm about `size` * sqrt(out); alpha defaults to rank / 2."""
+    spelling = {"peft": "peft", "kohya": "kohya-ldm", "comfy": "comfy"}.get(format)
+    if spelling is None:
+        raise ValueError(f"format {format!r} has no Wan layout here; use peft, kohya or comfy")
+    alpha = rank / 2 if alpha is None else float(alpha)
+    opened = None if isinstance(model, BaseModel) else open_model(model)
+    m = opened or model
+    try:
+        mods = {}
+        for module in wan_lora_targets(m, targets):
+            if m.unspellable(module, spelling) is not None:
+                continue
+            out, inp = m.weights[module].shape
+            g = generator("lora", seed, module)
+            down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+            up = torch.randn(out, rank, generator=g)
+            _fit(up, down, alpha / rank, size)
+            key = m.spell(module, spelling)
+            mods[key] = LoraModule(key, down.to(torch.bfloat16), up.to(torch.bfloat16), alpha)
+    finally:
+        if opened is not None:
+            opened.close()
+    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "ss_base_model_version": "wan",
+            "prolora.synthetic": "1"}
+    path = Path(path)
+    write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
+    return path
