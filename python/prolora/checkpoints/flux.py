@@ -82,7 +82,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..safetensors_io import Header, TensorInfo, read_header
-from .build import Component, clip_from_transformers, t5_from_transformers
+from .build import Component, Tensors, clip_from_transformers, t5_from_transformers
 from .model import BaseModel, FusedHit, Slice, WeightRef, _flat
 
 COMPONENT = "transformer"
@@ -675,6 +675,23 @@ def is_flux_folder(path: Path) -> bool:
     return False
 
 
+def transformer_from_diffusers(tensors: Tensors, where: str) -> tuple[dict[str, WeightRef], dict[str, BflPlace], dict]:
+    """A transformer stored under diffusers FluxTransformer2DModel / ChromaTransformer2DModel names
+    (a transformer/ folder, or a module's state dict): its 2-D weights, their BFL places and the
+    structure facts."""
+    weights: dict[str, WeightRef] = {}
+    for key, (file, info) in tensors.items():
+        if key.endswith(".weight") and len(info.shape) == 2:
+            module = f"{COMPONENT}.{key[: -len('.weight')]}"
+            weights[module] = WeightRef(module, file, key, tuple(info.shape), info.dtype)
+    if f"{COMPONENT}.x_embedder" not in weights:
+        raise ModelError(f"{where}: no 'x_embedder.weight': not a whole Flux transformer")
+    shapes = {m.partition(".")[2]: r.shape for m, r in weights.items()}
+    places = diffusers_to_bfl(shapes)
+    bfl = {f"{COMPONENT}.{p}": place for p, place in places.items()}
+    return weights, bfl, _structure_facts(shapes, [m for m in shapes if m not in places])
+
+
 def open_flux_folder(path: Path) -> FluxModel:
     """A diffusers folder: a pipeline with transformer/ (sharded or not) and optionally CLIP-L in
     text_encoder/ and T5 in text_encoder_2/, or a bare transformer folder."""
@@ -683,18 +700,7 @@ def open_flux_folder(path: Path) -> FluxModel:
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
     folder = path / "transformer" if (path / "transformer").is_dir() else path
-    tensors = read_component(folder, path, files, headers)
-    weights: dict[str, WeightRef] = {}
-    for key, (file, info) in tensors.items():
-        if key.endswith(".weight") and len(info.shape) == 2:
-            module = f"{COMPONENT}.{key[: -len('.weight')]}"
-            weights[module] = WeightRef(module, file, key, tuple(info.shape), info.dtype)
-    if f"{COMPONENT}.x_embedder" not in weights:
-        raise ModelError(f"{folder}: no 'x_embedder.weight': not a whole Flux transformer")
-    shapes = {m.partition(".")[2]: r.shape for m, r in weights.items()}
-    places = diffusers_to_bfl(shapes)
-    bfl = {f"{COMPONENT}.{p}": place for p, place in places.items()}
-    facts = _structure_facts(shapes, [m for m in shapes if m not in places])
+    weights, bfl, facts = transformer_from_diffusers(read_component(folder, path, files, headers), str(folder))
     encoders = {}
     te = path / "text_encoder"
     t5_component = T5

@@ -3,7 +3,7 @@ content identity) and WeightRef. The readers (diffusers_folder, single_file) bui
 from __future__ import annotations
 
 import hashlib
-import os
+import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..safetensors_io import Header, SafetensorsFile
+from ..safetensors_io import ITEMSIZE, Header, SafetensorsFile
 from .family import SDXL_KIN, unet_stats
 from .unet_keys import UnetStructure
 
@@ -28,11 +28,12 @@ SPELLINGS = ("kohya-ldm", "kohya-diffusers", "peft", "comfy")
 KOHYA = ("kohya-ldm", "kohya-diffusers")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-# identity sampling: a few KiB at evenly spaced offsets of every file, plus the middle bytes of
-# every tensor, so that a change confined to one tensor still changes the identity
-_ID_BLOCKS = 16
-_ID_BLOCK_BYTES = 4096
-_ID_TENSOR_BYTES = 64
+# identity sampling: per canonical weight, _ID_RUNS evenly spaced runs of up to _ID_RUN_ELEMENTS
+# elements (inside one row), so that a change confined to one weight still changes the identity;
+# ~1500 weights of SDXL x 4 x 16 fp16 elements = ~190 KiB read, whatever the model's size
+_ID_VERSION = b"prolora-model-identity-v2\0"
+_ID_RUNS = 4
+_ID_RUN_ELEMENTS = 16
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class BaseModel:
     structure: UnetStructure | None = field(default=None, repr=False)
     text_encoders: dict[str, dict] = field(default_factory=dict, repr=False)  # component -> facts
     _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
+    # tensors held in memory by pseudo-file (checkpoints.memory): read instead of files, never closed
+    resident: dict[Path, "TensorSource"] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _aliases: dict[str, tuple[str, str]] | None = field(default=None, repr=False)
     _identity: str | None = field(default=None, repr=False)
@@ -212,7 +215,10 @@ class BaseModel:
         return None
 
     # ------------------------------------------------------------------ tensors
-    def _file(self, path: Path) -> SafetensorsFile:
+    def _file(self, path: Path) -> "SafetensorsFile | TensorSource":
+        held = self.resident.get(path)
+        if held is not None:
+            return held
         with self._lock:  # loads may come from a prefetch thread
             h = self._handles.get(path)
             if h is None:
@@ -236,17 +242,20 @@ class BaseModel:
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> str:
-        """Content fingerprint (sha256 hex): headers of all files plus sampled tensor bytes.
+        """Content fingerprint (sha256 hex) of the canonical weights: every module id, shape and
+        stored dtype, plus a few sampled elements of each weight (`sample_runs`).
 
-        Independent of where the files are; reads a few hundred KiB even for multi-GB models.
+        It depends on what the weights are, not on where or how they are stored: the same weights
+        in a diffusers folder, a single file or a module held in memory (checkpoints.memory) get
+        the same identity, so they share basis-cache entries. Reads a few hundred KiB even for
+        multi-GB models (for weights on a GPU: a few elements of each copied to the host).
         """
         if self._identity is None:
-            h = hashlib.sha256(b"prolora-model-identity-v1\0")
-            for role in sorted(self.files):
-                path = self.files[role]
-                header = self.headers[path]
-                h.update(role.encode() + b"\0" + header.header_bytes + b"\0")
-                h.update(_sample_bytes(path, header))
+            h = hashlib.sha256(_ID_VERSION)
+            for module in sorted(self.weights):
+                ref = self.weights[module]
+                h.update(f"{module}\0{'x'.join(map(str, ref.shape))}\0{ref.dtype}\0".encode())
+                h.update(read_runs(self._file(ref.file), ref.key, sample_runs(ref)))
             self._identity = h.hexdigest()
         return self._identity
 
@@ -296,26 +305,56 @@ class BaseModel:
         return f"BaseModel({self.name!r}, family={self.family}, layout={self.layout}, weights={len(self.weights)})"
 
 
-def _sample_bytes(path: Path, header: Header) -> bytes:
-    """Evenly spaced blocks of the data section plus the middle bytes of every tensor."""
-    size = path.stat().st_size
-    start = header.data_start
-    data_len = size - start
-    out = bytearray()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        if data_len > 0:
-            step = max(data_len // _ID_BLOCKS, 1)
-            for i in range(min(_ID_BLOCKS, data_len)):
-                out += os.pread(fd, _ID_BLOCK_BYTES, start + i * step)
-            out += os.pread(fd, _ID_BLOCK_BYTES, max(start, size - _ID_BLOCK_BYTES))
-        for name in sorted(header.tensors):
-            info = header.tensors[name]
-            mid = info.start + max(0, (info.nbytes - _ID_TENSOR_BYTES) // 2)
-            out += os.pread(fd, min(_ID_TENSOR_BYTES, info.nbytes), start + mid)
-    finally:
-        os.close(fd)
-    return hashlib.sha256(bytes(out)).digest()
+class TensorSource:
+    """What BaseModel reads tensors through besides SafetensorsFile (checkpoints.memory): whole
+    tensors, row ranges, and element runs by flat index for the identity."""
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def runs(self, name: str, runs: list[tuple[int, int]]) -> bytes:
+        """The stored bytes of elements [i, i + n) of the flattened tensor, for each (i, n)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to release: the tensors belong to whoever holds the module."""
+
+
+def sample_runs(ref: WeightRef) -> list[tuple[int, int]]:
+    """The identity's sample of one weight: (flat element index in the STORED tensor, count) for
+    _ID_RUNS evenly spaced positions of the weight as the model sees it (row slice, pieces and
+    transpose applied), each a run inside one row. Defined on the weight itself, so a weight cut
+    from a fused tensor (BFL qkv) and the same weight stored alone (diffusers to_q) agree."""
+    rows = ref.shape[0]
+    cols = math.prod(ref.shape[1:])
+    total = rows * cols
+    out = []
+    for j in range(min(_ID_RUNS, total)):
+        f = (j * total) // _ID_RUNS + total // (2 * _ID_RUNS)
+        r, c = divmod(f, cols)
+        if ref.transposed:  # stored [in, out]: a weight row is a stored column, one element at a time
+            out.append((c * rows + r, 1))
+            continue
+        stored_row = r
+        if ref.pieces:
+            for a, b in ref.pieces:
+                if stored_row < b - a:
+                    stored_row += a
+                    break
+                stored_row -= b - a
+        elif ref.rows:
+            stored_row += ref.rows[0]
+        out.append((stored_row * cols + c, min(_ID_RUN_ELEMENTS, cols - c)))
+    return out
+
+
+def read_runs(src: "SafetensorsFile | TensorSource", key: str, runs: list[tuple[int, int]]) -> bytes:
+    """The bytes of `runs` (see sample_runs) of tensor `key` in a file (pread) or a TensorSource."""
+    if not isinstance(src, SafetensorsFile):
+        return src.runs(key, runs)
+    info = src.info(key)
+    size = ITEMSIZE[info.dtype]
+    return b"".join(bytes(src._read(key, info.start + i * size, n * size).numpy()) for i, n in runs)

@@ -60,7 +60,8 @@ class Loader:
         W = model.load(module, dtype=None)
         self.bytes_read += W.numel() * W.element_size()
         W = W.reshape(ref.shape[0], -1)
-        return W.pin_memory() if self.pinned else W
+        # a weight of a model held in memory may be on the device already (checkpoints.memory)
+        return W.pin_memory() if self.pinned and W.device.type == "cpu" else W
 
     def cached(self, model: BaseModel, module: str, k) -> Basis | None:
         """The cache's basis of a module with at least the k asked (an int or a chooser)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ..errors import InvalidLoraError, OptionError, OutputPathError
 from ..lora import FORMATS, LoraFile
 from ..safetensors_io import load_all, save
@@ -17,6 +19,15 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     """Load a (small) LoRA file, detect its format from the keys, validate every module."""
     path = Path(path)
     tensors, metadata = load_all(path)
+    return lora_from_tensors(tensors, metadata, path)
+
+
+def lora_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      path: Path | str = "<state dict>") -> LoraFile:
+    """A LoRA held in memory (a state dict as a LoRA file would hold it, with that file's metadata
+    if any): format detected from the keys, every module validated, as `read_lora` does. `path`
+    names it in messages; a LoraFile built from memory has no path."""
+    metadata = metadata or {}
     found = classify(path, tensors)
     col = Collector(path)
     for key, (module, role) in found.weights.items():
@@ -28,7 +39,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         peft.apply_metadata_alphas(path, modules, metadata)
     return LoraFile(
         format=found.format, modules=modules, metadata=dict(metadata), dtype=common_dtype(modules.values()),
-        path=path, dropped=found.dropped,
+        path=path if isinstance(path, Path) else None, dropped=found.dropped,
     )
 
 

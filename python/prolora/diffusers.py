@@ -1,0 +1,149 @@
+"""Inside a diffusers pipeline: load a LoRA trained on another base model, transferred on the fly
+onto the pipeline's own models.
+
+    import prolora.diffusers
+    report = prolora.diffusers.load_lora(pipe, "style_on_sdxl_base.safetensors",
+                                         source="sd_xl_base_1.0.safetensors", adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+
+The target's weights are the pipeline's modules (checkpoints.memory): read where they live, on
+the GPU or the host, in their dtype; its files are never read, and adapters already loaded on the
+pipeline are not part of the target. The transferred LoRA goes to the pipeline's own
+`load_lora_weights` as a state dict, so multiple LoRAs, `set_adapters`, `fuse_lora` and
+`delete_adapters` work as for any LoRA. If anything fails, the pipeline is left with the adapters
+it had.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Mapping
+
+import torch
+
+from .api import transfer
+from .checkpoints import BaseModel
+from .checkpoints.flux import COMPONENT as FLUX_COMPONENT
+from .checkpoints.flux import T5
+from .checkpoints.memory import in_memory_model
+from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
+from .formats import peft
+from .formats.detect import FORMAT_MODULES
+from .formats.readwrite import lora_from_tensors
+from .lora import LoraFile
+from .report import Report
+
+PathLike = str | os.PathLike
+
+
+def _adapters(pipe: Any) -> dict[str, set[str]]:
+    """{pipeline component: names of the adapters loaded on it}."""
+    return {comp: set(names) for comp, names in pipe.get_list_adapters().items()}
+
+
+def _all_adapters(pipe: Any) -> set[str]:
+    return set().union(*_adapters(pipe).values())
+
+
+def _adapter_name(pipe: Any, adapter_name: str | None) -> str:
+    """The name to load under: the one asked (which must be free) or the first free default_N,
+    as diffusers would pick."""
+    loaded = _all_adapters(pipe)
+    if adapter_name is not None:
+        if adapter_name in loaded:
+            raise OptionError(f"adapter_name '{adapter_name}' is already loaded on the pipeline; choose another "
+                              "name or delete it first (pipe.delete_adapters)")
+        return adapter_name
+    i = 0
+    while f"default_{i}" in loaded:
+        i += 1
+    return f"default_{i}"
+
+
+def _lora(lora: PathLike | LoraFile | Mapping[str, torch.Tensor]) -> PathLike | LoraFile:
+    """A path or LoraFile as is; a state dict (as a LoRA file would hold it) read as one."""
+    if isinstance(lora, Mapping):
+        return lora_from_tensors({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                  for k, v in lora.items()})
+    return lora
+
+
+def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """The LoRA as a state dict for `load_lora_weights`, in its own format and spelling.
+
+    A state dict has no file metadata, and PEFT keeps alphas there only: diffusers then uses
+    alpha = rank. So for PEFT output the scale is folded into up (in float32, no rounding: diffusers
+    casts to the module's dtype anyway), which gives the same update as loading the written file."""
+    if lora.format == peft.NAME:
+        folded = {k: replace(m, up=m.up.to(torch.float64).mul(m.scale).to(torch.float32), alpha=None)
+                  for k, m in lora.modules.items()}
+        lora = replace(lora, modules=folded)
+    return FORMAT_MODULES[lora.format].to_tensors(lora, "<transferred LoRA>")
+
+
+def _components(report: Report, target: BaseModel) -> set[str]:
+    """The pipeline components the transferred modules adapt."""
+    out = set()
+    for r in report.layers:
+        if r.transferred and r.module:
+            comp = r.module.partition(".")[0]
+            if comp == T5 and getattr(target, "t5_component", T5) != T5:
+                comp = target.t5_component
+            out.add(comp)
+    return out
+
+
+def _device(target: BaseModel) -> str:
+    """Where to compute when not told: where the target's weights live (a pipeline on the GPU
+    computes there, without copying its weights anywhere)."""
+    for src in target.resident.values():
+        for t in src.tensors.values():
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                return "cuda"
+    return "cpu"
+
+
+def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor], source: PathLike | BaseModel,
+              adapter_name: str | None = None, **options: Any) -> Report:
+    """Transfer `lora` (trained on `source`) onto the pipeline's own models and load it there.
+
+    `lora`: a LoRA file, a loaded LoraFile, or a state dict as a LoRA file holds it (any format
+    prolora reads). `source`: the base model the LoRA was trained on, a path as on the command
+    line (or an opened BaseModel); its bases come from the basis cache when present, and so do
+    the target's when the same weights were seen before (on disk or in memory). `adapter_name`:
+    the diffusers adapter name (default: the first free `default_N`). `options`: TransferOptions
+    fields (method, tau, subspace, format, device, cache_dir, ...); the device defaults to where
+    the pipeline's weights are.
+
+    Returns the transfer report (`report.info["adapter_name"]` names the adapter). Raises
+    prolora's one-line errors (ProloraError); on any failure the pipeline keeps exactly the
+    adapters it had.
+    """
+    if not hasattr(pipe, "load_lora_weights") or not hasattr(pipe, "get_list_adapters"):
+        raise ModelError(f"{type(pipe).__name__}: not a diffusers pipeline that loads LoRAs (no load_lora_weights)")
+    if "output" in options:
+        raise OptionError("load_lora writes no file; use prolora.transfer(..., output=...) for that")
+    name = _adapter_name(pipe, adapter_name)
+    target = in_memory_model(pipe)
+    options.setdefault("device", _device(target))
+    result = transfer(source, target, _lora(lora), **options)
+    if result.lora is None or not result.lora.modules:
+        raise LoraMismatchError(f"no layer of the LoRA was transferred onto {target.name}; nothing loaded")
+    state = diffusers_state_dict(result.lora)
+    before = _adapters(pipe)
+    try:
+        pipe.load_lora_weights(state, adapter_name=name)
+        after = _adapters(pipe)
+        missed = sorted(c for c in _components(result.report, target) if name not in after.get(c, set()))
+        if missed:
+            raise LoraMismatchError(f"{type(pipe).__name__}: diffusers loaded no module of the transferred LoRA "
+                                    f"into {', '.join(missed)}; nothing loaded")
+    except BaseException as e:
+        if name in _all_adapters(pipe) - set().union(*before.values()):
+            pipe.delete_adapters(name)
+        if isinstance(e, ProloraError) or not isinstance(e, Exception):
+            raise
+        raise LoraMismatchError(f"{type(pipe).__name__}: diffusers could not load the transferred LoRA: "
+                                f"{type(e).__name__}: {e}") from None
+    result.report.info["adapter_name"] = name
+    return result.report
