@@ -13,6 +13,10 @@ METHODS = {  # label -> options
     "prolora 2r": {"method": "prolora", "rank": "2r"},
     "prolora-full": {"method": "prolora-full"},
 }
+# --refine (issue 18): prolora-full, then 150 Adam steps at batch 32 on pure-noise inputs with
+# random context matched to the benchmark's conditioning (4 tokens of learned class embeddings,
+# unit scale: their std is 1.00), as in the issue's experiment
+REFINE = {"method": "prolora-full", "refine": {"steps": 150, "batch": 32, "cond": "random", "tokens": 4}}
 K_MODES = ("energy:0.8", "energy:0.9", "energy:0.95", "ratio:0.25", "ratio:0.5", "rank:8")
 TAUS = (0.0, 0.8, 0.9, 0.95, 0.97, 0.99)
 
@@ -31,6 +35,7 @@ def candidates(target: str) -> list[Candidate]:
     """Every candidate scored on `target`, in table order (the pruned target adds the matching rows)."""
     out = [Candidate("main", "no LoRA", samples=True)]
     out += [Candidate("main", label, {**BASE, **opts}, samples=True) for label, opts in METHODS.items()]
+    out.append(Candidate("main", "prolora-full + refine", {**BASE, **REFINE}, samples=True))
     out += [Candidate("main", "oracle, other seed", oracle_seed=1, samples=True),
             Candidate("main", "oracle", oracle_seed=0, samples=True)]
     projecting = {k: v for k, v in METHODS.items() if k != "copy"}

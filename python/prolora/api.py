@@ -172,6 +172,11 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
     out = LoraFile(fmt, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
+    if opts.refine is not None and modules:  # --refine: train the transferred factors on the target
+        from .refine import refine_lora
+
+        out, stats = refine_lora(src, tgt, lf, out, opts.refine, opts.device)
+        report.info["refine"] = stats.asdict()
     if task.output is not None:
         if not modules:
             raise NothingTransferredError(

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="FILE.png", help="write a per-block heatmap of phi and of what was transferred")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     _add_common(t)
+    from .refine.cli import add_refine_arguments, add_refine_command
+
+    add_refine_arguments(t, default_steps=0)
+    add_refine_command(sub)
 
     s = sub.add_parser("similarity", help="per-layer subspace similarity of two base models")
     s.add_argument("source", metavar="SOURCE_BASE")
@@ -182,11 +186,23 @@ def _options(a: argparse.Namespace, **extra):
                            cache_dir=a.cache_dir, **extra)
 
 
+def _refine_options(a: argparse.Namespace):
+    from .refine.cli import refine_options
+
+    return refine_options(a)
+
+
+def cmd_refine(a: argparse.Namespace) -> int:
+    from .refine.cli import cmd_refine as run
+
+    return run(a)
+
+
 def cmd_transfer(a: argparse.Namespace) -> int:
     from .api import TransferResult, transfer_files
 
     opts = _options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped,
-                    match=a.match, widths=a.widths)
+                    match=a.match, widths=a.widths, refine=_refine_options(a))
     progress = _progress_factory(a.quiet)
 
     def say(r) -> None:  # each LoRA of a batch as it completes
@@ -225,6 +241,10 @@ def cmd_transfer(a: argparse.Namespace) -> int:
                 else:
                     print(f"matched {m['attention']} block {m['target_block']} <- source block {m['source_block']} "
                           f"(mean phi {m['score']:.3f})")
+        if "refine" in res.report.info and not a.quiet:
+            from .refine.cli import report_lines
+
+            print("\n".join(report_lines(res.report.info["refine"])))
         for w in res.report.warnings:
             print(f"prolora: warning: {w}", file=sys.stderr)
         print(f"wrote {res.output}")
@@ -484,6 +504,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "transfer": cmd_transfer, "similarity": cmd_similarity, "inspect": cmd_inspect, "demo": cmd_demo,
             "cache": cmd_cache, "backends": cmd_backends}
 COMMANDS["migrate"] = cmd_migrate
+COMMANDS["refine"] = cmd_refine
 
 
 def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ctrl-C

@@ -56,6 +56,8 @@ class TransferOptions:
     max_gpu_memory: int | None = None
     cache: bool = True  # reuse and store bases in the on-disk basis cache
     cache_dir: str | None = None  # default: $PROLORA_CACHE_DIR or ~/.cache/prolora
+    # --refine: RefineOptions, a dict of its fields or a step count (None / 0: off; prolora.refine)
+    refine: object = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,9 +86,13 @@ class TransferOptions:
             elif v is not None and v <= 0:
                 raise OptionError(f"{name} must be positive")
         check_overrides(ALL_OPS, self.backends, self.device)
+        from .refine.loop import RefineOptions
+
+        self.refine = RefineOptions.of(self.refine)
 
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""
         return {"method": self.method, "subspace": str(self.subspace), "tau": f"{self.tau:g}",
                 "rank": str(self.rank), "alpha": self.alpha, "skipped": self.skipped, "match": self.match,
-                **({"widths": self.widths} if self.widths != "refuse" else {})}
+                **({"widths": self.widths} if self.widths != "refuse" else {}),
+                **({"refine": str(self.refine.steps)} if self.refine is not None else {})}

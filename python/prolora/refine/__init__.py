@@ -1,0 +1,145 @@
+"""`--refine`: a short data-free distillation of a LoRA's effect onto the target (issue 18).
+
+After a transfer, the transferred LoRA L' is trained on the target T, starting from the transfer
+and keeping its rank, so that T + L' changes T's prediction the way the source LoRA L changes the
+source S's: (T+L')(x,t,c) ~ T(x,t,c) + (S+L)(x,t,c) - S(x,t,c) on pure-noise latents x, random
+timesteps t and a conditioning c (cond.py). No images, no dataset.
+
+    denoisers  S and T as diffusers models, from folders or single files
+    adapters   LoRA factors hooked into them, switched on and off
+    cond       the inputs: latents, timesteps, prompts / tags / random context
+    loop       the loss, Adam, the held-out delta-matching error
+
+`refine_lora` works on open models and LoraFiles (used by `transfer(..., refine=...)`);
+`refine` is `prolora refine SOURCE TARGET LORA TRANSFERRED -o OUT`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import BaseModel, open_model
+from ..errors import LoraMismatchError, OptionError
+from ..lora import LoraFile, LoraModule
+from .adapters import Adapter, place
+from .cond import (NEUTRAL_PROMPTS, Conditioner, contexts, default_resolution, default_tokens, has_encoders,
+                   parse_cond, read_prompts, signature, tag_prompts)
+from .denoisers import build_denoiser, denoiser_component
+from .loop import Pair, RefineOptions, RefineStats, module_changes, train
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class RefineResult:
+    lora: LoraFile  # the refined LoRA (same format, keys and ranks as the transferred one)
+    stats: RefineStats
+    output: Path | None
+
+
+def _cond(opts: RefineOptions, lora: LoraFile, bases: tuple[BaseModel, BaseModel]) -> tuple[str, list[str] | None]:
+    """(cond kind as resolved, prompts) before any model is built, so bad input fails first."""
+    kind, file = parse_cond(opts.cond)
+    encoders = any(has_encoders(b) for b in bases)
+    if kind is None:  # the default: the LoRA's tags, else the neutral prompts, else random
+        if not encoders:
+            return "random", None
+        kind = "tags" if tag_prompts(lora.metadata) else "prompts"
+    if kind == "random":
+        return kind, None
+    if not encoders:
+        raise OptionError(f"--refine-cond {opts.cond}: neither {bases[0].name} nor {bases[1].name} ships text encoders "
+                          "with tokenizers (a diffusers pipeline folder does); use --refine-cond random")
+    if kind == "tags":
+        prompts = tag_prompts(lora.metadata, seed=opts.seed)
+        if not prompts:
+            raise OptionError(f"{lora.path or 'the LoRA'}: --refine-cond tags, but the LoRA has no ss_tag_frequency "
+                              "metadata; use prompts or random")
+        return kind, prompts
+    if file is not None:
+        return f"prompts:{file}", read_prompts(file)
+    return kind, list(NEUTRAL_PROMPTS)
+
+
+def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferred: LoraFile, opts: RefineOptions,
+                device: str = "cpu") -> tuple[LoraFile, RefineStats]:
+    """Train `transferred`'s denoiser factors on `target` toward `lora`'s effect on `source`.
+
+    Returns the refined LoraFile (the transferred one's format, keys, shapes, alphas and dtype,
+    its metadata plus `prolora.refine*` provenance; text-encoder modules unchanged) and the stats.
+    Raises LoraMismatchError when `lora` does not fit the source or `transferred` the target,
+    OptionError for a conditioning the models cannot give."""
+    comps = denoiser_component(source), denoiser_component(target)
+    place_s, _ = place(lora, source, comps[0], "source")
+    place_t, _ = place(transferred, target, comps[1], "target")
+    if not place_s:
+        raise LoraMismatchError(f"{lora.path or 'the LoRA'}: no module on the source's {comps[0]}; nothing to refine")
+    if not place_t:
+        raise LoraMismatchError(f"{transferred.path or 'the transferred LoRA'}: no module on the target's {comps[1]}; "
+                                "nothing to refine")
+    kind, prompts = _cond(opts, lora, (source, target))
+    s_model, t_model = build_denoiser(source, device), build_denoiser(target, device)
+    sig_s, sig_t = signature(s_model), signature(t_model)
+    tokens = int(opts.tokens or default_tokens(sig_s))
+    resolution = int(opts.resolution or default_resolution(s_model))
+    cond = Conditioner(sig_s, sig_t, contexts(kind.partition(":")[0], prompts, (source, target), tokens, device),
+                       resolution, tokens, device)
+    lora_ad = Adapter(s_model, lora.modules, place_s, device, trainable=False)
+    refined = Adapter(t_model, transferred.modules, place_t, device, trainable=True)
+    if getattr(t_model, "_supports_gradient_checkpointing", False):
+        t_model.enable_gradient_checkpointing()
+    before = refined.factors()
+    stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts)
+    after = refined.factors()
+    stats.modules = module_changes(before, after)
+    stats.settings = opts.describe(kind, tokens, resolution)
+    modules: dict[str, LoraModule] = {}
+    for key, m in transferred.modules.items():
+        if key in after:
+            down, up = after[key]
+            m = LoraModule(key, down.to(m.down.dtype), up.to(m.up.dtype), m.alpha, m.bias)
+        modules[key] = m
+    meta = dict(transferred.metadata)
+    meta["prolora.refine"] = json.dumps(stats.settings, sort_keys=True)
+    meta["prolora.refine_error"] = f"{stats.error_before:.6g} -> {stats.error_after:.6g}"
+    lora_ad.remove()
+    refined.remove()
+    return LoraFile(transferred.format, modules, meta, transferred.dtype), stats
+
+
+def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: PathLike | LoraFile,
+           transferred: PathLike | LoraFile, output: PathLike | None = None, options: RefineOptions | None = None, *,
+           device: str = "cpu", overwrite: bool = False, **option_kwargs) -> RefineResult:
+    """Refine an existing transferred LoRA (`prolora refine`); write it to `output` if given
+    (atomically: an interrupted run leaves no output)."""
+    from ..api import _model, resolve_output
+    from ..formats import read_lora, write_lora
+    from ..plan import check_families
+
+    if options is not None and option_kwargs:
+        raise OptionError("pass either options= or option keywords, not both")
+    opts = options or RefineOptions(**{"steps": 150, **option_kwargs})
+    if opts.steps < 1:
+        raise OptionError("refine: steps must be at least 1")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"device {device!r}: no CUDA device is available here")
+    out = resolve_output(output, transferred, [source, target, lora, transferred], overwrite) if output else None
+    lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+    tf = transferred if isinstance(transferred, LoraFile) else read_lora(transferred)
+    with ExitStack() as stack:
+        src = source if isinstance(source, BaseModel) else _model(source, stack)
+        tgt = target if isinstance(target, BaseModel) else _model(target, stack)
+        check_families(src, tgt)
+        refined, stats = refine_lora(src, tgt, lf, tf, opts, device)
+    if out is not None:
+        write_lora(out, refined, refined.format)
+        refined.path = out
+    return RefineResult(refined, stats, out)
+
+
+__all__ = ["RefineOptions", "RefineResult", "RefineStats", "refine", "refine_lora", "open_model"]

@@ -1,0 +1,93 @@
+"""The refinement's command-line surface: the `--refine*` flags of `prolora transfer`, the
+`prolora refine` command, and the report lines both print."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .loop import RefineOptions, RefineStats
+
+
+def add_refine_arguments(p: argparse.ArgumentParser, default_steps: int) -> None:
+    """The --refine* flags (steps default `default_steps`; 0 means off)."""
+    d = RefineOptions()
+    g = p.add_argument_group("refinement (a short data-free distillation of the LoRA's effect; off by default)")
+    g.add_argument("--refine", type=int, default=default_steps, metavar="STEPS",
+                   help="train the transferred LoRA's factors on the target for STEPS steps so that it changes the "
+                        "target as the LoRA changes the source (default %(default)s)")
+    g.add_argument("--refine-lr", type=float, default=d.lr, metavar="LR", help="Adam learning rate (default %(default)s)")
+    g.add_argument("--refine-batch", type=int, default=d.batch, metavar="N", help="inputs per step (default %(default)s)")
+    g.add_argument("--refine-anchor", type=float, default=d.anchor, metavar="W",
+                   help="weight of a relative L2 pull toward the transferred factors (default %(default)s)")
+    g.add_argument("--refine-resolution", type=int, default=None, metavar="N",
+                   help="latent size of the noise inputs (default: the model's sample size, at most 32)")
+    g.add_argument("--refine-seed", type=int, default=d.seed, metavar="N", help="seed of every random draw (default %(default)s)")
+    g.add_argument("--refine-cond", default=None, metavar="KIND",
+                   help="conditioning: prompts | prompts:FILE | tags | random (default: tags when the LoRA has "
+                        "kohya tags, else the built-in prompts; random when the bases ship no text encoder)")
+    g.add_argument("--refine-tokens", type=int, default=None, metavar="N",
+                   help="context tokens of random conditioning (default 77 for UNets, 256 for Flux)")
+
+
+def refine_options(a: argparse.Namespace) -> RefineOptions | None:
+    """RefineOptions from the parsed flags; None when --refine is 0."""
+    if not a.refine:
+        return None
+    return RefineOptions(steps=a.refine, lr=a.refine_lr, batch=a.refine_batch, anchor=a.refine_anchor,
+                         resolution=a.refine_resolution, seed=a.refine_seed, cond=a.refine_cond, tokens=a.refine_tokens)
+
+
+def report_lines(stats: RefineStats | dict, top: int = 5) -> list[str]:
+    """The refinement rows: settings, the loss curve summary, the held-out delta-matching error
+    before and after, and the modules whose dW moved most."""
+    s = stats if isinstance(stats, dict) else stats.asdict()
+    lines = [f"refine: {s['steps']} steps ({', '.join(f'{k} {v}' for k, v in sorted(s['settings'].items()) if k != 'steps')}), "
+             f"{s['seconds']:.1f} s",
+             f"refine: loss first {s['loss_first']:.4g}, last {s['loss_last']:.4g}, min {s['loss_min']:.4g}; "
+             f"curve (per tenth) {' '.join(f'{x:.3g}' for x in s['curve'])}",
+             f"refine: held-out delta-matching error {s['error_before']:.4f} before -> {s['error_after']:.4f} after "
+             "(||(T+L') - [T + (S+L) - S]||^2 / ||(S+L) - S||^2)"]
+    moved = sorted(s["modules"].items(), key=lambda kv: -kv[1])[:top]
+    if moved:
+        lines.append("refine: most changed modules (relative dW change): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in moved))
+    return lines
+
+
+def add_refine_command(sub) -> None:
+    """`prolora refine SOURCE TARGET LORA TRANSFERRED -o OUT`."""
+    r = sub.add_parser("refine", help="refine a transferred LoRA on the target (data-free distillation of the "
+                                      "LoRA's effect on the source)")
+    r.add_argument("source", metavar="SOURCE_BASE", help="the base the LoRA was trained on")
+    r.add_argument("target", metavar="TARGET_BASE", help="the base the LoRA was transferred to")
+    r.add_argument("lora", metavar="LORA", help="the LoRA as trained on SOURCE_BASE")
+    r.add_argument("transferred", metavar="TRANSFERRED", help="its transfer to TARGET_BASE (the starting point)")
+    r.add_argument("-o", "--output", required=True, metavar="OUT", help="output .safetensors file (or folder)")
+    r.add_argument("--report", metavar="FILE", help="write the refinement's figures as JSON")
+    r.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    r.add_argument("-q", "--quiet", action="store_true", help="only the output path")
+    add_refine_arguments(r, default_steps=150)
+
+
+def cmd_refine(a: argparse.Namespace) -> int:
+    from ..api import _write, resolve_report_path
+    from ..errors import OptionError
+    from . import refine
+
+    opts = refine_options(a)
+    if opts is None:
+        raise OptionError("--refine 0: nothing to do")
+    if a.report:
+        resolve_report_path(a.report, [a.source, a.target, a.lora, a.transferred])
+    res = refine(a.source, a.target, a.lora, a.transferred, a.output, opts, device=a.device, overwrite=a.overwrite)
+    if not a.quiet:
+        for line in report_lines(res.stats):
+            print(line)
+    if a.report:
+        doc = json.dumps({"output": str(res.output), "refine": res.stats.asdict()}, indent=1)
+        _write(a.report, lambda p: Path(p).write_text(doc))
+    print(f"wrote {res.output}", file=sys.stdout)
+    return 0
