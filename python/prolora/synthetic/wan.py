@@ -99,7 +99,9 @@ def wan_config(name: str = "wan2.1-t2v-14b", scale: str = "full") -> WanConfig:
 def wan_params(cfg: WanConfig) -> Params:
     """(diffusers name, shape) of every WanTransformer3DModel parameter, in state_dict order."""
     h, f = cfg.hidden, cfg.ffn_dim
-    p: Params = [("patch_embedding.weight", (h, cfg.in_channels, *cfg.patch_size)), ("patch_embedding.bias", (h,))]
+    # a module's own parameters come before its submodules' (scale_shift_table first)
+    p: Params = [("scale_shift_table", (1, 2, h)), ("patch_embedding.weight", (h, cfg.in_channels, *cfg.patch_size)),
+                 ("patch_embedding.bias", (h,))]
 
     def linear(name: str, out: int, inp: int) -> None:
         p.extend([(f"{name}.weight", (out, inp)), (f"{name}.bias", (out,))])
@@ -111,6 +113,7 @@ def wan_params(cfg: WanConfig) -> Params:
     linear("condition_embedder.text_embedder.linear_2", h, h)
     for i in range(cfg.num_layers):
         b = f"blocks.{i}"
+        p.append((f"{b}.scale_shift_table", (1, 6, h)))
         for attn in ("attn1", "attn2"):
             for x in ("to_q", "to_k", "to_v", "to_out.0"):
                 linear(f"{b}.{attn}.{x}", h, h)
@@ -119,9 +122,7 @@ def wan_params(cfg: WanConfig) -> Params:
             p.extend([(f"{b}.norm2.weight", (h,)), (f"{b}.norm2.bias", (h,))])
         linear(f"{b}.ffn.net.0.proj", f, h)
         linear(f"{b}.ffn.net.2", h, f)
-        p.append((f"{b}.scale_shift_table", (1, 6, h)))
     linear("proj_out", cfg.out_channels * math.prod(cfg.patch_size), h)
-    p.append(("scale_shift_table", (1, 2, h)))
     return p
 
 
