@@ -18,6 +18,8 @@ _CROSS_ATTN_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
 _CROSS_KV = re.compile(r"attn2[._](?:processor[._])?to_[kv]$")
 _FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|^lora_transformer_")
 _SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+# Qwen-Image: the image / text streams' MLP and modulation under diffusers names, dotted or flattened
+_QWEN = re.compile(r"(?:img|txt)_(?:mlp[._]net|mod[._]1)")
 
 # key prefix -> component, most specific first; "unet" means the denoiser (UNet or DiT)
 _COMPONENTS = [
@@ -28,6 +30,7 @@ _COMPONENTS = [
     ("diffusion_model.", "unet"), ("text_encoders.clip_l.", "text_encoder"),
     ("text_encoders.clip_g.", "text_encoder_2"),
     ("lora_transformer_", "unet"), ("double_blocks.", "unet"), ("single_blocks.", "unet"),  # Flux: kohya-diffusers, XLabs
+    ("transformer_blocks.", "unet"),  # Qwen-Image LoRAs without a prefix
 ]
 
 
@@ -49,6 +52,8 @@ def guess_family(lora: LoraFile) -> tuple[str, str]:
     keys = list(lora.modules)
     if any(_FLUX.search(k) for k in keys):
         return "flux", "Flux block names"
+    if any(_QWEN.search(k) for k in keys):
+        return "qwen-image", "Qwen-Image block names (img_mlp / txt_mlp / img_mod / txt_mod)"
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoders.clip_g.", "text_encoder_2.")) for k in keys):
         return "sdxl", "second text encoder"
     widths = Counter(m.in_features for k, m in lora.modules.items() if _CROSS_KV.search(k) and not m.is_conv)
