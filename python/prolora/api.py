@@ -13,6 +13,7 @@ from typing import Any, Callable
 from . import __version__
 from .cache import BasisCache
 from .checkpoints import BaseModel, open_model
+from .checkpoints.wan import pad_musubi_blocks
 from .checkpoints.memory import LAYOUT as MEMORY_LAYOUT, in_memory_model, is_in_memory
 from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
@@ -171,6 +172,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     modules = assemble_parts(finalize(task.results, opts, lf.dtype))  # fused slices back into one module
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
+        report.warnings += pad_musubi_blocks(modules, fmt, tgt)
     out = LoraFile(fmt, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
     if opts.refine is not None and modules:  # --refine: train the transferred factors on the target
         from .refine import refine_lora
