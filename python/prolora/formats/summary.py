@@ -10,6 +10,7 @@ from ..lora import LoraFile
 _META_FAMILIES = [
     ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"),
     ("flux", "flux"),
+    ("wan", "wan"),
     ("sd3", "sd3"), ("stable-diffusion-v3", "sd3"), ("stable-diffusion-3", "sd3"),
     ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"),
     ("sd_v1", "sd1"), ("stable-diffusion-v1", "sd1"),
@@ -18,6 +19,9 @@ _CROSS_ATTN_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
 _CROSS_KV = re.compile(r"attn2[._](?:processor[._])?to_[kv]$")
 _FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|^lora_transformer_")
 _SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+# Wan: original names (musubi lora_unet_blocks_0_self_attn_q, ComfyUI diffusion_model.blocks.0.ffn.0) or
+# diffusers ones (transformer.blocks.0.attn1.to_q, .ffn.net.0.proj); SD's are transformer_blocks.N
+_WAN = re.compile(r"(?:^|[._])(?<!transformer_)blocks[._]\d+[._](?:self_attn|cross_attn|ffn|attn[12][._]to_)")
 # Qwen-Image: the image / text streams' MLP and modulation under diffusers names, dotted or flattened
 _QWEN = re.compile(r"(?:img|txt)_(?:mlp[._]net|mod[._]1)")
 
@@ -52,6 +56,8 @@ def guess_family(lora: LoraFile) -> tuple[str, str]:
     keys = list(lora.modules)
     if any(_FLUX.search(k) for k in keys):
         return "flux", "Flux block names"
+    if any(_WAN.search(k) for k in keys) and not any("transformer_blocks" in k for k in keys):
+        return "wan", "Wan block names"
     if any(_QWEN.search(k) for k in keys):
         return "qwen-image", "Qwen-Image block names (img_mlp / txt_mlp / img_mod / txt_mod)"
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoders.clip_g.", "text_encoder_2.")) for k in keys):
