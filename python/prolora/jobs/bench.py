@@ -50,7 +50,7 @@ class ExtractBenchConfig:
     skip_reference: bool = False
     repeats: int = 3  # extract runs; the median is compared (the reference, 5-10x longer, runs once)
     layers: str | None = None
-    threads: int | None = None
+    threads: int | None = None  # torch threads in each phase's process (None: torch's default)
     extra: dict = field(default_factory=dict)
 
 
@@ -159,8 +159,10 @@ def prepare(cfg: ExtractBenchConfig) -> dict[str, Path]:
             "report": folder / f"extract-{tag}-r{cfg.rank}.json"}
 
 
-def _child(args: list[str]) -> dict[str, Any]:
+def _child(args: list[str], threads: int | None = None) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     proc = subprocess.run([sys.executable, "-m", "prolora.jobs.bench", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench phase {args[0]} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -232,7 +234,7 @@ def run(cfg: ExtractBenchConfig) -> dict[str, Any]:
     runs = []
     for _ in range(max(1, cfg.repeats)):
         runs.append(_child(["extract", str(paths["base"]), str(paths["tuned"]), str(paths["lora"]),
-                            str(paths["report"]), str(cfg.rank), cfg.max_memory]))
+                            str(paths["report"]), str(cfg.rank), cfg.max_memory], cfg.threads))
         _say(f"extract: {runs[-1]['seconds']:.1f} s, peak RSS {runs[-1]['peak_rss'] / 2**30:.2f} GiB")
     ext = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
     ext["peak_rss"] = max(r["peak_rss"] for r in runs)
@@ -240,7 +242,7 @@ def run(cfg: ExtractBenchConfig) -> dict[str, Any]:
         "job": "extract", "family": cfg.family, "width": cfg.width, "depth": cfg.depth, "rank": cfg.rank,
         "max_memory": cfg.max_memory, "base_bytes": paths["base"].stat().st_size,
         "spectrum": f"s_i = 1/(1 + i/{DECAY_KNEE:g}) + {FLOOR:g}, ||dW|| = {SIZE:g} ||W||",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": cfg.threads or torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "extract": {"seconds": ext["seconds"], "runs_seconds": [r["seconds"] for r in runs],
                     "cpu_seconds": ext["cpu_seconds"], "peak_rss_gb": ext["peak_rss"] / 2**30,
@@ -249,7 +251,7 @@ def run(cfg: ExtractBenchConfig) -> dict[str, Any]:
     if not cfg.skip_reference:
         _say("reference: full SVD of every layer's dense difference")
         ref = _child(["reference", str(paths["base"]), str(paths["tuned"]), str(paths["lora"]), str(paths["report"]),
-                      str(cfg.rank)])
+                      str(cfg.rank)], cfg.threads)
         ratios = [r["ratio"] for r in ref["layers"]]
         worst = max(ref["layers"], key=lambda r: r["ratio"])
         out["reference"] = {"seconds": ref["seconds"], "cpu_seconds": ref["cpu_seconds"], "peak_rss_gb": ref["peak_rss"] / 2**30,

@@ -72,6 +72,9 @@ def register(sub, commands: dict[str, Handler]) -> None:
         bench.add_argument("--job", choices=("transfer", "extract"), default="transfer",
                            help="what to measure: the transfer (default) or extract against per-layer full SVD")
         bench.add_argument("--extract-rank", type=int, default=64, help="extract bench: rank (default %(default)s)")
+        bench.add_argument("--threads", type=int, metavar="N",
+                           help="extract bench: torch threads in each timed phase (default: torch's own); 1 makes "
+                                "the CPU-time ratio robust to other work on a shared machine")
         transfer_bench = commands.get("bench")
 
         def cmd_bench(a: argparse.Namespace) -> int:
@@ -175,7 +178,8 @@ def cmd_bench_extract(a: argparse.Namespace) -> int:
     from .bench import ExtractBenchConfig, run, table
 
     cfg = ExtractBenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), rank=a.extract_rank,
-                             max_memory=a.max_memory, skip_reference=a.skip_reference, repeats=a.repeats)
+                             max_memory=a.max_memory, skip_reference=a.skip_reference, repeats=a.repeats,
+                             threads=a.threads)
     result = run(cfg)
     if a.json:
         from ..safetensors_io import atomic_path
