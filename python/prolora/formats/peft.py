@@ -43,13 +43,16 @@ COMPONENTS = frozenset({
 _KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 _ROLES = {"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_B.bias": BIAS}
 _NOT_PEFT = ("diffusion_model.", "text_encoders.")  # ComfyUI prefixes
+# DiffSynth-Studio (Qwen-Image) saves peft's in-model names, `<module>.lora_A.default.weight`;
+# diffusers' Qwen-Image converter drops the `default.`, and so does this reader
+_DEFAULT = re.compile(r"\.(lora_[AB])\.default\.weight$")
 _TEXT_MODEL = "text_model."
 LORA_CONFIG_DEFAULTS = {"r": 8, "lora_alpha": 8}
 
 
 def match(key: str) -> tuple[str, str] | None:
     """(module, role) for a peft lora_A / lora_B key, else None."""
-    m = _KEY.match(key)
+    m = _KEY.match(_DEFAULT.sub(r".\1.weight", key))
     if not m or m.group(1).startswith(_NOT_PEFT):
         return None
     return m.group(1), _ROLES[m.group(2)]
