@@ -11,6 +11,7 @@ trained ones, and a TARGET model is a source plus a fine-tune-like perturbation.
     values    each parameter's value: a source's, or source + perturbation
     models    write_model: SD-family pipeline folders and single files
     flux      Flux's BFL single file and sharded diffusers folder
+    qwen      Qwen-Image / -Edit transformers: pipeline folders, ComfyUI single files, trainers' LoRAs
     wan       Wan transformers (2.1, 2.2 A14B experts, TI2V-5B): folders, original-key files, LoRAs
     loras     write_lora in every format, keys spelled through the model
     demo      write_pair (source + target) and make_demo
@@ -26,6 +27,7 @@ from .demo import make_demo, write_pair
 from .loras import flux_lora_targets, lora_targets, write_lora
 from .models import write_model
 from .params import Params, clip_params, flux_params, model_params, unet_params
+from .qwen import QwenConfig, qwen_config, qwen_params, write_qwen_lora, write_qwen_model
 from .spectra import generator, spectral_weight, spectrum
 from .values import Perturbation, perturb, source_tensor
 from .wan import WanConfig, wan_config, wan_params, write_wan22_experts, write_wan_lora, write_wan_model
@@ -35,5 +37,6 @@ __all__ = [
     "Perturbation", "TextEncoderConfig", "clip_params", "flux_config", "flux_lora_targets", "flux_params",
     "generator", "lora_targets", "make_demo", "model_params", "perturb", "preset", "resolve", "shrink",
     "source_tensor", "spectral_weight", "spectrum", "unet_params", "write_lora", "write_model", "write_pair",
+    "QwenConfig", "qwen_config", "qwen_params", "write_qwen_lora", "write_qwen_model",
     "WanConfig", "wan_config", "wan_params", "write_wan22_experts", "write_wan_lora", "write_wan_model",
 ]
