@@ -12,9 +12,10 @@ LoRAs are written as the trainers write them (keys from checkpoints/qwen.py's mo
 diffusers' _convert_non_diffusers_qwen_lora_to_diffusers): musubi-tuner kohya `lora_unet_...` with
 alpha, diffusers PEFT `transformer....lora_A/B` with lora_adapter_metadata, ComfyUI
 `diffusion_model....lora_down/up`, ai-toolkit `diffusion_model....lora_A/B`, PEFT keys without a
-prefix, and DiffSynth-Studio's `<module>.lora_A.default.weight`. The output is loaded with diffusers' QwenImagePipeline.load_lora_weights
-(QwenImageLoraLoaderMixin) into the target transformer; its dW is computed here from the output
-file alone, and the fused weights must equal target + dW.
+prefix, and DiffSynth-Studio's `<module>.lora_A.default.weight`. The output is loaded with
+diffusers' QwenImagePipeline.load_lora_weights (QwenImageLoraLoaderMixin) into the target
+transformer; its dW is computed here from the output file alone, and the fused weights must equal
+target + dW.
 """
 from __future__ import annotations
 
@@ -242,10 +243,9 @@ def test_synthetic_writer_layouts(tmp_path):
 
     src = write_qwen_model(tmp_path / "src", CFG, dtype=torch.float32, shard_bytes=40_000)
     assert (src / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    paths = {"diffusers": src}
-    for layout in ("transformer", "single-file", "single-file-prefixed"):
-        name = f"{layout}.safetensors" if layout.startswith("single") else layout
-        paths[layout] = write_qwen_model(tmp_path / name, CFG, layout=layout, dtype=torch.float32)
+    paths = {"diffusers": src, "transformer": src / "transformer"}
+    for layout in ("single-file", "single-file-prefixed"):
+        paths[layout] = write_qwen_model(tmp_path / f"{layout}.safetensors", CFG, layout=layout, dtype=torch.float32)
     with open_model(src) as ref:
         modules = list(ref.weights)
         w = ref.load("transformer.transformer_blocks.1.attn.add_v_proj")
@@ -295,7 +295,8 @@ def test_other_qwen_layouts_are_refused(tmp_path):
     from prolora.cli import main
 
     v21 = tmp_path / "qwen_image_2.1.safetensors"
-    save(v21, {"txt_in.text_norm.weight": torch.zeros(8), "transformer_blocks.0.img_mlp.gate_up.weight": torch.zeros(8, 4)})
+    save(v21, {"txt_in.text_norm.weight": torch.zeros(8),
+               "transformer_blocks.0.img_mlp.gate_up.weight": torch.zeros(8, 4)})
     with pytest.raises(ModelError, match="Qwen-Image-2.1"):
         open_model(v21)
     part = tmp_path / "partial.safetensors"

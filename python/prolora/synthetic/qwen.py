@@ -6,8 +6,8 @@ Entry points:
                      base=None, perturbation=Perturbation(), shard_bytes=..., device=None) -> Path
         layout "diffusers": a pipeline folder (model_index.json with the config's pipeline class,
         transformer/config.json, transformer/ weights in shards of at most `shard_bytes` with a
-        `diffusion_pytorch_model.safetensors.index.json` when there is more than one);
-        "transformer": the bare transformer/ folder; "single-file": one file with bare diffusers
+        `diffusion_pytorch_model.safetensors.index.json` when there is more than one; its
+        transformer/ is the bare transformer folder); "single-file": one file with bare diffusers
         names (ComfyUI's qwen_image_bf16.safetensors); "single-file-prefixed": the same keys under
         `model.diffusion_model.` (a ComfyUI-saved checkpoint).
         `base`: a source written earlier with the same config and seed: the result is a TARGET,
@@ -39,15 +39,15 @@ from ..checkpoints.qwen import CLASS, COMPONENT
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
 from ..safetensors_io import save
-from .flux import _shards
+from .flux import _write_folder as write_transformer_folder
 from .loras import _check_targets, _chosen, _fit
 from .models import _threads
 from .params import Params, _P
 from .spectra import generator
 from .values import Perturbation, Values
-from .writing import WEIGHTS, write_tensors
+from .writing import write_tensors
 
-LAYOUTS = ("diffusers", "transformer", "single-file", "single-file-prefixed")
+LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def write_qwen_model(path: str | os.PathLike, config: QwenConfig | str = "qwen-i
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_tensors(path, items, dtype, meta)
             else:
-                _write_folder(path, cfg, params, values, dtype, meta, shard_bytes, pipeline=layout == "diffusers")
+                _write_folder(path, cfg, params, values, dtype, meta, shard_bytes)
     finally:
         if opened is not None:
             opened.close()
@@ -189,29 +189,14 @@ def write_qwen_model(path: str | os.PathLike, config: QwenConfig | str = "qwen-i
 
 
 def _write_folder(path: Path, cfg: QwenConfig, params: Params, values: Values, dtype: torch.dtype,
-                  meta: dict[str, str], shard_bytes: int, pipeline: bool) -> None:
-    folder = path / COMPONENT if pipeline else path
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.diffusers_config(), indent=2))
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    shards = _shards(params, itemsize, shard_bytes)
-    n = len(shards)
-    names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors"
-                                                       for i in range(n)]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        items = [(k, s, (lambda k=k, s=s: values(COMPONENT, k, s))) for k, s in shard]
-        write_tensors(folder / fname, items, dtype, meta)
-        weight_map.update({k: fname for k, _ in shard})
-    if n > 1:
-        total = sum(math.prod(s) * itemsize for _, s in params)
-        (folder / f"{WEIGHTS}.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if pipeline:
-        (path / "model_index.json").write_text(json.dumps(
-            {"_class_name": cfg.pipeline, "_diffusers_version": "0.35.0", "transformer": ["diffusers", CLASS],
-             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-             "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
+                  meta: dict[str, str], shard_bytes: int) -> None:
+    """A pipeline folder: transformer/ written (config.json, shards, index) by the Flux writer, which
+    lays out any diffusers transformer the same way; model_index.json then names Qwen-Image's parts."""
+    write_transformer_folder(path, cfg, params, values, dtype, meta, shard_bytes)
+    (path / "model_index.json").write_text(json.dumps(
+        {"_class_name": cfg.pipeline, "_diffusers_version": "0.35.0", "transformer": ["diffusers", CLASS],
+         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+         "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
 
 
 # ----------------------------------------------------------------------------- LoRAs
