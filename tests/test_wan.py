@@ -312,3 +312,15 @@ def test_musubi_output_with_gaps_is_padded_so_diffusers_loads_it(models, loras, 
     assert not tensors["lora_unet_blocks_1_self_attn_q.lora_up.weight"].any()
     got = load_and_fuse(models["target"], out, "transformer")
     assert len(got["adapted"]) == 30 and got["worst"] < 1e-5
+
+
+@pytest.mark.parametrize("preset, family, variant, blocks, hidden", [
+    ("wan2.1-t2v-14b", "wan", "T2V-14B", 40, 5120), ("wan2.1-t2v-1.3b", "wan", "T2V-1.3B", 30, 1536),
+    ("wan2.2-ti2v-5b", "wan-ti2v", "TI2V-5B", 30, 3072)])
+def test_full_size_layouts_are_told_apart(preset, family, variant, blocks, hidden):
+    """Family and variant from the published full-size shapes (parameter list only, no weights)."""
+    from prolora.checkpoints.wan import _family, _structure
+
+    shapes = dict(wan_params(wan_config(preset)))
+    facts = _structure(shapes, shapes["patch_embedding.weight"])
+    assert (_family(facts), facts["variant"], facts["blocks"], facts["hidden"]) == (family, variant, blocks, hidden)
