@@ -75,8 +75,6 @@ TOP = ("img_in.", "txt_in.", "txt_norm.", "time_text_embed.", "transformer_block
 BLOCK_LINEARS = ("img_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
                  "txt_mod.1", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-GLOBAL_LINEARS = ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
-                  "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")
 # model_index.json pipeline class -> variant
 PIPELINES = {"QwenImagePipeline": "image", "QwenImageImg2ImgPipeline": "image", "QwenImageInpaintPipeline": "image",
              "QwenImageEditPipeline": "edit", "QwenImageEditInpaintPipeline": "edit",
