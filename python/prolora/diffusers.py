@@ -23,8 +23,7 @@ import torch
 
 from .api import transfer
 from .checkpoints import BaseModel
-from .checkpoints.flux import COMPONENT as FLUX_COMPONENT
-from .checkpoints.flux import T5
+from .checkpoints.flux import T5, FluxModel
 from .checkpoints.memory import in_memory_model
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
 from .formats import peft
@@ -68,17 +67,25 @@ def _lora(lora: PathLike | LoraFile | Mapping[str, torch.Tensor]) -> PathLike | 
     return lora
 
 
-def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+def diffusers_state_dict(lora: LoraFile, alpha_keys: bool) -> dict[str, torch.Tensor]:
     """The LoRA as a state dict for `load_lora_weights`, in its own format and spelling.
 
-    A state dict has no file metadata, and PEFT keeps alphas there only: diffusers then uses
-    alpha = rank. So for PEFT output the scale is folded into up (in float32, no rounding: diffusers
-    casts to the module's dtype anyway), which gives the same update as loading the written file."""
-    if lora.format == peft.NAME:
-        folded = {k: replace(m, up=m.up.to(torch.float64).mul(m.scale).to(torch.float32), alpha=None)
-                  for k, m in lora.modules.items()}
-        lora = replace(lora, modules=folded)
-    return FORMAT_MODULES[lora.format].to_tensors(lora, "<transferred LoRA>")
+    A state dict has no file metadata, where PEFT keeps its alphas; without them diffusers uses
+    alpha = rank. `alpha_keys`: the pipeline's loader reads `<module>.alpha` entries of a PEFT
+    state dict as the alphas (diffusers' Flux-family loader does), so they are added; otherwise
+    the scale is folded into up (in float32; diffusers casts it to the module's dtype, which can
+    round the last bit where loading a file would not)."""
+    if lora.format != peft.NAME:
+        return FORMAT_MODULES[lora.format].to_tensors(lora, "<transferred LoRA>")
+    if alpha_keys:
+        out = FORMAT_MODULES[lora.format].to_tensors(lora, "<transferred LoRA>")
+        for key, m in lora.modules.items():
+            if m.alpha is not None:
+                out[f"{key}.alpha"] = torch.tensor(float(m.alpha))
+        return out
+    folded = {k: replace(m, up=m.up.to(torch.float64).mul(m.scale).to(torch.float32), alpha=None)
+              for k, m in lora.modules.items()}
+    return FORMAT_MODULES[lora.format].to_tensors(replace(lora, modules=folded), "<transferred LoRA>")
 
 
 def _components(report: Report, target: BaseModel) -> set[str]:
@@ -126,10 +133,15 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
     name = _adapter_name(pipe, adapter_name)
     target = in_memory_model(pipe)
     options.setdefault("device", _device(target))
+    # the format diffusers applies exactly from a state dict: kohya (alphas as tensors) for UNet
+    # pipelines; PEFT with alpha entries for Flux-family ones (diffusers folds kohya Flux alphas
+    # into fp16 factors)
+    flux = isinstance(target, FluxModel)
+    options.setdefault("format", "peft" if flux else "kohya")
     result = transfer(source, target, _lora(lora), **options)
     if result.lora is None or not result.lora.modules:
         raise LoraMismatchError(f"no layer of the LoRA was transferred onto {target.name}; nothing loaded")
-    state = diffusers_state_dict(result.lora)
+    state = diffusers_state_dict(result.lora, alpha_keys=flux)
     before = _adapters(pipe)
     try:
         pipe.load_lora_weights(state, adapter_name=name)

@@ -178,14 +178,19 @@ class _Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.Tensor.to, torch.Tensor.cuda) and args and not isinstance(args[0], FakeCudaTensor):
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and args:
             dev = kwargs.get("device")
             rest = list(args[1:])
             if dev is None and rest and isinstance(rest[0], (str, torch.device)):
                 dev = rest.pop(0)
-            if func is torch.Tensor.cuda or _is_cuda_device(dev):
+            to_cuda = func is torch.Tensor.cuda or _is_cuda_device(dev)
+            dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
+            if to_cuda and isinstance(args[0], FakeCudaTensor):
+                # already on the device (a model's weights held there): as torch, the tensor itself
+                # or a dtype copy on the device, no transfer
+                return args[0] if dtype in (None, args[0].dtype) else args[0].to(dtype)
+            if to_cuda:
                 src = args[0]
-                dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
                 host = src.to(dtype) if dtype is not None else src
                 led = self.fake.ledger
                 led.h2d_bytes += src.numel() * src.element_size()

@@ -21,6 +21,14 @@ def flat_shape(model: BaseModel, module: str) -> tuple[int, int]:
     return s[0], math.prod(s[1:])
 
 
+def on_device(model: BaseModel, module: str) -> bool:
+    """A weight held in memory on a device (checkpoints.memory): nothing to read ahead, so it is
+    taken where the compute runs, not in the loader thread."""
+    ref = model.weights[module]
+    held = model.resident.get(ref.file)
+    return held is not None and held.get(ref.key).device.type != "cpu"
+
+
 @dataclass
 class Prefetched:
     """What the loader found or read for one module."""
@@ -86,8 +94,8 @@ class Loader:
                     p.tgt = self.cached(self.target, p.target, self.target_k(p.src, p.target))
             if p.src is None:
                 p.Ws = self.read(self.source, m)
-            if p.tgt_stored_k == 0:
-                p.Wt = self.read(self.target, p.target)
+            if p.tgt_stored_k == 0 and not on_device(self.target, p.target):
+                p.Wt = self.read(self.target, p.target)  # else read where it is used (bases.py)
             out[m] = p
         self.seconds += time.perf_counter() - t0
         return out
