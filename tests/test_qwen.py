@@ -13,7 +13,7 @@ diffusers' _convert_non_diffusers_qwen_lora_to_diffusers): musubi-tuner kohya `l
 alpha, diffusers PEFT `transformer....lora_A/B` with lora_adapter_metadata, ComfyUI
 `diffusion_model....lora_down/up`, ai-toolkit `diffusion_model....lora_A/B`, PEFT keys without a
 prefix, and DiffSynth-Studio's `<module>.lora_A.default.weight`. The output is loaded with
-diffusers' QwenImagePipeline.load_lora_weights (QwenImageLoraLoaderMixin) into the target
+diffusers' QwenImageEditPipeline.load_lora_weights (QwenImageLoraLoaderMixin) into the target
 transformer; its dW is computed here from the output file alone, and the fused weights must equal
 target + dW.
 """
@@ -180,13 +180,16 @@ def file_deltas(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_and_fuse(target: Path, path: Path, caplog) -> dict:
-    """Load `path` with QwenImagePipeline.load_lora_weights onto the target's transformer, check
-    diffusers' deltas against the file's, fuse, and check every weight."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    """Load `path` with the target pipeline's own class (model_index.json: QwenImageEditPipeline
+    for the Edit target) and its load_lora_weights onto the target's transformer, check diffusers'
+    deltas against the file's, fuse, and check every weight."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     transformer = QwenImageTransformer2DModel.from_pretrained(target / "transformer", local_files_only=True)
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                             transformer=transformer)
+    cls = getattr(diffusers, json.loads((target / "model_index.json").read_text())["_class_name"])
+    parts = {"processor": None} if cls is diffusers.QwenImageEditPipeline else {}
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+               transformer=transformer, **parts)
     before = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     deltas = file_deltas(path)
     with caplog.at_level(logging.WARNING), warnings.catch_warnings():
