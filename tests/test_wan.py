@@ -138,6 +138,11 @@ def test_readers_and_families(models, tmp_path):
     assert (ti2v.family, ti2v.facts["in_channels"], ti2v.facts["variant"]) == ("wan-ti2v", 48, "TI2V")
     bare = open_model(write_wan_model(tmp_path / "bare.safetensors", layout="single-file"))
     assert bare.family == "wan" and set(bare.weights) == set(src.weights)
+    synth = write_wan22_experts(tmp_path / "wan22", base=models["source"], shard_bytes=20000)
+    both = open_model(synth["pipeline"])
+    assert both.experts == {"high_noise": "transformer", "low_noise": "transformer_2"}
+    assert len(list((synth["low_noise"]).glob("*.safetensors"))) > 1  # sharded, with an index
+    assert json.loads((synth["pipeline"] / "model_index.json").read_text())["boundary_ratio"] == 0.875
     facts = inspect(models["target"])
     assert facts["kind"] == "model" and facts["family"] == "wan" and set(facts["components"]) == {
         "transformer", "transformer_2"}

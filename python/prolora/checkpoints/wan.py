@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +56,7 @@ import torch
 from ..errors import ModelError
 from ..lora import LoraModule
 from ..safetensors_io import Header, TensorInfo, read_header
+from .flux import FluxModel
 from .model import BaseModel, WeightRef, _flat
 
 COMPONENT = "transformer"
@@ -215,20 +215,12 @@ class WanModel(BaseModel):
             return f"{self.name} has {self.facts['blocks']} blocks (blocks.0 to blocks.{self.facts['blocks'] - 1})"
         return None
 
-    def describe(self) -> dict:
-        comps: dict[str, dict] = {}
-        for ref in self.weights.values():
-            c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "parameters": 0})
-            c["weights"] += 1
-            c["linear"] += 1
-            c["parameters"] += ref.numel
-        return {
-            "name": self.name, "path": str(self.path), "family": self.family, "layout": self.layout,
-            "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size}
-                      for role, p in sorted(self.files.items())],
-            "components": comps, "dtypes": dict(Counter(r.dtype for r in self.weights.values())),
-            **self.facts,
-        }
+    @property
+    def variant(self) -> str:
+        """T2V / I2V / TI2V, with the size where the width is a published one (e.g. "T2V-14B")."""
+        return str(self.facts.get("variant", "unknown"))
+
+    describe = FluxModel.describe  # the same facts: files, components, dtypes, the reader's facts
 
 
 # ----------------------------------------------------------------------------- structure

@@ -29,13 +29,13 @@ from ..checkpoints import BaseModel, open_model
 from ..checkpoints.wan import COMPONENT, EXPERTS, diffusers_to_original
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
-from .flux import _shards
+from .flux import _write_folder as write_transformer_folder
 from .loras import _check_targets, _chosen, _fit
 from .models import _threads
 from .params import Params
 from .spectra import generator
 from .values import Perturbation, Values
-from .writing import WEIGHTS, write_tensors
+from .writing import write_tensors
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json
@@ -210,24 +210,15 @@ class _values:
 
 def _write_component(folder: Path, cfg: WanConfig, values: Values, dtype: torch.dtype, meta: dict[str, str],
                      shard_bytes: int) -> Path:
-    """config.json and the weights (sharded with an index when more than one file), like save_pretrained."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.diffusers_config(), indent=2))
-    params = wan_params(cfg)
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    shards = _shards(params, itemsize, shard_bytes)
-    n = len(shards)
-    names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors"
-                                                       for i in range(n)]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        write_tensors(folder / fname, [(k, s, (lambda k=k, s=s: values(COMPONENT, k, s))) for k, s in shard],
-                      dtype, meta)
-        weight_map.update({k: fname for k, _ in shard})
-    if n > 1:
-        total = sum(math.prod(s) * itemsize for _, s in params)
-        (folder / f"{WEIGHTS}.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    """config.json and the weights (sharded with an index when more than one file), like
+    save_pretrained, through the Flux writer's folder code (same layout; its model_index.json is
+    replaced by the caller). transformer_2/ is written as a staging transformer/ and moved."""
+    parent = folder.parent if folder.name == COMPONENT else folder.parent / f".{folder.name}.staging"
+    write_transformer_folder(parent, cfg, wan_params(cfg), values, dtype, meta, shard_bytes)
+    if parent != folder.parent:
+        (parent / COMPONENT).rename(folder)
+        (parent / "model_index.json").unlink()
+        parent.rmdir()
     return folder
 
 
