@@ -38,6 +38,8 @@ BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|t
 FLUX_LINEAR = re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
                          r"add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
                          r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$")
+# bench families of the Flux layout: (source preset, target preset); Chroma is derived from schnell
+FLUX_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
 
 
 @dataclass
@@ -97,10 +99,11 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
         write_model(src, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, device=cfg.device)
     if not tgt.exists():
         _say(f"writing target model {tgt}")
-        write_model(tgt, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, base=src, device=cfg.device)
+        write_model(tgt, _model_config(cfg, target=True), layout="single-file", dtype=cfg.dtype, seed=0, base=src,
+                    device=cfg.device)
     loras = []
     with open_model(src) as m:
-        modules = [name for name in m.weights if (FLUX_LINEAR if cfg.family == "flux" else BLOCK_LINEAR).match(name)]
+        modules = [name for name in m.weights if (FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR).match(name)]
         for i in range(max(cfg.loras, 1)):
             p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
             if not p.exists():
@@ -253,15 +256,18 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- device plan (dry run)
 
 
-def _model_config(cfg: BenchConfig):
-    """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1)."""
+def _model_config(cfg: BenchConfig, target: bool = False):
+    """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1):
+    the source's, or with `target` the target's (another family only for a derived pair such as
+    FLUX.1-schnell -> Chroma)."""
     from .synthetic import flux_config, preset, shrink
 
-    if cfg.family == "flux":  # FLUX.1-dev: width 1 is the real 3072, anything less the small preset (384)
+    if cfg.family in FLUX_PAIRS:  # width 1 is the real 3072, anything less the small preset (384)
+        name = FLUX_PAIRS[cfg.family][1 if target else 0]
         scale = "full" if cfg.width >= 1.0 else "small"
-        base = flux_config("flux-dev", scale)
-        return flux_config("flux-dev", scale, blocks=(max(1, round(base.num_layers * cfg.depth)),
-                                                      max(1, round(base.num_single_layers * cfg.depth))))
+        base = flux_config(name, scale)
+        return flux_config(name, scale, blocks=(max(1, round(base.num_layers * cfg.depth)),
+                                                max(1, round(base.num_single_layers * cfg.depth))))
     return shrink(preset(cfg.family), cfg.width, cfg.depth)
 
 
@@ -277,7 +283,7 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
     from .options import parse_size
     from .synthetic import model_params
 
-    pattern = FLUX_LINEAR if cfg.family == "flux" else BLOCK_LINEAR
+    pattern = FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR
     shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in model_params(_model_config(cfg)).items()
               for name, shape in params if name.endswith(".weight")}
     modules = [m for m in shapes if pattern.match(m)]

@@ -139,16 +139,17 @@ def prepare(cfg: ExtractBenchConfig) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
     base, tuned = folder / f"extract-base-{tag}.safetensors", folder / f"extract-tuned-{tag}.safetensors"
-    dtype = torch.bfloat16 if cfg.family == "flux" else torch.float16
+    flux = {"flux": "flux-dev", "chroma": "chroma"}.get(cfg.family)
+    dtype = torch.bfloat16 if flux else torch.float16
     if not base.exists():
         _say(f"writing {base}")
-        if cfg.family == "flux":
+        if flux:
             from ..synthetic import flux_config
 
-            full = flux_config("flux-dev", "full")
+            full = flux_config(flux, "full")
             blocks = None if cfg.depth >= 1.0 else (max(1, round(full.num_layers * cfg.depth)),
                                                     max(1, round(full.num_single_layers * cfg.depth)))
-            model_cfg = flux_config("flux-dev", "full" if cfg.width >= 1.0 else "small", blocks=blocks)
+            model_cfg = flux_config(flux, "full" if cfg.width >= 1.0 else "small", blocks=blocks)
         else:
             model_cfg = shrink(preset(cfg.family), cfg.width, cfg.depth)
         write_model(base, model_cfg, layout="single-file", dtype=dtype, seed=0)

@@ -113,20 +113,35 @@ class FluxConfig:
     pooled_projection_dim: int = 768
     guidance_embeds: bool = True
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    # Chroma (family "chroma"): no modulation linears and no time/text/guidance embedders; instead
+    # the modulation approximator `distilled_guidance_layer` (in channels, hidden width, layers)
+    approximator: tuple[int, int, int] | None = None
 
     @property
     def hidden(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
     def diffusers_config(self) -> dict:
-        """config.json of the transformer folder (what FluxTransformer2DModel(**...) takes)."""
-        d = {k: v for k, v in asdict(self).items() if k != "family"}
+        """config.json of the transformer folder (what FluxTransformer2DModel(**...) or, for
+        Chroma, ChromaTransformer2DModel(**...) takes)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("family", "approximator")}
         d["axes_dims_rope"] = list(self.axes_dims_rope)
+        if self.approximator is not None:
+            for k in ("pooled_projection_dim", "guidance_embeds"):
+                d.pop(k)
+            d.update(approximator_num_channels=self.approximator[0], approximator_hidden_dim=self.approximator[1],
+                     approximator_layers=self.approximator[2])
+            return {"_class_name": "ChromaTransformer2DModel", "_diffusers_version": "0.35.0", "patch_size": 1,
+                    "out_channels": None, **d}
         return {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0", "patch_size": 1,
                 "out_channels": None, **d}
 
 
-FLUX_PRESETS: dict[str, FluxConfig] = {"flux-dev": FluxConfig(), "flux-schnell": FluxConfig(guidance_embeds=False)}
+FLUX_PRESETS: dict[str, FluxConfig] = {
+    "flux-dev": FluxConfig(), "flux-schnell": FluxConfig(guidance_embeds=False),
+    # Chroma (from FLUX.1-schnell): diffusers' ChromaTransformer2DModel defaults
+    "chroma": FluxConfig(family="chroma", guidance_embeds=False, approximator=(64, 5120, 5)),
+}
 # scale -> (double blocks, single blocks, heads, head dim, in channels, joint dim, pooled dim, rope axes)
 FLUX_SCALES = {
     "full": None,
@@ -136,7 +151,7 @@ FLUX_SCALES = {
 
 
 def flux_config(name: str = "flux-dev", scale: str = "full", blocks: tuple[int, int] | None = None) -> FluxConfig:
-    """A Flux preset ("flux-dev", "flux-schnell") at "full", "small" (h=384) or "tiny" (h=32)
+    """A Flux preset ("flux-dev", "flux-schnell", "chroma") at "full", "small" (h=384) or "tiny" (h=32)
     width, optionally with `blocks` = (double, single) blocks instead of the scale's."""
     if name not in FLUX_PRESETS:
         raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(FLUX_PRESETS)}")
@@ -147,6 +162,8 @@ def flux_config(name: str = "flux-dev", scale: str = "full", blocks: tuple[int, 
         d, s_, heads, hd, cin, joint, pooled, axes = FLUX_SCALES[scale]
         cfg = replace(cfg, num_layers=d, num_single_layers=s_, num_attention_heads=heads, attention_head_dim=hd,
                       in_channels=cin, joint_attention_dim=joint, pooled_projection_dim=pooled, axes_dims_rope=axes)
+        if cfg.approximator is not None:  # Chroma's approximator is 5/3 of the width wide
+            cfg = replace(cfg, approximator=(cin, heads * hd * 5 // 3, cfg.approximator[2]))
     if blocks is not None:
         cfg = replace(cfg, num_layers=int(blocks[0]), num_single_layers=int(blocks[1]))
     return cfg

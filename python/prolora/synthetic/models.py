@@ -38,7 +38,9 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     Flux "single-file-prefixed" (BFL keys under ComfyUI's `model.diffusion_model.`).
     `base`: a source model (path or BaseModel) written earlier with the same config and seed;
     the result is then a TARGET: each source weight plus a `perturbation` (relative Frobenius
-    size, or a Perturbation); other parameters equal the source's.
+    size, or a Perturbation); other parameters equal the source's. A base of another family
+    (FLUX.1-schnell under a "chroma" config) gives a derived model: the weights both have are
+    perturbed from the base, the ones only the config has are drawn fresh.
     `threads`: torch threads while generating (default: 1 below 100M parameters, else torch's).
     `device`: draw the values on this device (e.g. "cuda": a full-size pair in seconds); the
     values then differ from the CPU's, the shapes and layout do not.
@@ -54,7 +56,7 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     opened = None
     if base is not None and not isinstance(base, BaseModel):
         base = opened = open_model(base)
-    values = Values(seed, base, perturbation, device)
+    values = Values(seed, base, perturbation, device, new_modules=base is not None and base.family != cfg.family)
     meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
                                              "target_of": base.identity() if base is not None else None,
                                              "perturbation": asdict(perturbation) if base is not None else None})}

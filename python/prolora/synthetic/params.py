@@ -156,24 +156,36 @@ def clip_params(te: TextEncoderConfig) -> Params:
 
 
 def flux_params(cfg: FluxConfig) -> Params:
-    """(diffusers name, shape) of every FluxTransformer2DModel parameter, in state_dict order."""
+    """(diffusers name, shape) of every FluxTransformer2DModel (or, for a Chroma config,
+    ChromaTransformer2DModel) parameter, in state_dict order."""
     h = cfg.hidden
     mlp = 4 * h
     hd = cfg.attention_head_dim
+    chroma = cfg.approximator is not None  # no modulation linears, no embedders: the approximator
     p = _P()
-    p.linear("time_text_embed.timestep_embedder.linear_1", h, 256)
-    p.linear("time_text_embed.timestep_embedder.linear_2", h, h)
-    if cfg.guidance_embeds:
-        p.linear("time_text_embed.guidance_embedder.linear_1", h, 256)
-        p.linear("time_text_embed.guidance_embedder.linear_2", h, h)
-    p.linear("time_text_embed.text_embedder.linear_1", h, cfg.pooled_projection_dim)
-    p.linear("time_text_embed.text_embedder.linear_2", h, h)
+    if chroma:
+        cin, width, layers = cfg.approximator
+        p.linear("distilled_guidance_layer.in_proj", width, cin)
+        for i in range(layers):
+            p.linear(f"distilled_guidance_layer.layers.{i}.linear_1", width, width)
+            p.linear(f"distilled_guidance_layer.layers.{i}.linear_2", width, width)
+        p += [(f"distilled_guidance_layer.norms.{i}.weight", (width,)) for i in range(layers)]
+        p.linear("distilled_guidance_layer.out_proj", h, width)
+    else:
+        p.linear("time_text_embed.timestep_embedder.linear_1", h, 256)
+        p.linear("time_text_embed.timestep_embedder.linear_2", h, h)
+        if cfg.guidance_embeds:
+            p.linear("time_text_embed.guidance_embedder.linear_1", h, 256)
+            p.linear("time_text_embed.guidance_embedder.linear_2", h, h)
+        p.linear("time_text_embed.text_embedder.linear_1", h, cfg.pooled_projection_dim)
+        p.linear("time_text_embed.text_embedder.linear_2", h, h)
     p.linear("context_embedder", h, cfg.joint_attention_dim)
     p.linear("x_embedder", h, cfg.in_channels)
     for i in range(cfg.num_layers):
         b = f"transformer_blocks.{i}"
-        p.linear(f"{b}.norm1.linear", 6 * h, h)
-        p.linear(f"{b}.norm1_context.linear", 6 * h, h)
+        if not chroma:
+            p.linear(f"{b}.norm1.linear", 6 * h, h)
+            p.linear(f"{b}.norm1_context.linear", 6 * h, h)
         p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
         for x in ("to_q", "to_k", "to_v", "to_out.0"):
             p.linear(f"{b}.attn.{x}", h, h)
@@ -185,13 +197,15 @@ def flux_params(cfg: FluxConfig) -> Params:
             p.linear(f"{b}.{ff}.net.2", h, mlp)
     for i in range(cfg.num_single_layers):
         b = f"single_transformer_blocks.{i}"
-        p.linear(f"{b}.norm.linear", 3 * h, h)
+        if not chroma:
+            p.linear(f"{b}.norm.linear", 3 * h, h)
         p.linear(f"{b}.proj_mlp", mlp, h)
         p.linear(f"{b}.proj_out", h, h + mlp)
         p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
         for x in ("to_q", "to_k", "to_v"):
             p.linear(f"{b}.attn.{x}", h, h)
-    p.linear("norm_out.linear", 2 * h, h)
+    if not chroma:
+        p.linear("norm_out.linear", 2 * h, h)
     p.linear("proj_out", cfg.in_channels, h)
     return list(p)
 

@@ -67,8 +67,10 @@ class Values:
     """Produces each parameter's value: the source's, or source + perturbation for a target."""
 
     def __init__(self, seed: int, base: BaseModel | None, perturbation: Perturbation,
-                 device: str | torch.device | None = None):
-        self.seed, self.base, self.p, self.device = seed, base, perturbation, device
+                 device: str | torch.device | None = None, new_modules: bool = False):
+        """`new_modules`: the target is of a derived family (Chroma from FLUX.1-schnell), so a
+        weight the base lacks is drawn fresh instead of being refused as a config mismatch."""
+        self.seed, self.base, self.p, self.device, self.new_modules = seed, base, perturbation, device, new_modules
 
     def __call__(self, component: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The value on the host (drawn on `device` when given)."""
@@ -79,6 +81,8 @@ class Values:
             return source_tensor(component, name, shape, self.seed, self.device)
         module = f"{component}.{name[: -len('.weight')]}"
         ref = self.base.weights.get(module)
+        if ref is None and self.new_modules:
+            return source_tensor(component, name, shape, self.seed, self.device)
         if ref is None or tuple(ref.shape) != tuple(shape):
             have = None if ref is None else tuple(ref.shape)
             raise ValueError(f"base model {self.base.path} does not match the config at '{module}': {have} vs {shape}")
