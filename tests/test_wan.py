@@ -329,3 +329,17 @@ def test_full_size_layouts_are_told_apart(preset, family, variant, blocks, hidde
     shapes = dict(wan_params(wan_config(preset)))
     facts = _structure(shapes, shapes["patch_embedding.weight"])
     assert (_family(facts), facts["variant"], facts["blocks"], facts["hidden"]) == (family, variant, blocks, hidden)
+
+
+def test_similarity_against_a_two_expert_folder_gives_one_table_per_expert(models, tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["similarity", str(models["source"]), str(models["target"]), "--json", str(out), "--no-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "== high-noise expert" in text and "== low-noise expert" in text
+    sections = json.loads(out.read_text())["experts"]
+    n = len(open_model(models["source"]).weights)
+    for label, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+        assert sections[label]["target"].endswith(comp) and len(sections[label]["layers"]) == n
+    # the low-noise expert is the smaller change (0.05 vs 0.08 of each weight), so it is the closer one
+    mean = {label: sections[label]["summary"]["mean_phi_left"] for label in sections}
+    assert mean["low_noise"] > mean["high_noise"]

@@ -264,11 +264,22 @@ def cmd_similarity(a: argparse.Namespace) -> int:
 
     for p in filter(None, (a.json, a.plot)):
         resolve_report_path(p, [a.source, a.target])
+    from .experts import experts_of, similarity_experts
+
+    experts = experts_of(a.target)  # a Wan 2.2 A14B folder: one table per expert
+    if experts is not None and a.plot:
+        raise OptionError(f"{a.target} holds two experts: --plot takes one (TARGET/transformer or transformer_2)")
     progress = _progress_factory(a.quiet)
     try:
-        res = similarity(a.source, a.target, subspace=a.subspace, tau=a.tau, layers=a.layers, device=a.device,
-                         backends=_overrides(a.backend), cache=not a.no_cache, cache_dir=a.cache_dir,
-                         max_memory=a.max_memory, progress=progress)
+        kwargs = dict(subspace=a.subspace, tau=a.tau, layers=a.layers, device=a.device, backends=_overrides(a.backend),
+                      cache=not a.no_cache, cache_dir=a.cache_dir, max_memory=a.max_memory, progress=progress)
+        if experts is not None:
+            for label, r in similarity_experts(a.source, experts, json_path=a.json, **kwargs).items():
+                print(f"== {label.replace('_', '-')} expert: {experts[label]}")
+                if not a.quiet:
+                    print(r.report.table())
+            return 0
+        res = similarity(a.source, a.target, **kwargs)
     finally:
         if progress:
             progress.close()

@@ -86,13 +86,27 @@ def transfer_experts(source: PathLike, experts: dict[str, PathLike], lora: PathL
                for label, path in experts.items()}
     res = ExpertsResult(results, {k: Path(v) for k, v in experts.items()})
     if report:
-        write_experts_json(report, res)
+        write_experts_json(report, {label: {"target": str(res.targets[label]), "output": str(r.output),
+                                            **r.report.to_dict()} for label, r in results.items()})
     return res
 
 
-def write_experts_json(path: PathLike, res: ExpertsResult) -> None:
-    """One JSON: per expert, its target, output and report (summary, layers, info, warnings)."""
-    data = {"experts": {label: {"target": str(res.targets[label]), "output": str(r.output), **r.report.to_dict()}
-                        for label, r in res.results.items()}}
+def similarity_experts(source: PathLike, experts: dict[str, PathLike], *, json_path: PathLike | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+    """api.similarity of `source` against each expert: {label: SimilarityResult}; with
+    `json_path`, one JSON whose `experts` section holds each expert's report."""
+    from .api import resolve_report_path, similarity
+
+    if json_path:
+        resolve_report_path(json_path, [source, *experts.values()])
+    out = {label: similarity(source, path, **kwargs) for label, path in experts.items()}
+    if json_path:
+        write_experts_json(json_path, {label: {"target": str(experts[label]), **r.report.to_dict()}
+                                       for label, r in out.items()})
+    return out
+
+
+def write_experts_json(path: PathLike, sections: dict[str, dict]) -> None:
+    """One JSON, `{"experts": {label: section}}`, written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps({"experts": sections}, indent=2) + "\n")
