@@ -31,7 +31,7 @@ from prolora.errors import LoraMismatchError, ModelError, OptionError, ProloraEr
 from prolora.fake_cuda import FakeCuda  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.safetensors_io import DTYPES, load_all  # noqa: E402
-from prolora.synthetic import make_demo, write_lora, write_pair  # noqa: E402
+from prolora.synthetic import make_demo, write_lora, write_model, write_pair  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -68,7 +68,7 @@ def flux_pipeline(folder: Path):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True,
-                                                         torch_dtype=_dtype(folder))
+                                                         torch_dtype=_dtype(folder / "transformer"))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
@@ -225,6 +225,65 @@ def test_fake_cuda_target_weights_never_come_to_the_host(demo, tmp_path):
         assert err < 1e-4, f"{k}: {err:.2e}"
 
 
+def _same_model(memory, files) -> None:
+    """The in-memory model is the file reader's: weights (ids, shapes, dtypes), family, the LoRA
+    key spellings it resolves, BFL places (Flux), the identity, and every weight's values."""
+    assert [(m, r.shape, r.dtype) for m, r in memory.weights.items()] == \
+        [(m, r.shape, r.dtype) for m, r in files.weights.items()]
+    assert memory.family == files.family and memory.ldm_names == files.ldm_names
+    assert memory._alias_table() == files._alias_table()
+    assert getattr(memory, "bfl", None) == getattr(files, "bfl", None)
+    assert memory.identity() == files.identity()
+    for m in files.weights:
+        assert torch.equal(memory.load(m, None), files.load(m, None)), m
+
+
+def test_an_sd15_pipeline_is_read_as_its_folder(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = write_model(tmp_path / "sd15", "sd15:tiny")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=_dtype(folder))
+    te = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=te, tokenizer=None, unet=unet,
+                                   scheduler=EulerDiscreteScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    model = in_memory_model(pipe)
+    assert model.family == "sd1" and any(m.startswith("text_encoder.") for m in model.weights)
+    _same_model(model, open_model(folder))
+
+
+def test_a_flux_pipeline_with_clip_and_t5_is_read_as_its_folder(demo, tmp_path):
+    """CLIP-L in text_encoder, T5 in text_encoder_2, saved by transformers next to the transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    folder = tmp_path / "flux"
+    shutil.copytree(demo["flux"]["target"], folder)
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+        max_position_embeddings=16, projection_dim=32))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                                           vocab_size=100, feed_forward_proj="gated-gelu"))
+    clip.save_pretrained(folder / "text_encoder")
+    t5.save_pretrained(folder / "text_encoder_2")
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip, tokenizer=None,
+                        text_encoder_2=t5, tokenizer_2=None, transformer=flux_pipeline(folder).transformer)
+    model = in_memory_model(pipe)
+    assert {m.partition(".")[0] for m in model.weights} == {"transformer", "text_encoder", "text_encoder_2"}
+    _same_model(model, open_model(folder))
+
+
+def test_chroma_is_detected_from_the_module(tmp_path):
+    from diffusers import ChromaTransformer2DModel
+
+    folder = write_model(tmp_path / "chroma", "chroma:tiny")
+    transformer = ChromaTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True,
+                                                           torch_dtype=_dtype(folder))
+    model = in_memory_model(transformer)
+    assert model.family == "chroma"
+    _same_model(model, open_model(folder / "transformer"))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -235,11 +294,13 @@ def loaded(demo):
     d = demo["sdxl"]
     pipe = sdxl_pipeline(d["target"])
     prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="keep", cache_dir=demo["cache"])
+    assert pipe.get_active_adapters() == ["keep"]
     return pipe, pipe.get_list_adapters(), _weights(pipe)
 
 
 def _unchanged(pipe, adapters, weights) -> None:
     assert pipe.get_list_adapters() == adapters
+    assert pipe.get_active_adapters() == sorted({a for names in adapters.values() for a in names})
     assert _changed(_weights(pipe), weights) == []
 
 
@@ -276,14 +337,14 @@ def test_a_pipeline_without_the_loras_modules(demo, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     d, cache = demo["sdxl"], demo["cache"]
-    full = read_lora(d["lora"])
-    te_only = {k: v for k, v in load_all(d["lora"])[0].items() if k.startswith("lora_te")}
-    assert te_only and len(te_only) < 3 * len(full.modules)
+    tensors = load_all(d["lora"])[0]
+    te_only = {k: v for k, v in tensors.items() if k.startswith("lora_te")}
+    assert 0 < len(te_only) < len(tensors)
     base = sdxl_pipeline(d["target"])
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=base.unet, scheduler=base.scheduler)
     before = _weights(pipe)
-    with pytest.raises(ProloraError) as e:
+    with pytest.raises(LoraMismatchError, match="no counterpart in the target") as e:
         prolora.diffusers.load_lora(pipe, te_only, source=d["source"], cache_dir=cache)
     _one_line(e)
     _unchanged(pipe, {}, before)

@@ -119,8 +119,9 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
     line (or an opened BaseModel); its bases come from the basis cache when present, and so do
     the target's when the same weights were seen before (on disk or in memory). `adapter_name`:
     the diffusers adapter name (default: the first free `default_N`). `options`: TransferOptions
-    fields (method, tau, subspace, format, device, cache_dir, ...); the device defaults to where
-    the pipeline's weights are.
+    fields (method, tau, subspace, device, cache_dir, ...); the device defaults to where the
+    pipeline's weights are, and the format handed to diffusers to one it applies exactly from a
+    state dict (kohya for UNet pipelines, PEFT with alpha entries for Flux-family ones).
 
     Returns the transfer report (`report.info["adapter_name"]` names the adapter). Raises
     prolora's one-line errors (ProloraError); on any failure the pipeline keeps exactly the
@@ -140,7 +141,9 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
     options.setdefault("format", "peft" if flux else "kohya")
     result = transfer(source, target, _lora(lora), **options)
     if result.lora is None or not result.lora.modules:
-        raise LoraMismatchError(f"no layer of the LoRA was transferred onto {target.name}; nothing loaded")
+        why = ", ".join(f"{n} {reason}" for reason, n in result.report.summary()["skipped_by_reason"].items())
+        raise LoraMismatchError(f"no layer of the LoRA was transferred onto {target.name} (skipped: {why or 'none'}); "
+                                "nothing loaded")
     state = diffusers_state_dict(result.lora, alpha_keys=flux)
     before = _adapters(pipe)
     try:
