@@ -343,3 +343,21 @@ def test_similarity_against_a_two_expert_folder_gives_one_table_per_expert(model
     # the low-noise expert is the smaller change (0.05 vs 0.08 of each weight), so it is the closer one
     mean = {label: sections[label]["summary"]["mean_phi_left"] for label in sections}
     assert mean["low_noise"] > mean["high_noise"]
+
+
+def test_a_batch_onto_two_experts(models, loras, tmp_path, capsys):
+    """Several LoRAs: `<OUT>/<stem>.<expert>.safetensors` each; one that fails is reported, the others written."""
+    wrong = write_wan_lora(write_wan_model(tmp_path / "ti2v", "wan2.2-ti2v-5b:tiny"), tmp_path / "wrong.safetensors")
+    out = tmp_path / "out"
+    code = main(["transfer", str(models["source"]), str(models["target"]), str(loras["peft"]), str(loras["comfy"]),
+                 str(wrong), "-o", str(out), "--report", str(tmp_path / "r.json"), "--no-cache", "-q"])
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{e}.safetensors" for n in ("peft", "comfy")
+                                                           for e in ("high_noise", "low_noise"))
+    sections = json.loads((tmp_path / "r.json").read_text())["experts"]
+    for label in ("high_noise", "low_noise"):
+        assert len(sections[label]["results"]) == 2
+        assert [f["lora"] for f in sections[label]["failures"]] == [str(wrong)]
+    for label, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+        got = load_and_fuse(models["target"], out / f"comfy.{label}.safetensors", comp)
+        assert got["worst"] < 1e-5

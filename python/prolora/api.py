@@ -358,14 +358,17 @@ def transfer_files(source: PathLike, target: PathLike, loras: list[PathLike], ou
     loras = list(loras) + (lora_files(lora_dir) if lora_dir else [])
     if not loras:
         raise OptionError("no LoRA given: name LoRA files or --lora-dir DIR")
-    from .experts import experts_of, transfer_experts
+    from .experts import experts_of, transfer_experts, transfer_experts_many
 
     experts = experts_of(target, target_2)
     if experts is not None:
-        if len(loras) != 1 or plot:
-            raise OptionError("a target of two experts takes one LoRA per run and no --plot")
-        return transfer_experts(source, experts, loras[0], output, options, report=report, overwrite=overwrite,
-                                progress=progress)
+        if plot:
+            raise OptionError("--plot takes one target; a target of two experts has two")
+        if len(loras) == 1 and lora_dir is None:
+            return transfer_experts(source, experts, loras[0], output, options, report=report, overwrite=overwrite,
+                                    progress=progress)
+        return transfer_experts_many(source, experts, loras, output, options, report=report, overwrite=overwrite,
+                                     progress=progress, on_result=on_result)
     for path in filter(None, (report, plot)):
         resolve_report_path(path, [source, target, *loras])
     if len(loras) == 1 and lora_dir is None:

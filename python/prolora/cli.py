@@ -225,14 +225,19 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         if progress:
             progress.close()
     if not isinstance(res, TransferResult) and hasattr(res, "targets"):  # experts.ExpertsResult
+        failed = 0
         for label, r in res.results.items():
             print(f"== {label.replace('_', '-')} expert: {res.targets[label]}")
+            if not isinstance(r, TransferResult):  # a batch: each LoRA was said as it completed
+                failed += len(r.failures)
+                print(f"{len(r.results)} written, {len(r.failures)} failed")
+                continue
             if not a.quiet:
                 print(r.report.table())
             for w in r.report.warnings:
                 print(f"prolora: warning: {label}: {w}", file=sys.stderr)
             print(f"wrote {r.output}")
-        return 0
+        return 2 if failed else 0
     if isinstance(res, TransferResult):
         if not a.quiet:
             print(res.report.table())

@@ -8,7 +8,8 @@ and the second the low-noise one).
 
 Output naming: OUT `style.safetensors` -> `style.high_noise.safetensors` and
 `style.low_noise.safetensors` beside it; OUT an existing folder -> `<folder>/<LoRA stem>.<expert>.safetensors`.
-Every output path is checked before any work, as for a single transfer.
+Several LoRAs (a batch) go into the folder OUT the same way, each expert in one pass over its
+model. Every output path is checked before any work, as for a single transfer.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints.wan import EXPERTS, expert_label, expert_targets
-from .errors import OptionError, OutputPathError
+from .errors import OptionError, OutputPathError, ProloraError
 from .options import TransferOptions
 from .safetensors_io import atomic_path
 
@@ -31,7 +32,7 @@ class ExpertsResult:
     """A LoRA moved to every expert of a target: expert label -> its TransferResult (its own
     report and output), in the order the experts run (high-noise first)."""
 
-    results: dict[str, Any]  # label -> api.TransferResult
+    results: dict[str, Any]  # label -> api.TransferResult (one LoRA) or api.BatchResult (several)
     targets: dict[str, Path]
 
 
@@ -88,6 +89,48 @@ def transfer_experts(source: PathLike, experts: dict[str, PathLike], lora: PathL
     if report:
         write_experts_json(report, {label: {"target": str(res.targets[label]), "output": str(r.output),
                                             **r.report.to_dict()} for label, r in results.items()})
+    return res
+
+
+def transfer_experts_many(source: PathLike, experts: dict[str, PathLike], loras: list[PathLike], output_dir: PathLike,
+                          options: TransferOptions, *, report: PathLike | None = None, overwrite: bool = False,
+                          progress=None, on_result=None) -> ExpertsResult:
+    """Many LoRAs onto each expert: one pass over source and expert per expert (api's batch
+    engine), `<output_dir>/<LoRA stem>.<expert>.safetensors` for each; a LoRA that fails is
+    recorded in that expert's BatchResult.failures and the others go on. `report`: one JSON with
+    a section per expert (its results and failures)."""
+    from .api import Failure, _run, resolve_output, resolve_report_path
+
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [source, *experts.values(), *loras]
+    if report:
+        resolve_report_path(report, inputs)
+    stems = [Path(str(x)).stem for x in loras]
+    dup = next((x for x in stems if stems.count(x) > 1), None)
+    if dup is not None:
+        raise OutputPathError(f"two LoRAs of the batch are named {dup}: their outputs would collide")
+    results = {}
+    for label, target in experts.items():
+        items, pre = [], []
+        for lora in loras:
+            try:
+                items.append((lora, resolve_output(expert_outputs(out_dir, lora, [label])[label], lora, inputs,
+                                                   overwrite)))
+            except ProloraError as e:
+                pre.append(Failure(str(lora), str(e), e))
+                if on_result:
+                    on_result(pre[-1])
+        batch = _run(source, target, items, options, progress, strict=False, on_result=on_result)
+        batch.failures[:0] = pre
+        results[label] = batch
+    res = ExpertsResult(results, {k: Path(v) for k, v in experts.items()})
+    if report:
+        write_experts_json(report, {label: {
+            "target": str(res.targets[label]),
+            "results": [{"lora": r.report.info.get("lora"), "output": str(r.output), **r.report.to_dict()}
+                        for r in b.results],
+            "failures": [{"lora": f.lora, "error": f.error} for f in b.failures]} for label, b in results.items()})
     return res
 
 
