@@ -100,8 +100,14 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loras(models):
     d, src = models["dir"], models["source"]
-    return {f: write_wan_lora(src, d / f"{f}.safetensors", f, rank=4, seed=i)
-            for i, f in enumerate(("peft", "kohya", "comfy"))}
+    out = {f: write_wan_lora(src, d / f"{f}.safetensors", f, rank=4, seed=i)
+           for i, f in enumerate(("peft", "kohya", "comfy"))}
+    # DiffSynth-Studio / some ComfyUI savers: the same names with lora_A / lora_B
+    tensors, meta = _read(out["comfy"])
+    save(d / "comfy_ab.safetensors", {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
+                                      for k, v in tensors.items()}, meta)
+    out["comfy_ab"] = d / "comfy_ab.safetensors"
+    return out
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -224,7 +230,7 @@ def load_and_fuse(target: Path, path: Path, expert: str) -> dict:
     return {"adapted": set(adapted), "worst": worst}
 
 
-@pytest.mark.parametrize("fmt", ["peft", "kohya", "comfy"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "comfy", "comfy_ab"])
 def test_one_lora_in_one_output_per_expert_each_loads_into_its_expert(models, loras, fmt, tmp_path):
     out = tmp_path / f"{fmt}.safetensors"
     report = tmp_path / "report.json"

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -182,30 +184,23 @@ def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-
     return out
 
 
-class _values:
-    """Context: (Values, file metadata) for a source (`base` None) or a target of `base`."""
-
-    def __init__(self, cfg: WanConfig, seed: int, base, perturbation: Perturbation | float):
-        self.cfg, self.seed, self.base = cfg, seed, base
-        self.p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
-        self.opened: BaseModel | None = None
-
-    def __enter__(self):
-        base = self.base
-        if base is not None and not isinstance(base, BaseModel):
-            base = self.opened = open_model(base)
-        self._threads = _threads(1)
-        self._threads.__enter__()
-        meta = {"prolora.synthetic": json.dumps({
-            "family": "wan", "config": self.cfg.diffusers_config(), "seed": self.seed,
-            "target_of": base.identity() if base is not None else None,
-            "perturbation": asdict(self.p) if base is not None else None})}
-        return Values(self.seed, base, self.p), meta
-
-    def __exit__(self, *exc) -> None:
-        self._threads.__exit__(*exc)
-        if self.opened is not None:
-            self.opened.close()
+@contextmanager
+def _values(cfg: WanConfig, seed: int, base, perturbation: Perturbation | float) -> Iterator[tuple[Values, dict]]:
+    """(Values, file metadata) for a source (`base` None) or a target of `base` (a path is opened
+    and closed here), generated on one torch thread (tiny matrices)."""
+    p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
+    opened = open_model(base) if base is not None and not isinstance(base, BaseModel) else None
+    model = opened or base
+    meta = {"prolora.synthetic": json.dumps({
+        "family": "wan", "config": cfg.diffusers_config(), "seed": seed,
+        "target_of": model.identity() if model is not None else None,
+        "perturbation": asdict(p) if model is not None else None})}
+    try:
+        with _threads(1):
+            yield Values(seed, model, p), meta
+    finally:
+        if opened is not None:
+            opened.close()
 
 
 def _write_component(folder: Path, cfg: WanConfig, values: Values, dtype: torch.dtype, meta: dict[str, str],
