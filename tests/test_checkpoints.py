@@ -287,7 +287,9 @@ def test_identity(zoo, tmp_path):
     one = write_single_file(state, tmp_path / "one.safetensors")
     assert open_model(one).identity() != first
     p = open_model(zoo["sdxl"]["pipeline"])
-    assert p.identity() == open_model(zoo["sdxl"]["pipeline"]).identity() != first
+    # the same weights as a diffusers folder (OpenCLIP q/k/v and text_projection stored apart):
+    # the same identity, since it hashes the canonical weights, not the layout
+    assert p.identity() == open_model(zoo["sdxl"]["pipeline"]).identity() == first
 
 
 # ------------------------------------------------------------------ errors

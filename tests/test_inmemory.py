@@ -273,6 +273,20 @@ def test_a_flux_pipeline_with_clip_and_t5_is_read_as_its_folder(demo, tmp_path):
     _same_model(model, open_model(folder))
 
 
+def test_identity_is_the_weights_whatever_holds_them(tmp_path):
+    """A BFL single file (q, k, v and the MLP input fused, the final modulation's halves swapped),
+    the diffusers folder of the same weights and its module in memory: one identity, which a
+    change of one weight changes."""
+    single = open_model(write_model(tmp_path / "bfl.safetensors", "flux-dev:tiny", layout="single-file", seed=3))
+    folder = write_model(tmp_path / "folder", "flux-dev:tiny", seed=3)
+    transformer = flux_pipeline(folder).transformer
+    assert single.identity() == open_model(folder).identity() == in_memory_model(transformer).identity()
+    state = dict(transformer.state_dict())
+    key = "single_transformer_blocks.1.proj_out.weight"
+    state[key] = state[key] * 1.01
+    assert in_memory_model((state, transformer.config)).identity() != single.identity()
+
+
 def test_chroma_is_detected_from_the_module(tmp_path):
     from diffusers import ChromaTransformer2DModel
 

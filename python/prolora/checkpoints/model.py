@@ -335,8 +335,9 @@ def sample_runs(ref: WeightRef) -> list[tuple[int, int]]:
     for j in range(min(_ID_RUNS, total)):
         f = (j * total) // _ID_RUNS + total // (2 * _ID_RUNS)
         r, c = divmod(f, cols)
+        n = min(_ID_RUN_ELEMENTS, cols - c)
         if ref.transposed:  # stored [in, out]: a weight row is a stored column, one element at a time
-            out.append((c * rows + r, 1))
+            out += [((c + i) * rows + r, 1) for i in range(n)]
             continue
         stored_row = r
         if ref.pieces:
@@ -347,7 +348,7 @@ def sample_runs(ref: WeightRef) -> list[tuple[int, int]]:
                 stored_row -= b - a
         elif ref.rows:
             stored_row += ref.rows[0]
-        out.append((stored_row * cols + c, min(_ID_RUN_ELEMENTS, cols - c)))
+        out.append((stored_row * cols + c, n))
     return out
 
 
