@@ -107,6 +107,12 @@ def loras(models):
     save(d / "comfy_ab.safetensors", {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
                                       for k, v in tensors.items()}, meta)
     out["comfy_ab"] = d / "comfy_ab.safetensors"
+    # a model-level diffusers file (save_lora_adapter): no `transformer.` prefix; written back with it
+    tensors, meta = _read(out["peft"])
+    save(d / "peft_bare.safetensors", {k.removeprefix("transformer."): v for k, v in tensors.items()},
+         {"lora_adapter_metadata": json.dumps({k.removeprefix("transformer."): v for k, v in
+                                               json.loads(meta["lora_adapter_metadata"]).items()})})
+    out["peft_bare"] = d / "peft_bare.safetensors"
     return out
 
 
@@ -230,7 +236,7 @@ def load_and_fuse(target: Path, path: Path, expert: str) -> dict:
     return {"adapted": set(adapted), "worst": worst}
 
 
-@pytest.mark.parametrize("fmt", ["peft", "kohya", "comfy", "comfy_ab"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "comfy", "comfy_ab", "peft_bare"])
 def test_one_lora_in_one_output_per_expert_each_loads_into_its_expert(models, loras, fmt, tmp_path):
     out = tmp_path / f"{fmt}.safetensors"
     report = tmp_path / "report.json"
@@ -367,3 +373,14 @@ def test_a_batch_onto_two_experts(models, loras, tmp_path, capsys):
     for label, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
         got = load_and_fuse(models["target"], out / f"comfy.{label}.safetensors", comp)
         assert got["worst"] < 1e-5
+
+
+def test_unprefixed_peft_file_transfers_like_the_prefixed_one(models, loras, tmp_path):
+    """Same modules, same alpha (from the unprefixed lora_adapter_metadata): the same output."""
+    outs = [transfer(models["source"], models["target"] / "transformer", loras[f], tmp_path / f"{f}.safetensors",
+                     cache=False).output for f in ("peft", "peft_bare")]
+    a, meta_a = _read(outs[0])
+    b, meta_b = _read(outs[1])
+    assert set(a) == set(b) and all(k.startswith("transformer.") for k in b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(meta_a["lora_adapter_metadata"]) == json.loads(meta_b["lora_adapter_metadata"])

@@ -190,6 +190,7 @@ class WanModel(BaseModel):
             if component != COMPONENT:  # the low-noise expert of a two-expert folder: no LoRA names
                 continue
             add(module, module, "peft")
+            add(path, module, "peft")  # a model-level save_lora_adapter file: written back under transformer.
             add("lora_transformer_" + _flat(path), module, "kohya-diffusers")
             orig = self.original.get(module)
             if orig is not None:
@@ -199,7 +200,8 @@ class WanModel(BaseModel):
         return table
 
     def unspellable(self, module: str, spelling: str) -> str | None:
-        if spelling in ("kohya-ldm", "comfy") and module not in self.original:
+        if spelling in ("kohya-ldm", "comfy") and (module not in self.original
+                                                   or not module.startswith(COMPONENT + ".")):
             return "no original Wan name for it (kohya / ComfyUI spell original names); write peft to keep it"
         return None
 
@@ -241,7 +243,7 @@ def _structure(shapes: dict[str, tuple[int, ...]], patch: tuple[int, ...] | None
         cells *= d
     out_ch = out[0] // cells if out and cells else None
     i2v = any(".attn2.add_k_proj." in k for k in shapes)
-    kind = ("TI2V" if out_ch == TI2V_LATENT else "I2V" if (in_ch is not None and in_ch > out_ch) or i2v
+    kind = ("TI2V" if out_ch == TI2V_LATENT else "I2V" if (in_ch is not None and out_ch is not None and in_ch > out_ch) or i2v
             else "T2V")
     size = {5120: "14B", 1536: "1.3B", 3072: "5B"}.get(hidden or 0)
     facts = {"blocks": len(blocks), "hidden": hidden, "ffn": ffn[0] if ffn else None,
