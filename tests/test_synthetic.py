@@ -13,7 +13,7 @@ import torch
 from prolora.checkpoints import open_model
 from prolora.safetensors_io import SafetensorsFile
 from prolora.synthetic import (
-    PRESETS, Perturbation, clip_params, generator, lora_targets, make_demo, model_params, preset, spectral_weight,
+    PRESETS, Perturbation, clip_params, flux_config, flux_params, generator, lora_targets, make_demo, model_params, preset, spectral_weight,
     unet_params, write_lora, write_model,
 )
 from zoo import canon
@@ -66,6 +66,25 @@ def test_params_equal_diffusers_and_transformers(name, scale):
         with torch.device("meta"):
             model = cls(conf)
         assert clip_params(te) == [(canon(k), tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "full"])
+def test_chroma_params_equal_diffusers(scale, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    cfg = flux_config("chroma", scale)
+    args = {k: v for k, v in cfg.diffusers_config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = getattr(diffusers, cfg.diffusers_config()["_class_name"])(**args)
+    assert flux_params(cfg) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    if scale == "tiny":  # derived from a schnell base: shared weights perturbed, the approximator new
+        src = write_model(tmp_path / "s.safetensors", "flux-schnell:tiny", layout="single-file")
+        tgt = write_model(tmp_path / "t.safetensors", cfg, layout="single-file", base=src)
+        with open_model(src) as s, open_model(tgt) as t:
+            assert t.family == "chroma"
+            shared = set(s.weights) & set(t.weights)
+            assert shared and all(x.startswith("transformer.") for x in set(t.weights) - shared)
+            q = "transformer.transformer_blocks.0.attn.to_q"
+            assert 0.05 < float((t.load(q) - s.load(q)).norm() / s.load(q).norm()) < 0.2
 
 
 def test_full_sizes_match_the_real_models():

@@ -25,6 +25,10 @@ from .values import Perturbation, Values
 from .writing import WEIGHTS, write_tensors
 
 
+# (base family, target family) pairs where the target is derived from the base with new modules
+DERIVED = {("flux", "chroma")}
+
+
 def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
                 dtype: torch.dtype = torch.float16, seed: int = 0, base: str | os.PathLike | BaseModel | None = None,
                 perturbation: Perturbation | float = Perturbation(), threads: int | None = None,
@@ -56,7 +60,8 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     opened = None
     if base is not None and not isinstance(base, BaseModel):
         base = opened = open_model(base)
-    values = Values(seed, base, perturbation, device, new_modules=base is not None and base.family != cfg.family)
+    derived = base is not None and (base.family, cfg.family) in DERIVED
+    values = Values(seed, base, perturbation, device, new_modules=derived)
     meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
                                              "target_of": base.identity() if base is not None else None,
                                              "perturbation": asdict(perturbation) if base is not None else None})}
