@@ -119,7 +119,7 @@ def loras(models):
 # ----------------------------------------------------------------------------- layouts
 
 
-@pytest.mark.parametrize("preset", ["wan2.1-t2v-14b:tiny", "wan2.2-ti2v-5b:tiny"])
+@pytest.mark.parametrize("preset", ["wan2.1-t2v-14b:tiny", "wan2.2-ti2v-5b:tiny", "wan2.1-i2v-14b:tiny"])
 def test_synthetic_params_are_diffusers_own(preset):
     """Names and shapes of every parameter, against WanTransformer3DModel itself."""
     cfg = wan_config(preset)
@@ -128,11 +128,13 @@ def test_synthetic_params_are_diffusers_own(preset):
     assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == wan_params(cfg)
 
 
-def test_original_names_are_diffusers_converters(models):
-    """Our original-name map is the inverse of diffusers' single-file converter, for every parameter."""
+@pytest.mark.parametrize("preset", ["wan2.1-t2v-14b:tiny", "wan2.1-i2v-14b:tiny"])
+def test_original_names_are_diffusers_converters(preset):
+    """Our original-name map is the inverse of diffusers' single-file converter, for every parameter
+    (I2V: k_img / v_img / norm_k_img and img_emb too)."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    names = [n for n, _ in wan_params(TINY)]
+    names = [n for n, _ in wan_params(wan_config(preset))]
     fake = {"model.diffusion_model." + diffusers_to_original(n): torch.zeros(1) for n in names}
     assert sorted(convert_wan_transformer_to_diffusers(fake)) == sorted(names)
 
@@ -384,3 +386,20 @@ def test_unprefixed_peft_file_transfers_like_the_prefixed_one(models, loras, tmp
     assert set(a) == set(b) and all(k.startswith("transformer.") for k in b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(meta_a["lora_adapter_metadata"]) == json.loads(meta_b["lora_adapter_metadata"])
+
+
+def test_wan21_i2v_lora_on_a_wan22_i2v_expert_drops_the_image_cross_attention(tmp_path):
+    """Wan 2.2's I2V experts have no CLIP image branch: a 2.1 I2V LoRA's k_img / v_img modules are
+    dropped, each named with the reason, and the musubi output holds no key for them."""
+    i2v = wan_config("wan2.1-i2v-14b:tiny")
+    src = write_wan_model(tmp_path / "i2v21.safetensors", i2v, layout="single-file-prefixed")
+    tgt = write_wan_model(tmp_path / "i2v22", replace(i2v, image_dim=None, added_kv_proj_dim=None), base=src)
+    assert open_model(src).facts["variant"] == "I2V" and open_model(tgt).facts["image_cross_attention"] is False
+    lora = write_wan_lora(src, tmp_path / "i2v.safetensors", "kohya")
+    assert any("k_img" in k for k in _read(lora)[0])
+    res = transfer(src, tgt, lora, tmp_path / "o.safetensors", cache=False)
+    dropped = [r for r in res.report.layers if not r.transferred]
+    assert sorted(r.module for r in dropped) == sorted(f"transformer.blocks.{i}.attn2.add_{x}_proj"
+                                                       for i in range(3) for x in "kv")
+    assert all("no image cross-attention" in r.reason for r in dropped)
+    assert not any("_img" in k for k in _read(tmp_path / "o.safetensors")[0])

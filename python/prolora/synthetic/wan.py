@@ -45,7 +45,8 @@ BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json
 
 @dataclass(frozen=True)
 class WanConfig:
-    """WanTransformer3DModel's config fields (text-to-video: no image embedder)."""
+    """WanTransformer3DModel's config fields (image_dim / added_kv_proj_dim: Wan 2.1 I2V's image
+    cross-attention; None for text-to-video and for Wan 2.2's I2V experts)."""
 
     num_layers: int = 40
     num_attention_heads: int = 40
@@ -60,6 +61,8 @@ class WanConfig:
     qk_norm: str = "rms_norm_across_heads"
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    image_dim: int | None = None  # Wan 2.1 I2V: CLIP image features (1280), projected by img_emb
+    added_kv_proj_dim: int | None = None  # Wan 2.1 I2V: k_img / v_img input width (the model width)
 
     @property
     def hidden(self) -> int:
@@ -77,9 +80,11 @@ WAN_PRESETS = {
     "wan2.1-t2v-1.3b": WanConfig(num_layers=30, num_attention_heads=12, ffn_dim=8960),
     "wan2.2-ti2v-5b": WanConfig(num_layers=30, num_attention_heads=24, ffn_dim=14336, in_channels=48,
                                 out_channels=48),
+    "wan2.1-i2v-14b": WanConfig(in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
 }
 # tiny sizes: (blocks, heads, head dim, ffn), text width 64, 32 timestep channels; latent channels kept
-WAN_TINY = {"wan2.1-t2v-14b": (3, 2, 16, 88), "wan2.1-t2v-1.3b": (2, 2, 8, 56), "wan2.2-ti2v-5b": (2, 2, 12, 112)}
+WAN_TINY = {"wan2.1-t2v-14b": (3, 2, 16, 88), "wan2.1-t2v-1.3b": (2, 2, 8, 56), "wan2.2-ti2v-5b": (2, 2, 12, 112),
+            "wan2.1-i2v-14b": (3, 2, 16, 88)}
 
 
 def wan_config(name: str = "wan2.1-t2v-14b", scale: str = "full") -> WanConfig:
@@ -92,7 +97,8 @@ def wan_config(name: str = "wan2.1-t2v-14b", scale: str = "full") -> WanConfig:
     if scale == "tiny":
         blocks, heads, hd, ffn = WAN_TINY[name]
         cfg = replace(cfg, num_layers=blocks, num_attention_heads=heads, attention_head_dim=hd, ffn_dim=ffn,
-                      text_dim=64, freq_dim=32)
+                      text_dim=64, freq_dim=32, image_dim=cfg.image_dim and 40,
+                      added_kv_proj_dim=cfg.added_kv_proj_dim and heads * hd)
     elif scale != "full":
         raise ValueError(f"unknown scale {scale!r}; choose full or tiny")
     return cfg
@@ -113,6 +119,12 @@ def wan_params(cfg: WanConfig) -> Params:
     linear("condition_embedder.time_proj", 6 * h, h)
     linear("condition_embedder.text_embedder.linear_1", h, cfg.text_dim)
     linear("condition_embedder.text_embedder.linear_2", h, h)
+    if cfg.image_dim:
+        img = "condition_embedder.image_embedder"
+        p.extend([(f"{img}.norm1.weight", (cfg.image_dim,)), (f"{img}.norm1.bias", (cfg.image_dim,))])
+        linear(f"{img}.ff.net.0.proj", cfg.image_dim, cfg.image_dim)
+        linear(f"{img}.ff.net.2", h, cfg.image_dim)
+        p.extend([(f"{img}.norm2.weight", (h,)), (f"{img}.norm2.bias", (h,))])
     for i in range(cfg.num_layers):
         b = f"blocks.{i}"
         p.append((f"{b}.scale_shift_table", (1, 6, h)))
@@ -120,6 +132,10 @@ def wan_params(cfg: WanConfig) -> Params:
             for x in ("to_q", "to_k", "to_v", "to_out.0"):
                 linear(f"{b}.{attn}.{x}", h, h)
             p.extend([(f"{b}.{attn}.norm_q.weight", (h,)), (f"{b}.{attn}.norm_k.weight", (h,))])
+            if attn == "attn2" and cfg.added_kv_proj_dim:
+                linear(f"{b}.attn2.add_k_proj", h, cfg.added_kv_proj_dim)
+                linear(f"{b}.attn2.add_v_proj", h, cfg.added_kv_proj_dim)
+                p.append((f"{b}.attn2.norm_added_k.weight", (h,)))
         if cfg.cross_attn_norm:
             p.extend([(f"{b}.norm2.weight", (h,)), (f"{b}.norm2.bias", (h,))])
         linear(f"{b}.ffn.net.0.proj", f, h)
