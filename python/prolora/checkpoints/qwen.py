@@ -40,7 +40,7 @@ says which one a folder is ("image", "edit", "edit-plus", "layered"; "unknown" f
 whose keys cannot tell).
 
 LoRA spellings (what the trainers write; diffusers' _convert_non_diffusers_qwen_lora_to_diffusers
-and ComfyUI's Qwen-Image key map read all of them)
+reads all but the unprefixed lora_A/B keys, and ComfyUI's Qwen-Image key map knows every prefix)
 ------------------------------------------------------------------------------
     peft        transformer.<path>.lora_A/lora_B     diffusers, ai-toolkit (diffusers save)
     comfy       diffusion_model.<path>.lora_down/up or .lora_A/B   ComfyUI-saved, ai-toolkit
