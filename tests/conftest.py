@@ -1,7 +1,9 @@
 """Shared fixtures: small synthetic base-model pairs and LoRAs, built once per session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -17,8 +19,9 @@ try:
         os.environ["TRITON_INTERPRET"] = "1"
 except ImportError:
     pass
-# the tests never touch the user's basis cache
+# the tests never touch the user's basis cache, and leave no cache behind
 os.environ["PROLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="prolora-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PROLORA_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
