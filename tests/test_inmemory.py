@@ -195,33 +195,43 @@ def test_a_state_dict_lora_and_in_memory_targets_of_transfer(demo, tmp_path):
     assert report.info["lora"] is None and "sd" in pipe.get_list_adapters()["unet"]
 
 
-def test_fake_cuda_target_weights_never_come_to_the_host(demo, tmp_path):
-    """The target's weights on (fake) cuda: a --device cuda transfer reads them where they are.
-    Device-to-host bytes are the finished factors plus the identity's few sampled elements per
-    weight: far below the target's weight bytes. The output is the CPU one's."""
+def _deltas(pipe, adapter: str) -> dict[str, torch.Tensor]:
+    """scale * B @ A of every layer the adapter adapts, on the host, in float64."""
+    return {name: layer.scaling[adapter] * (layer.lora_B[adapter].weight.cpu().double()
+                                            @ layer.lora_A[adapter].weight.cpu().double())
+            for name, layer in pipe.transformer.named_modules()
+            if hasattr(layer, "lora_A") and adapter in layer.lora_A}
+
+
+def test_fake_cuda_pipeline_weights_never_come_to_the_host(demo):
+    """A pipeline moved to (fake) cuda: load_lora runs there by default and reads the target's
+    weights where they are. Device-to-host bytes are exactly the finished factors plus the
+    identity's few sampled elements per weight; the adapter is the CPU run's."""
     d = demo["flux"]
-    transformer = flux_pipeline(d["target"]).transformer
-    cpu = prolora.transfer(d["source"], transformer, d["lora"], cache=False)
-    with FakeCuda() as fc:
-        state = {k: v.to("cuda") for k, v in transformer.state_dict().items()}
-        target_bytes = sum(v.numel() * v.element_size() for v in state.values())
-        assert fc.ledger.d2h_bytes == 0 and all(v.is_cuda for v in state.values())
-        res = prolora.transfer(d["source"], (state, transformer.config), d["lora"], device="cuda", cache=False)
-    led = fc.ledger
-    assert led.host_compute == [], led.host_compute[:3]
-    model = in_memory_model(transformer)
-    itemsize = next(iter(state.values())).element_size()
-    # the identity's sample: a few elements per weight (the cache key; cache=False still names
-    # the target in the report), the only bytes of the target that come to the host
+    on_cpu = flux_pipeline(d["target"])
+    prolora.diffusers.load_lora(on_cpu, d["lora"], source=d["source"], adapter_name="x", cache=False)
+    want = _deltas(on_cpu, "x")
+    pipe = flux_pipeline(d["target"])
+    model = in_memory_model(pipe)
+    itemsize = pipe.transformer.x_embedder.weight.element_size()
+    target_bytes = sum(r.numel for r in model.weights.values()) * itemsize
+    # the identity's sample (the cache key; the report names the target by it even without a
+    # cache): the only bytes of the target that come to the host
     sampled = sum(n for ref in model.weights.values() for _, n in sample_runs(ref)) * itemsize
     assert sampled <= len(model.weights) * _ID_RUNS * _ID_RUN_ELEMENTS * itemsize < target_bytes / 20
-    factors = sum(4 * (m.up.numel() + m.down.numel()) for m in res.lora.modules.values())
-    assert led.d2h_bytes == factors + sampled, (led.d2h_bytes, factors, sampled, target_bytes)
-    assert res.report.info["target_id"] == cpu.report.info["target_id"]
-    assert res.lora.modules.keys() == cpu.lora.modules.keys()
-    for k, m in cpu.lora.modules.items():
-        dw = lambda x: x.up.double().flatten(1) @ x.down.double().flatten(1)  # noqa: E731
-        err = float((dw(res.lora.modules[k]) - dw(m)).norm() / dw(m).norm())
+    with FakeCuda() as fc:
+        pipe.to("cuda")
+        assert pipe.transformer.x_embedder.weight.is_cuda and fc.ledger.d2h_bytes == 0
+        report = prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="x", cache=False)
+        d2h = fc.ledger.d2h_bytes
+        got = _deltas(pipe, "x")
+    assert report.info["device"] == "cuda" and fc.ledger.host_compute == [], fc.ledger.host_compute[:3]
+    factors = 4 * sum(m.lora_A["x"].weight.numel() + m.lora_B["x"].weight.numel()
+                      for m in on_cpu.transformer.modules() if hasattr(m, "lora_A") and "x" in m.lora_A)
+    assert d2h == factors + sampled, (d2h, factors, sampled, target_bytes)
+    assert got.keys() == want.keys() and got
+    for k in want:
+        err = float((got[k] - want[k]).norm() / want[k].norm())
         assert err < 1e-4, f"{k}: {err:.2e}"
 
 
