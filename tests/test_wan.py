@@ -403,3 +403,24 @@ def test_wan21_i2v_lora_on_a_wan22_i2v_expert_drops_the_image_cross_attention(tm
                                                        for i in range(3) for x in "kv")
     assert all("no image cross-attention" in r.reason for r in dropped)
     assert not any("_img" in k for k in _read(tmp_path / "o.safetensors")[0])
+
+
+def test_expert_output_names(models, loras, tmp_path):
+    from prolora.errors import OutputPathError
+    from prolora.experts import expert_outputs, experts_of
+
+    assert expert_outputs(tmp_path / "a.safetensors", "x/style.safetensors", ["high_noise", "low_noise"]) == {
+        "high_noise": tmp_path / "a.high_noise.safetensors", "low_noise": tmp_path / "a.low_noise.safetensors"}
+    assert expert_outputs(tmp_path, "x/style.safetensors", ["low_noise"]) == {
+        "low_noise": tmp_path / "style.low_noise.safetensors"}
+    with pytest.raises(OutputPathError):
+        expert_outputs(tmp_path / "missing", "style.safetensors", ["high_noise"])
+    with pytest.raises(OptionError, match="already"):
+        experts_of(models["target"], models["source"])
+    assert experts_of(models["target"] / "transformer") is None and experts_of(models["source"]) is None
+    # an existing output is refused before any work, for either expert
+    (tmp_path / "b.low_noise.safetensors").write_bytes(b"")
+    with pytest.raises(OutputPathError, match="already exists"):
+        transfer_files(models["source"], models["target"], [loras["peft"]], tmp_path / "b.safetensors",
+                       TransferOptions(cache=False))
+    assert not (tmp_path / "b.high_noise.safetensors").exists()
