@@ -152,6 +152,14 @@ def test_readers_and_families(models, tmp_path):
     assert (ti2v.family, ti2v.facts["in_channels"], ti2v.facts["variant"]) == ("wan-ti2v", 48, "TI2V")
     bare = open_model(write_wan_model(tmp_path / "bare.safetensors", layout="single-file"))
     assert bare.family == "wan" and set(bare.weights) == set(src.weights)
+    # a single file with diffusers' own names (as diffusers-format single files are shared)
+    tensors, _ = _read(next((models["target"] / "transformer").glob("*.safetensors")))
+    for shard in sorted((models["target"] / "transformer").glob("*.safetensors"))[1:]:
+        tensors.update(_read(shard)[0])
+    save(tmp_path / "diffusers_keys.safetensors", tensors)
+    named = open_model(tmp_path / "diffusers_keys.safetensors")
+    assert named.family == "wan" and set(named.weights) == set(src.weights)
+    assert named.original == src.original  # kohya / ComfyUI spellings available all the same
     synth = write_wan22_experts(tmp_path / "wan22", base=models["source"], shard_bytes=20000)
     both = open_model(synth["pipeline"])
     assert both.experts == {"high_noise": "transformer", "low_noise": "transformer_2"}
