@@ -17,7 +17,7 @@ def add_refine_arguments(p: argparse.ArgumentParser, default_steps: int) -> None
     g.add_argument("--refine", type=int, default=default_steps, metavar="STEPS",
                    help="train the transferred LoRA's factors on the target for STEPS steps so that it changes the "
                         "target as the LoRA changes the source (default %(default)s)")
-    g.add_argument("--refine-lr", type=float, default=d.lr, metavar="LR", help="Adam learning rate (default %(default)s)")
+    g.add_argument("--refine-lr", type=float, default=d.lr, metavar="LR", help="Adam step size, relative to each LoRA factor's RMS (default %(default)s)")
     g.add_argument("--refine-batch", type=int, default=d.batch, metavar="N", help="inputs per step (default %(default)s)")
     g.add_argument("--refine-anchor", type=float, default=d.anchor, metavar="W",
                    help="weight of a relative L2 pull toward the transferred factors (default %(default)s)")

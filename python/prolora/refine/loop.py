@@ -26,7 +26,7 @@ class RefineOptions:
     """Settings of `--refine` (steps 0: off)."""
 
     steps: int = 0
-    lr: float = 1e-3
+    lr: float = 3e-3  # Adam step size relative to each factor's RMS (loop.relative_groups)
     batch: int = 8
     anchor: float = 0.0  # weight of the relative L2 pull toward the transferred factors
     resolution: int | None = None  # latent size; None: the model's sample size, at most 32
@@ -131,6 +131,17 @@ def held_out_error(pair: Pair, batches: list[Inputs]) -> float:
     return err / max(ref, 1e-30)
 
 
+def relative_groups(start: list[torch.Tensor], params: list[torch.nn.Parameter], lr: float) -> list[dict]:
+    """One Adam group per factor, its step size `lr` times the factor's initial RMS: Adam moves
+    every entry by about its lr per step whatever the gradient's size, so an absolute lr would mean
+    a different relative change for every LoRA (factor scales differ by orders of magnitude between
+    trainers and alpha conventions). A zero factor takes the mean RMS of the others."""
+    rms = [float(p.pow(2).mean().sqrt()) if p.numel() else 0.0 for p in start]
+    nonzero = [r for r in rms if r > 0]
+    fallback = sum(nonzero) / len(nonzero) if nonzero else 1.0
+    return [{"params": [p], "lr": lr * (r if r > 0 else fallback)} for p, r in zip(params, rms)]
+
+
 def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=None) -> RefineStats:
     """Run `opts.steps` Adam steps on the refined adapter's factors; returns the stats."""
     t0 = time.perf_counter()
@@ -141,7 +152,7 @@ def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=No
     held = torch.Generator().manual_seed(opts.seed + 1_000_003)
     holdout = [cond.batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
     before = held_out_error(pair, holdout)
-    opt = torch.optim.Adam(params, lr=opts.lr)
+    opt = torch.optim.Adam(relative_groups(start, params, opts.lr))
     losses: list[float] = []
     for _ in range(opts.steps):
         inp = cond.batch(opts.batch, g, pair.dtypes)
