@@ -38,6 +38,9 @@ BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|t
 FLUX_LINEAR = re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
                          r"add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
                          r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$")
+# Qwen-Image: attention and MLP projections of both streams of every block
+QWEN_LINEAR = re.compile(r"^transformer\.transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
+                         r"add_v_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$")
 # bench families of the Flux layout: (source preset, target preset); Chroma is derived from schnell
 FLUX_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
 
@@ -88,22 +91,22 @@ def _median_time(fn, repeats: int) -> float:
 
 def prepare(cfg: BenchConfig) -> dict[str, Path]:
     """Source and target checkpoints (single-file) and the LoRAs; reused when already there."""
-    from .synthetic import write_model
+    from .synthetic import write_model, write_qwen_model
 
     cfg.folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
-    model_cfg = _model_config(cfg)
+    write = write_qwen_model if cfg.family == "qwen-image" else write_model
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
-        write_model(src, model_cfg, layout="single-file", dtype=cfg.dtype, seed=0, device=cfg.device)
+        write(src, _model_config(cfg), layout="single-file", dtype=cfg.dtype, seed=0, device=cfg.device)
     if not tgt.exists():
         _say(f"writing target model {tgt}")
-        write_model(tgt, _model_config(cfg, target=True), layout="single-file", dtype=cfg.dtype, seed=0, base=src,
-                    device=cfg.device)
+        write(tgt, _model_config(cfg, target=True), layout="single-file", dtype=cfg.dtype, seed=0, base=src,
+              device=cfg.device)
     loras = []
     with open_model(src) as m:
-        modules = [name for name in m.weights if (FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR).match(name)]
+        modules = [name for name in m.weights if _lora_pattern(cfg).match(name)]
         for i in range(max(cfg.loras, 1)):
             p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
             if not p.exists():
@@ -117,7 +120,7 @@ def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> 
     models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for Flux."""
     g = torch.Generator().manual_seed(seed)
     mods = {}
-    fmt = "peft" if model.family == "flux" else "kohya"
+    fmt = "kohya" if model.family in ("sd1", "sd2", "sdxl", "ssd-1b") else "peft"
     for name in modules:
         out, inp = model.weights[name].shape[:2]
         key = model.spell(name, "peft" if fmt == "peft" else model.kohya_spelling)
@@ -256,12 +259,19 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- device plan (dry run)
 
 
+def _lora_pattern(cfg: BenchConfig) -> re.Pattern:
+    """Which of the source's modules the bench's LoRAs adapt."""
+    return QWEN_LINEAR if cfg.family == "qwen-image" else FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR
+
+
 def _model_config(cfg: BenchConfig, target: bool = False):
     """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1):
     the source's, or with `target` the target's (another family only for a derived pair such as
     FLUX.1-schnell -> Chroma)."""
-    from .synthetic import flux_config, preset, shrink
+    from .synthetic import flux_config, preset, qwen_config, shrink
 
+    if cfg.family == "qwen-image":  # Qwen-Image -> Qwen-Image-Edit (the same layout)
+        return qwen_config("full" if cfg.width >= 1.0 else "small", blocks=max(1, round(60 * cfg.depth)), edit=target)
     if cfg.family in FLUX_PAIRS:  # width 1 is the real 3072, anything less the small preset (384)
         name = FLUX_PAIRS[cfg.family][1 if target else 0]
         scale = "full" if cfg.width >= 1.0 else "small"
@@ -281,10 +291,12 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
     check that the live device bytes stay within --max-gpu-memory."""
     from .engine.planner import chunk_limit, chunk_modules, module_bytes
     from .options import parse_size
-    from .synthetic import model_params
+    from .synthetic import model_params, qwen_params
 
-    pattern = FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR
-    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in model_params(_model_config(cfg)).items()
+    pattern = _lora_pattern(cfg)
+    model_cfg = _model_config(cfg)
+    components = {"transformer": qwen_params(model_cfg)} if cfg.family == "qwen-image" else model_params(model_cfg)
+    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
               for name, shape in params if name.endswith(".weight")}
     modules = [m for m in shapes if pattern.match(m)]
     itemsize = torch.finfo(cfg.dtype).bits // 8

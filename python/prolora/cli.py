@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="list every op's backends, available or not, and why")
 
     b = sub.add_parser("bench", help="measure the reference and the fast path side by side on synthetic models")
-    b.add_argument("--family", default="sdxl", choices=("sd15", "sdxl", "ssd-1b", "flux", "chroma"),
+    b.add_argument("--family", default="sdxl", choices=("sd15", "sdxl", "ssd-1b", "flux", "chroma", "qwen-image"),
                    help="model shape (flux: FLUX.1-dev, bf16; chroma: a FLUX.1-schnell source and a Chroma "
-                        "target derived from it, bf16; default %(default)s)")
+                        "target derived from it, bf16; qwen-image: Qwen-Image -> Qwen-Image-Edit, bf16; "
+                        "default %(default)s)")
     b.add_argument("--width", type=float, default=1.0, help="channel scale (1.0: real layer shapes)")
     b.add_argument("--depth", type=float, default=1.0, help="transformer-block scale (1.0: every block)")
     b.add_argument("--dir", default="prolora-bench", help="where models, LoRAs and the cache go (reused)")
@@ -427,7 +428,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     cfg = BenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), loras=a.loras, rank=a.rank,
                       subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
                       skip_reference=a.skip_reference, cache=not a.no_cache,
-                      dtype=torch.bfloat16 if a.family in ("flux", "chroma") else torch.float16)
+                      dtype=torch.bfloat16 if a.family in ("flux", "chroma", "qwen-image") else torch.float16)
     if a.dry_run:
         if not a.device.startswith("cuda"):
             raise OptionError("--dry-run plans a GPU run: add --device cuda")
