@@ -6,8 +6,9 @@ As a script, one configuration per process (so the peak RSS is that configuratio
     python benchmarks/bench_refine.py --family sdxl --width 0.25 --depth 0.2 --steps 10 --batch 2 --resolution 16
     python benchmarks/bench_refine.py --family flux --blocks 2,4 --steps 10 --batch 2 --resolution 16
 
-prints one JSON row: the models' size, seconds to build the two denoisers, seconds per step, the
-whole refinement's seconds (what `--refine STEPS` adds to a transfer) and the process's peak RSS.
+prints one JSON row: the models' size, the whole refinement's wall and CPU seconds (what
+`--refine STEPS` adds to a transfer: building the two denoisers, the held-out error before and
+after, the steps), the training loop's seconds per step and the process's peak RSS.
 Under pytest (`python -m pytest benchmarks/bench_refine.py --benchmark-enable`) it times a tiny
 SDXL-shaped refinement of a few steps.
 """
@@ -48,17 +49,19 @@ def measure(family: str = "sdxl", width: float = 0.25, depth: float = 0.2, block
         d = Path(tmp)
         src, tgt, lora = _pair(d, family, width, depth, blocks, dtype)
         transferred = prolora.transfer(src, tgt, lora, cache=False).lora
-        opts = RefineOptions(steps=steps, batch=batch, resolution=resolution, tokens=tokens, cond="random", holdout=batch)
+        opts = RefineOptions(steps=steps, batch=batch, resolution=resolution, tokens=tokens, cond="random",
+                             holdout=batch)
         with open_model(src) as s, open_model(tgt) as t:
             params = sum(r.numel for m, r in s.weights.items() if m.startswith(("unet.", "transformer.")))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _, stats = refine_lora(s, t, read_lora(lora), transferred, opts, device)
-            total = time.perf_counter() - t0
+            total, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"family": family, "width": width, "depth": depth, "blocks": list(blocks) if family == "flux" else None,
             "dtype": str(dtype).removeprefix("torch."), "lora_weights_adapted": len(transferred.modules),
             "denoiser_weights_millions": round(params / 1e6, 2), "steps": steps, "batch": batch,
             "resolution": resolution, "tokens": tokens, "refine_seconds": round(total, 2),
+            "refine_cpu_seconds": round(cpu, 2),
             "train_seconds": stats.seconds, "seconds_per_step": round(stats.seconds / max(steps, 1), 3),
             "error_before": round(stats.error_before, 4), "error_after": round(stats.error_after, 4),
             "peak_rss_gib": round(rss, 2), "threads": torch.get_num_threads(), "device": device}

@@ -180,7 +180,8 @@ def test_refinement_lowers_held_out_error(sdxl):
     write_lora_file(half, LoraFile(lf.format, {k: LoraModule(k, m.down, m.up * 0.25, m.alpha)
                                                for k, m in lf.modules.items()}, dict(lf.metadata), lf.dtype))
     out = d / "lower.safetensors"
-    res = refine(sdxl["src"], sdxl["src"], sdxl["lora"], half, out, RefineOptions(steps=40, lr=1e-2, **{**FAST, "batch": 4, "holdout": 8}))
+    res = refine(sdxl["src"], sdxl["src"], sdxl["lora"], half, out,
+                 RefineOptions(steps=40, lr=1e-2, **{**FAST, "batch": 4, "holdout": 8}))
     assert res.stats.error_after < 0.85 * res.stats.error_before, res.stats
     before = _measured_error(sdxl["src"], sdxl["src"], sdxl["lora"], half, seed=77)
     after = _measured_error(sdxl["src"], sdxl["src"], sdxl["lora"], out, seed=77)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
 from ..errors import LoraMismatchError, OptionError
 from ..lora import LoraFile, LoraModule
 from .adapters import Adapter, place
@@ -142,4 +142,4 @@ def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: Pat
     return RefineResult(refined, stats, out)
 
 
-__all__ = ["RefineOptions", "RefineResult", "RefineStats", "refine", "refine_lora", "open_model"]
+__all__ = ["RefineOptions", "RefineResult", "RefineStats", "refine", "refine_lora"]

@@ -17,13 +17,16 @@ def add_refine_arguments(p: argparse.ArgumentParser, default_steps: int) -> None
     g.add_argument("--refine", type=int, default=default_steps, metavar="STEPS",
                    help="train the transferred LoRA's factors on the target for STEPS steps so that it changes the "
                         "target as the LoRA changes the source (default %(default)s)")
-    g.add_argument("--refine-lr", type=float, default=d.lr, metavar="LR", help="Adam step size, relative to each LoRA factor's RMS (default %(default)s)")
-    g.add_argument("--refine-batch", type=int, default=d.batch, metavar="N", help="inputs per step (default %(default)s)")
+    g.add_argument("--refine-lr", type=float, default=d.lr, metavar="LR",
+                   help="Adam step size, relative to each LoRA factor's RMS (default %(default)s)")
+    g.add_argument("--refine-batch", type=int, default=d.batch, metavar="N",
+                   help="inputs per step (default %(default)s)")
     g.add_argument("--refine-anchor", type=float, default=d.anchor, metavar="W",
                    help="weight of a relative L2 pull toward the transferred factors (default %(default)s)")
     g.add_argument("--refine-resolution", type=int, default=None, metavar="N",
                    help="latent size of the noise inputs (default: the model's sample size, at most 32)")
-    g.add_argument("--refine-seed", type=int, default=d.seed, metavar="N", help="seed of every random draw (default %(default)s)")
+    g.add_argument("--refine-seed", type=int, default=d.seed, metavar="N",
+                   help="seed of every random draw (default %(default)s)")
     g.add_argument("--refine-cond", default=None, metavar="KIND",
                    help="conditioning: prompts | prompts:FILE | tags | random (default: tags when the LoRA has "
                         "kohya tags, else the built-in prompts; random when the bases ship no text encoder)")
@@ -43,8 +46,8 @@ def report_lines(stats: RefineStats | dict, top: int = 5) -> list[str]:
     """The refinement rows: settings, the loss curve summary, the held-out delta-matching error
     before and after, and the modules whose dW moved most."""
     s = stats if isinstance(stats, dict) else stats.asdict()
-    lines = [f"refine: {s['steps']} steps ({', '.join(f'{k} {v}' for k, v in sorted(s['settings'].items()) if k != 'steps')}), "
-             f"{s['seconds']:.1f} s",
+    settings = ", ".join(f"{k} {v}" for k, v in sorted(s["settings"].items()) if k != "steps")
+    lines = [f"refine: {s['steps']} steps ({settings}), {s['seconds']:.1f} s",
              f"refine: loss first {s['loss_first']:.4g}, last {s['loss_last']:.4g}, min {s['loss_min']:.4g}; "
              f"curve (per tenth) {' '.join(f'{x:.3g}' for x in s['curve'])}",
              f"refine: held-out delta-matching error {s['error_before']:.4f} before -> {s['error_after']:.4f} after "

@@ -174,7 +174,8 @@ def encode(base: BaseModel, prompts: list[str], tokens: int | None, device: str)
             if role == "clip2":
                 pooled = out.text_embeds
         del enc
-    return Context(hidden=torch.cat(hidden, dim=-1).float().cpu(), pooled=None if pooled is None else pooled.float().cpu())
+    return Context(hidden=torch.cat(hidden, dim=-1).float().cpu(),
+                   pooled=None if pooled is None else pooled.float().cpu())
 
 
 def _stats(ctx: Context) -> Context:
@@ -223,15 +224,16 @@ def signature(model: torch.nn.Module) -> Signature:
 class Conditioner:
     """Draws batches of (latent noise, timestep, context) for the source and the target."""
 
-    def __init__(self, source: Signature, target: Signature, contexts: tuple[Context, Context], resolution: int,
-                 tokens: int, device: str) -> None:
+    def __init__(self, source: Signature, target: Signature, contexts: tuple[Context, Context],
+                 resolution: int, tokens: int, device: str) -> None:
         if (source.kind, source.channels, source.context_dim, source.pooled_dim) != \
                 (target.kind, target.channels, target.context_dim, target.pooled_dim):
             raise OptionError("the source and target denoisers take different inputs (latent channels or context "
                               "width differ); refinement needs both to read the same inputs")
         if resolution < 2 or (source.kind == "flux" and resolution % 2):
             raise OptionError(f"--refine-resolution {resolution}: must be at least 2 (even for Flux)")
-        self.sig, self.contexts, self.resolution, self.tokens, self.device = source, contexts, resolution, tokens, device
+        self.sig, self.contexts, self.resolution = source, contexts, resolution
+        self.tokens, self.device = tokens, device
 
     def _context(self, ctx: Context, n: int, g: torch.Generator, pick: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,7 +26,7 @@ class RefineOptions:
     """Settings of `--refine` (steps 0: off)."""
 
     steps: int = 0
-    lr: float = 3e-3  # Adam step size relative to each factor's RMS (loop.relative_groups)
+    lr: float = 1e-2  # Adam step size relative to each factor's RMS (relative_groups; set on the quality benchmark)
     batch: int = 8
     anchor: float = 0.0  # weight of the relative L2 pull toward the transferred factors
     resolution: int | None = None  # latent size; None: the model's sample size, at most 32
