@@ -188,6 +188,45 @@ def test_refinement_lowers_held_out_error(sdxl):
     assert 0.3 < before and after < 0.85 * before, (before, after)
 
 
+def _clip_tokenizer(folder: Path) -> None:
+    """A character-level CLIP tokenizer (vocab.json, empty merges): real transformers code, ids
+    inside the tiny text encoders' vocabulary."""
+    folder.mkdir(parents=True)
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+
+
+def test_prompt_and_tag_conditioning_through_the_base_encoders(sdxl):
+    """A pipeline folder with tokenizers: `tags` (kohya ss_tag_frequency) and `prompts:FILE` are
+    encoded by its own CLIP encoders (SDXL: both, plus the pooled text_embeds) and recorded."""
+    import shutil
+
+    d = sdxl["dir"]
+    src = d / "src_tok"
+    if not src.exists():
+        shutil.copytree(sdxl["src"], src)
+        _clip_tokenizer(src / "tokenizer")
+        _clip_tokenizer(src / "tokenizer_2")
+    lf = read_lora(sdxl["lora"])
+    tagged = d / "tagged.safetensors"
+    tags = {"style_set": {"stripes": 12, "teal background": 7, "yellow, magenta": 3, "1girl": 2}}
+    write_lora_file(tagged, LoraFile(lf.format, lf.modules, {**lf.metadata, "ss_tag_frequency": json.dumps(tags)},
+                                     lf.dtype))
+    opts = dict(steps=2, batch=2, resolution=8, holdout=2)
+    res = refine(src, sdxl["tgt"], tagged, sdxl["plain"], None, RefineOptions(**opts))  # default: the tags
+    assert res.stats.settings["cond"] == "tags" and res.stats.settings["tokens"] == "77"
+    prompts = d / "my_prompts.txt"
+    prompts.write_text("# comment\na red house\na blue car\n")
+    res = refine(src, sdxl["tgt"], sdxl["lora"], sdxl["plain"], None, RefineOptions(cond=f"prompts:{prompts}", **opts))
+    assert res.stats.settings["cond"] == f"prompts:{prompts}"
+    assert json.loads(res.lora.metadata["prolora.refine"])["cond"] == f"prompts:{prompts}"
+
+
 def test_same_seed_same_bytes(sdxl):
     d = sdxl["dir"]
     paths = []
