@@ -286,13 +286,13 @@ def test_interrupted_refinement_leaves_no_output(sdxl, monkeypatch):
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("cfg", ["sdxl", "flux"])
+@pytest.mark.parametrize("cfg", ["sd15", "sdxl", "flux"])
 def test_single_file_denoiser_equals_the_folder_one(tmp_path, cfg):
     """A single file (SGM UNet / BFL Flux) becomes the same diffusers model, tensor for tensor, as
     the diffusers folder holding the same weights: the key maps read backwards lose nothing."""
     from prolora.synthetic import write_model
 
-    config = SDXL if cfg == "sdxl" else "flux-dev:tiny"
+    config = {"sd15": shrink(PRESETS["sd15"], 0.05, 0.1), "sdxl": SDXL, "flux": "flux-dev:tiny"}[cfg]
     folder = write_model(tmp_path / "folder", config, layout="diffusers", dtype=torch.float32, seed=3)
     single = write_model(tmp_path / "single.safetensors", config, layout="single-file", dtype=torch.float32,
                          seed=3)
