@@ -431,7 +431,7 @@ def test_cli_transfer_and_similarity_qwen_image_to_edit(qwen, tmp_path, capsys):
 def test_old_diffusers_output_is_refused(qwen, tmp_path):
     from prolora.cli import main
 
-    with pytest.raises(ModelError, match="no Qwen-Image layout"):
+    with pytest.raises(ModelError, match="old diffusers LoRA format exists for UNet models only"):
         prolora.transfer(qwen["source"], qwen["edit"], qwen["loras"]["peft"], tmp_path / "o.safetensors",
                          format="diffusers-old", cache=False)
     assert main(["transfer", str(qwen["source"]), str(qwen["edit"]), str(qwen["loras"]["peft"]), "-o",

@@ -56,11 +56,16 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _out_spelling(in_format: str, out_format: str, in_spelling: str, target: BaseModel) -> str:
-    if out_format == in_format:
-        return in_spelling
-    return {"kohya": target.kohya_spelling, "peft": "peft", "diffusers-old": "peft",
+def format_spelling(out_format: str, model: BaseModel) -> str:
+    """The module-name spelling a LoRA file of `out_format` uses for `model`; raises ModelError
+    for a format that has no layout for the model's family."""
+    check_format(out_format, model)
+    return {"kohya": model.kohya_spelling, "peft": "peft", "diffusers-old": "peft",
             "comfy": "comfy", "xlabs": "xlabs"}[out_format]
+
+
+def _out_spelling(in_format: str, out_format: str, in_spelling: str, target: BaseModel) -> str:
+    return in_spelling if out_format == in_format else format_spelling(out_format, target)
 
 
 # ----------------------------------------------------------------------------- fused-layer hooks
@@ -87,28 +92,35 @@ def _resolve(source: BaseModel, key: str, lm: LoraModule,
     return [(s.module, fused.spelling, split_module(lm, s.rows)) for s in fused.slices]
 
 
-def _out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None, str | None]:
-    """(output key, None), or (None, why the output format has no name for the module)."""
+def out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None, str | None]:
+    """(output key, None), or (None, why the output format has no name for the module): a slice
+    of a fused weight that the format fuses with others gets a part key (formats.parts)."""
     why = target.unspellable(module, spelling)
     if why is not None:
         return None, why
     fused = target.spell_fused(module, spelling)
-    if fused is None:
+    if fused is not None:
+        key, total, rows = fused
+        return part_key(key, rows, total), None
+    try:
         return target.spell(module, spelling), None
-    key, total, rows = fused
-    return part_key(key, rows, total), None
+    except ModelError as e:
+        return None, str(e)
 
 
-def _check_format(out_format: str, target: BaseModel) -> None:
+# the old diffusers format (attention-processor names) exists for the UNet families only
+OLD_DIFFUSERS_FAMILIES = ("sd1", "sd2") + SDXL_KIN
+
+
+def check_format(out_format: str, target: BaseModel) -> None:
+    """Raise ModelError if `out_format` has no layout for the target's family."""
     if out_format == "xlabs" and target.family != "flux":
         raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}: "
                          "write kohya, comfy or peft (--format)")
-    if out_format == "diffusers-old" and target.family in ("flux", "chroma"):
-        raise ModelError("the old diffusers LoRA format has no Flux layout; choose peft, kohya, comfy or xlabs")
-    if out_format == "diffusers-old" and target.family in ("wan", "wan-ti2v"):
-        raise ModelError("the old diffusers LoRA format has no Wan layout; choose peft, kohya or comfy")
-    if out_format == "diffusers-old" and target.family == "qwen-image":
-        raise ModelError("the old diffusers LoRA format has no Qwen-Image layout; choose peft, kohya or comfy")
+    if out_format == "diffusers-old" and target.family not in OLD_DIFFUSERS_FAMILIES:
+        extra = ", comfy or xlabs" if target.family == "flux" else " or comfy"
+        raise ModelError(f"the old diffusers LoRA format exists for UNet models only; {target.name} is "
+                         f"{target.family}: choose peft, kohya{extra} (--format)")
 
 
 def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseModel) -> None:
@@ -152,7 +164,7 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     the block was removed in the target). A target weight of another shape is skipped, or with
     widths="lstsq" given a job for LoRA-X's least-squares map (same kernel size only)."""
     out_format = out_format or lora.format
-    _check_format(out_format, target)
+    check_format(out_format, target)
     warnings: list[str] = []
     check_families(source, target, widths)
     if source.family != target.family and "unknown" not in (source.family, target.family):
@@ -204,10 +216,10 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
                 hint = "; --widths lstsq maps it by LoRA-X's least-squares map" if same_kernel else ""
                 skipped.append(Skip(key, module, shape, f"target weight has shape {tw.shape}{hint}"))
                 continue
-            out_key, why = _out_key(target, tmodule, _out_spelling(lora.format, out_format, spelling, target))
-            if out_key is None:
+            key_out, why = out_key(target, tmodule, _out_spelling(lora.format, out_format, spelling, target))
+            if key_out is None:
                 skipped.append(Skip(key, module, shape, f"{out_format} output: {why}"))
                 continue
-            jobs.append(LayerJob(key, module, tmodule, out_key, shape, lm,
+            jobs.append(LayerJob(key, module, tmodule, key_out, shape, lm,
                                  tuple(tw.shape) if tw.shape != shape else None))
     return Plan(jobs, skipped, out_format, warnings)

@@ -49,7 +49,7 @@ from ..ops.registry import Problem
 from ..ops.svd import truncated_svd
 from ..ops.svd_randomized import NAME as RANDOMIZED, check as randomized_check
 from .factors import uniform_alpha
-from .naming import output_key, spelling_for
+from ..plan import format_spelling, out_key
 
 MAIN_COMPONENTS = ("unet", "transformer")
 # text-encoder layers extracted with --text-encoders: CLIP attention and MLP linears, what kohya's
@@ -200,7 +200,7 @@ def _is_big_conv(shape: tuple[int, ...]) -> bool:
 def select_layers(base: BaseModel, opts: ExtractOptions) -> list[_Layer]:
     """The layers of `base` the options ask for, in model order, each with its output key."""
     pattern = re.compile(opts.layers) if opts.layers else None
-    spelling = spelling_for(opts.format, base)
+    spelling = format_spelling(opts.format, base)
     out: list[_Layer] = []
     for module, ref in base.weights.items():
         component = module.partition(".")[0]
@@ -215,7 +215,7 @@ def select_layers(base: BaseModel, opts: ExtractOptions) -> list[_Layer]:
         if big_conv and opts.conv_rank is None:
             layer.skip, layer.reason = "conv-skipped", "3x3 conv: pass --conv-rank N to extract it"
         else:
-            key, why = output_key(base, module, spelling)
+            key, why = out_key(base, module, spelling)
             layer.key = key
             if key is None:
                 layer.skip, layer.reason = "unspellable", why or ""

@@ -29,7 +29,7 @@ from ..formats import read_lora, write_lora
 from ..formats.parts import canonical_modules
 from ..lora import FORMATS, LoraFile, LoraModule
 from .factors import factor_svd, retained, split_factors, uniform_alpha
-from .naming import output_key, spelling_for
+from ..plan import format_spelling, out_key
 
 
 @dataclass
@@ -142,9 +142,9 @@ def merge(loras: list[str | os.PathLike | LoraFile], output: str | os.PathLike, 
                                             f"does not have, e.g. '{unknown[0]}'; is the LoRA for another model?")
                 for module, m in canon.items():
                     groups.setdefault(module, []).append((i, ratios[i], m))
-            spelling = spelling_for(fmt, model)
+            spelling = format_spelling(fmt, model)
             for module in list(groups):
-                key, why = output_key(model, module, spelling)
+                key, why = out_key(model, module, spelling)
                 if key is None:
                     skipped[module] = why
                     del groups[module]
