@@ -12,6 +12,14 @@ pipeline are not part of the target. The transferred LoRA goes to the pipeline's
 `load_lora_weights` as a state dict, so multiple LoRAs, `set_adapters`, `fuse_lora` and
 `delete_adapters` work as for any LoRA. If anything fails, the pipeline is left with the adapters
 it had.
+
+Pipelines: Stable Diffusion 1.5 / SDXL (UNet and CLIP text encoders), Flux and Chroma (transformer
+and text encoders), Qwen-Image / Qwen-Image-Edit and Wan (their transformers). A Wan 2.2 A14B
+pipeline holds two experts, `transformer` (high noise) and `transformer_2` (low noise): the LoRA
+is transferred onto each expert, as `prolora transfer` does onto such a folder (experts.py), and
+each result is loaded into its expert under the one adapter name (the low-noise one with
+diffusers' `load_into_transformer_2=True`); load_lora then returns {"high_noise": report,
+"low_noise": report}.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from .api import transfer
 from .checkpoints import BaseModel
 from .checkpoints.flux import T5, FluxModel
 from .checkpoints.memory import in_memory_model
+from .checkpoints.qwen import QwenModel
+from .checkpoints.wan import EXPERTS, WanModel
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
 from .formats import peft
 from .formats.detect import FORMAT_MODULES
@@ -88,16 +98,25 @@ def diffusers_state_dict(lora: LoraFile, alpha_keys: bool) -> dict[str, torch.Te
     return FORMAT_MODULES[lora.format].to_tensors(replace(lora, modules=folded), "<transferred LoRA>")
 
 
-def _components(report: Report, target: BaseModel) -> set[str]:
-    """The pipeline components the transferred modules adapt."""
+def _components(report: Report, target: BaseModel, expert: str | None = None) -> set[str]:
+    """The pipeline components the transferred modules adapt (`expert`: the pipeline component of
+    the expert the target is, whose weights are named `transformer.*` as any Wan model's)."""
     out = set()
     for r in report.layers:
         if r.transferred and r.module:
             comp = r.module.partition(".")[0]
             if comp == T5 and getattr(target, "t5_component", T5) != T5:
                 comp = target.t5_component
-            out.add(comp)
+            out.add(expert or comp)
     return out
+
+
+def _experts(pipe: Any) -> dict[str, str] | None:
+    """{expert label: pipeline component} for a pipeline holding both Wan 2.2 A14B experts, else None."""
+    comps = getattr(pipe, "components", {})
+    if all(isinstance(comps.get(c), torch.nn.Module) for c in EXPERTS.values()):
+        return dict(EXPERTS)
+    return None
 
 
 def _device(target: BaseModel) -> str:
@@ -111,7 +130,7 @@ def _device(target: BaseModel) -> str:
 
 
 def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor], source: PathLike | BaseModel,
-              adapter_name: str | None = None, **options: Any) -> Report:
+              adapter_name: str | None = None, **options: Any) -> Report | dict[str, Report]:
     """Transfer `lora` (trained on `source`) onto the pipeline's own models and load it there.
 
     `lora`: a LoRA file, a loaded LoraFile, or a state dict as a LoRA file holds it (any format
@@ -121,38 +140,38 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
     the diffusers adapter name (default: the first free `default_N`). `options`: TransferOptions
     fields (method, tau, subspace, device, cache_dir, ...); the device defaults to where the
     pipeline's weights are, and the format handed to diffusers to one it applies exactly from a
-    state dict (kohya for UNet pipelines, PEFT with alpha entries for Flux-family ones).
+    state dict (kohya for UNet pipelines, PEFT with alpha entries for Flux-family ones, PEFT with
+    the scale folded into up for Qwen-Image and Wan, whose loaders take no alphas from a state dict).
 
-    Returns the transfer report (`report.info["adapter_name"]` names the adapter). Raises
+    Returns the transfer report (`report.info["adapter_name"]` names the adapter); for a Wan 2.2
+    pipeline with both experts, {"high_noise": report, "low_noise": report}, one transfer per
+    expert (`report.info["expert"]` names it), both loaded under the same adapter name. Raises
     prolora's one-line errors (ProloraError); on any failure the pipeline keeps exactly the
-    adapters it had.
+    adapters it had, on every expert.
     """
     if not hasattr(pipe, "load_lora_weights") or not hasattr(pipe, "get_list_adapters"):
         raise ModelError(f"{type(pipe).__name__}: not a diffusers pipeline that loads LoRAs (no load_lora_weights)")
     if "output" in options:
         raise OptionError("load_lora writes no file; use prolora.transfer(..., output=...) for that")
     name = _adapter_name(pipe, adapter_name)
-    target = in_memory_model(pipe)
-    options.setdefault("device", _device(target))
-    # the format diffusers applies exactly from a state dict: kohya (alphas as tensors) for UNet
-    # pipelines; PEFT with alpha entries for Flux-family ones (diffusers folds kohya Flux alphas
-    # into fp16 factors)
-    flux = isinstance(target, FluxModel)
-    options.setdefault("format", "peft" if flux else "kohya")
-    result = transfer(source, target, _lora(lora), **options)
-    if result.lora is None or not result.lora.modules:
-        why = ", ".join(f"{n} {reason}" for reason, n in result.report.summary()["skipped_by_reason"].items())
-        raise LoraMismatchError(f"no layer of the LoRA was transferred onto {target.name} (skipped: {why or 'none'}); "
-                                "nothing loaded")
-    state = diffusers_state_dict(result.lora, alpha_keys=flux)
+    experts = _experts(pipe)
+    lora = _lora(lora)
+    # every transfer runs before the pipeline is touched: (expert label, its component, target, result, state)
+    loads = []
+    for label, comp in (experts or {None: None}).items():
+        target = in_memory_model(getattr(pipe, comp) if comp else pipe)
+        result, state = _transferred(source, target, lora, dict(options), label)
+        loads.append((label, comp, target, result, state))
     before = _adapters(pipe)
     try:
-        pipe.load_lora_weights(state, adapter_name=name)
-        after = _adapters(pipe)
-        missed = sorted(c for c in _components(result.report, target) if name not in after.get(c, set()))
-        if missed:
-            raise LoraMismatchError(f"{type(pipe).__name__}: diffusers loaded no module of the transferred LoRA "
-                                    f"into {', '.join(missed)}; nothing loaded")
+        for label, comp, target, result, state in loads:
+            kw = {"load_into_transformer_2": True} if comp == EXPERTS["low_noise"] else {}
+            pipe.load_lora_weights(state, adapter_name=name, **kw)
+            after = _adapters(pipe)
+            missed = sorted(c for c in _components(result.report, target, comp) if name not in after.get(c, set()))
+            if missed:
+                raise LoraMismatchError(f"{type(pipe).__name__}: diffusers loaded no module of the transferred LoRA "
+                                        f"into {', '.join(missed)}; nothing loaded")
     except BaseException as e:
         if name in _all_adapters(pipe) - set().union(*before.values()):
             pipe.delete_adapters(name)
@@ -160,5 +179,29 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
             raise
         raise LoraMismatchError(f"{type(pipe).__name__}: diffusers could not load the transferred LoRA: "
                                 f"{type(e).__name__}: {e}") from None
-    result.report.info["adapter_name"] = name
-    return result.report
+    for label, _, _, result, _ in loads:
+        result.report.info["adapter_name"] = name
+        if label:
+            result.report.info["expert"] = label
+    if experts:
+        return {label: result.report for label, _, _, result, _ in loads}
+    return loads[0][3].report
+
+
+def _transferred(source: PathLike | BaseModel, target: BaseModel, lora: PathLike | LoraFile, options: dict,
+                 expert: str | None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The transfer onto `target` and its output as the state dict the pipeline's loader takes;
+    a LoRA of which nothing transferred is refused (`expert`: named in the message)."""
+    options.setdefault("device", _device(target))
+    # the format diffusers applies exactly from a state dict: kohya (alphas as tensors) for UNet
+    # pipelines; PEFT with alpha entries for Flux-family ones (diffusers folds kohya Flux alphas
+    # into fp16 factors); PEFT, scale folded, for the others
+    flux = isinstance(target, FluxModel)
+    options.setdefault("format", "peft" if isinstance(target, (FluxModel, QwenModel, WanModel)) else "kohya")
+    result = transfer(source, target, lora, **options)
+    if result.lora is None or not result.lora.modules:
+        why = ", ".join(f"{n} {reason}" for reason, n in result.report.summary()["skipped_by_reason"].items())
+        onto = f"the {expert.replace('_', '-')} expert of {target.name}" if expert else target.name
+        raise LoraMismatchError(f"no layer of the LoRA was transferred onto {onto} (skipped: {why or 'none'}); "
+                                "nothing loaded")
+    return result, diffusers_state_dict(result.lora, alpha_keys=flux)

@@ -1,13 +1,17 @@
 """Base models held in memory: a diffusers pipeline, one of its models (UNet2DConditionModel,
-FluxTransformer2DModel, ChromaTransformer2DModel, a CLIP or T5 text encoder), or a plain state dict
-with its model's config.
+FluxTransformer2DModel, ChromaTransformer2DModel, QwenImageTransformer2DModel,
+WanTransformer3DModel, a CLIP or T5 text encoder), or a plain state dict with its model's config.
 
-They are read through the same key maps as files (checkpoints.build, checkpoints.flux): each
-module's state-dict names and shapes take the place of a safetensors header, so the canonical ids,
-LDM/SGM names, BFL places and the family come out as they do for the same weights on disk, and so
-does the content identity (BaseModel.identity) that keys the basis cache. The weights are the
+They are read through the same key maps as files (checkpoints.build, checkpoints.flux,
+checkpoints.qwen, checkpoints.wan): each module's state-dict names and shapes take the place of a
+safetensors header, so the canonical ids, LDM/SGM names, BFL places, original Wan names and the
+family come out as they do for the same weights on disk, and so does the content identity (BaseModel.identity) that keys the basis cache. The weights are the
 modules' own tensors (detached views: no copy, on whatever device and in whatever dtype they live);
-a pipeline's folder is never read.
+a pipeline's folder is never read. A Wan 2.2 A14B pipeline (transformer and transformer_2) is
+read as its folder is, both experts in one model; each expert module by itself is an ordinary Wan
+model (what a transfer onto one expert takes: prolora.diffusers.load_lora does one per expert).
+Qwen-Image and Wan pipelines are read as their transformers only, as their folders are (their
+text encoders, Qwen2.5-VL and UMT5, are no LoRA targets prolora transfers).
 
 A PEFT adapter loaded on a module (diffusers' `load_lora_weights`) wraps each adapted layer:
 `to_q.weight` becomes `to_q.base_layer.weight` next to `to_q.lora_A.<adapter>.weight`. The base
@@ -28,12 +32,15 @@ from .build import Component, Tensors, assemble, clip_from_transformers, t5_from
 from .flux import COMPONENT as FLUX_COMPONENT
 from .flux import T5, FluxModel, _family, _order, transformer_from_diffusers
 from .model import BaseModel, TensorSource
+from . import qwen, wan
 
 LAYOUT = "memory"
 # parameters PEFT adds to an adapted layer (the adapter itself, not the base model)
 _ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 _UNET_CLASSES = ("UNet2DConditionModel",)
 _FLUX_CLASSES = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
+_QWEN_CLASSES = (qwen.CLASS,)
+_WAN_CLASSES = ("WanTransformer3DModel",)
 
 
 class ModuleTensors(TensorSource):
@@ -113,13 +120,19 @@ def _config_dict(config: Any) -> dict:
     raise ModelError(f"a model config must be a dict or a transformers config, not {type(config).__name__}")
 
 
-def _kind(config: dict, class_name: str = "") -> str:
-    """"unet", "flux", "clip" or "t5" from a diffusers / transformers config (and class name)."""
+def _kind(config: dict, class_name: str = "", keys=()) -> str:
+    """"unet", "flux", "qwen", "wan", "clip" or "t5" from a diffusers / transformers config (and
+    class name); Qwen-Image and Wan transformers also from their state-dict names (`keys`), by
+    the tests their file readers use (a diffusers config has no name of its class)."""
     name = class_name or str(config.get("_class_name", ""))
     if name in _UNET_CLASSES or "down_block_types" in config:
         return "unet"
     if name in _FLUX_CLASSES or "num_single_layers" in config:
         return "flux"
+    if name in _QWEN_CLASSES or qwen.is_qwen_keys(keys) == "":
+        return "qwen"
+    if name in _WAN_CLASSES or wan.wan_prefix(keys) == ("", False):
+        return "wan"
     model_type = str(config.get("model_type", ""))
     arch = " ".join(config.get("architectures") or [])
     if model_type.startswith("clip") or "CLIP" in name or "CLIP" in arch:
@@ -127,12 +140,17 @@ def _kind(config: dict, class_name: str = "") -> str:
     if model_type in ("t5", "umt5") or "T5" in name or "T5" in arch:
         return "t5"
     raise ModelError(f"{name or 'model'}: not a model prolora reads in memory (UNet2DConditionModel, "
-                     "FluxTransformer2DModel, ChromaTransformer2DModel, CLIP or T5 text encoders)")
+                     "FluxTransformer2DModel, ChromaTransformer2DModel, QwenImageTransformer2DModel, "
+                     "WanTransformer3DModel, CLIP or T5 text encoders)")
+
+
+def _module_config(module: torch.nn.Module) -> dict:
+    config = getattr(module, "config", None)
+    return _config_dict(config) if config is not None else {}
 
 
 def _module_kind(module: torch.nn.Module) -> str:
-    config = getattr(module, "config", None)
-    return _kind(_config_dict(config) if config is not None else {}, type(module).__name__)
+    return _kind(_module_config(module), type(module).__name__, [n for n, _ in module.named_parameters()])
 
 
 class _Parts:
@@ -180,6 +198,30 @@ def _flux_model(parts: _Parts, name: str, transformer: dict[str, torch.Tensor],
     return model
 
 
+def _qwen_model(parts: _Parts, name: str, transformer: dict[str, torch.Tensor], config: dict,
+                pipeline: str = "") -> qwen.QwenModel:
+    """A Qwen-Image transformer through the folder reader's key map; `pipeline`: the pipeline's
+    class name, which tells the variant as model_index.json does."""
+    weights, facts, variant = qwen.transformer_from_diffusers(parts.tensors(qwen.COMPONENT, transformer),
+                                                              parts.where / qwen.COMPONENT, config, pipeline)
+    model = qwen.QwenModel(path=parts.where, name=name, layout=LAYOUT, family=qwen.FAMILY, weights=weights, files={},
+                           headers={}, ldm_names={}, facts=facts, variant=variant)
+    model.resident.update(parts.sources)
+    return model
+
+
+def _wan_model(parts: _Parts, name: str, experts: dict[str, dict[str, torch.Tensor]],
+               boundary_ratio: float | None = None) -> wan.WanModel:
+    """One Wan transformer, or both Wan 2.2 experts by component ("transformer",
+    "transformer_2"), through the folder reader's key map."""
+    weights, original, facts = wan.transformers_from_diffusers(
+        {c: parts.tensors(c, tensors) for c, tensors in experts.items()}, parts.where, boundary_ratio)
+    model = wan.WanModel(path=parts.where, name=name, layout=LAYOUT, family=wan._family(facts), weights=weights,
+                         files={}, headers={}, ldm_names={}, original=original, facts=facts)
+    model.resident.update(parts.sources)
+    return model
+
+
 def _name_of(obj: Any) -> str:
     """The name a report gives the model: its folder's name when it came from one, like the file
     readers, else its class."""
@@ -208,17 +250,31 @@ def _from_pipeline(pipe: Any) -> BaseModel:
     if kind == "flux":
         return _flux_model(parts, name, module_tensors(denoiser),
                            {r: (_module_kind(e), module_tensors(e)) for r, e in encoders.items()})
-    raise ModelError(f"{type(pipe).__name__}: its denoiser {type(denoiser).__name__} is no UNet or Flux transformer")
+    if kind == "qwen":
+        return _qwen_model(parts, name, module_tensors(denoiser), _module_config(denoiser), type(pipe).__name__)
+    if kind == "wan":
+        experts = {c: comps[c] for c in wan.EXPERTS.values() if c in comps}
+        for c, m in experts.items():
+            if _module_kind(m) != "wan":
+                raise ModelError(f"{type(pipe).__name__}: {c} is a {type(m).__name__}, not a WanTransformer3DModel")
+        return _wan_model(parts, name, {c: module_tensors(m) for c, m in experts.items()},
+                          getattr(pipe, "config", {}).get("boundary_ratio") if len(experts) == 2 else None)
+    raise ModelError(f"{type(pipe).__name__}: its denoiser {type(denoiser).__name__} is no model prolora reads")
 
 
-def _single(kind: str, tensors: dict[str, torch.Tensor], name: str) -> BaseModel:
-    """One model by itself: a UNet, a Flux transformer or a text encoder (its canonical component
-    as in a pipeline: text_encoder_2 for CLIP with projection and for T5)."""
+def _single(kind: str, tensors: dict[str, torch.Tensor], name: str, config: dict | None = None) -> BaseModel:
+    """One model by itself: a UNet, a Flux / Qwen-Image / Wan transformer (`config`: its config,
+    whose flags tell a Qwen-Image Layered model) or a text encoder (its canonical component as in
+    a pipeline: text_encoder_2 for CLIP with projection and for T5)."""
     parts = _Parts(Path(f"<{name} in memory>"))
     if kind == "unet":
         return _unet_model(parts, name, tensors, {})
     if kind == "flux":
         return _flux_model(parts, name, tensors, {})
+    if kind == "qwen":
+        return _qwen_model(parts, name, tensors, config or {})
+    if kind == "wan":
+        return _wan_model(parts, name, {wan.COMPONENT: tensors})
     if kind == "clip":
         role = "text_encoder_2" if "text_projection.weight" in tensors else "text_encoder"
         comp = clip_from_transformers(parts.tensors(role, tensors), role)
@@ -239,20 +295,24 @@ def is_in_memory(obj: Any) -> bool:
 def in_memory_model(obj: Any, name: str | None = None) -> BaseModel:
     """A BaseModel over weights held in memory (see module doc).
 
-    `obj`: a diffusers pipeline (its unet or transformer and its text encoders), one model
-    (UNet2DConditionModel, FluxTransformer2DModel, ChromaTransformer2DModel, CLIPTextModel[WithProjection],
-    T5EncoderModel), or `(state_dict, config)`: a model's state dict under its diffusers /
-    transformers names with that model's config (a dict such as `unet.config`, or a transformers
-    config), e.g. weights a training script holds. `name` overrides the name reports give it.
+    `obj`: a diffusers pipeline (its unet or transformer(s) and, for UNet and Flux-family
+    pipelines, its text encoders), one model (UNet2DConditionModel, FluxTransformer2DModel,
+    ChromaTransformer2DModel, QwenImageTransformer2DModel, WanTransformer3DModel,
+    CLIPTextModel[WithProjection], T5EncoderModel), or `(state_dict, config)`: a model's state
+    dict under its diffusers / transformers names with that model's config (a dict such as
+    `unet.config`, or a transformers config), e.g. weights a training script holds. `name`
+    overrides the name reports give it.
     """
     if hasattr(obj, "components") and not isinstance(obj, torch.nn.Module):
         model = _from_pipeline(obj)
     elif isinstance(obj, torch.nn.Module):
-        model = _single(_module_kind(obj), module_tensors(obj), name or _name_of(obj))
+        model = _single(_module_kind(obj), module_tensors(obj), name or _name_of(obj), _module_config(obj))
     elif is_in_memory(obj):
         state, config = obj
         cfg = _config_dict(config)
-        model = _single(_kind(cfg), base_weights(state), name or str(cfg.get("_class_name") or "state dict"))
+        tensors = base_weights(state)
+        model = _single(_kind(cfg, keys=tensors), tensors, name or str(cfg.get("_class_name") or "state dict"),
+                        cfg)
     else:
         raise ModelError(f"a {type(obj).__name__} is no base model: pass a path, a diffusers pipeline, a model "
                          "module or (state_dict, config)")

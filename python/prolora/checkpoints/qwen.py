@@ -254,6 +254,27 @@ def is_qwen_folder(path: Path) -> bool:
     return CLASS in (_class_name(path / "transformer" / "config.json"), _class_name(path / "config.json"))
 
 
+def transformer_from_diffusers(tensors: dict[str, tuple[Path, TensorInfo]], where: object, config: dict | None = None,
+                               pipeline: str = "") -> tuple[dict[str, WeightRef], dict, str]:
+    """A transformer stored under diffusers QwenImageTransformer2DModel names (a transformer/
+    folder, or a module's state dict held in memory): its LoRA-able weights, the structure facts
+    and the variant, told by the pipeline class (`pipeline`, as model_index.json names it) or else
+    by the config's Layered flags (`config`: the transformer's config.json / module config)."""
+    weights = _weights(tensors, "")
+    _check_whole(weights, where)
+    facts = _facts(weights)
+    config = config or {}
+    flags = {k: config[k] for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if config.get(k)}
+    if flags:
+        facts["config_flags"] = flags  # change no weight shape
+    if pipeline:
+        facts["pipeline"] = pipeline
+    variant = PIPELINES.get(pipeline, "unknown")
+    if variant == "unknown" and (flags.get("use_additional_t_cond") or flags.get("use_layer3d_rope")):
+        variant = "layered"
+    return weights, facts, variant
+
+
 def open_qwen_folder(path: Path) -> QwenModel:
     """A pipeline folder with transformer/ (sharded or not), or the bare transformer folder. The
     text encoder (Qwen2.5-VL) and the VAE are not read."""
@@ -262,22 +283,13 @@ def open_qwen_folder(path: Path) -> QwenModel:
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
     folder = path / COMPONENT if (path / COMPONENT).is_dir() else path
-    weights = _weights(read_component(folder, path, files, headers), "")
-    _check_whole(weights, folder)
-    facts = _facts(weights)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    flags = {k: config[k] for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if config.get(k)}
-    if flags:
-        facts["config_flags"] = flags  # change no weight shape
     pipeline = _class_name(path / "model_index.json") if folder != path else ""
-    if pipeline:
-        facts["pipeline"] = pipeline
-    variant = PIPELINES.get(pipeline, "unknown")
-    if variant == "unknown" and (flags.get("use_additional_t_cond") or flags.get("use_layer3d_rope")):
-        variant = "layered"
+    weights, facts, variant = transformer_from_diffusers(read_component(folder, path, files, headers), folder,
+                                                         config, pipeline)
     if folder != path and (path / "text_encoder").is_dir():
         facts["text_encoder"] = "Qwen2.5-VL, not read (not a LoRA target of the Qwen-Image trainers)"
     return QwenModel(path=path, name=path.name, layout="diffusers", family=FAMILY, weights=weights, files=files,

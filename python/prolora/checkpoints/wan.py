@@ -370,6 +370,35 @@ def expert_targets(path) -> dict[str, Path] | None:
     return None
 
 
+def transformers_from_diffusers(parts: dict[str, dict[str, tuple[Path, TensorInfo]]], where: object,
+                                boundary_ratio: float | None = None
+                                ) -> tuple[dict[str, WeightRef], dict[str, str], dict]:
+    """One or both experts stored under diffusers WanTransformer3DModel names (component folders,
+    or modules' state dicts held in memory), `parts`: component ("transformer", "transformer_2")
+    -> its tensors. Returns the weights (`<component>.<diffusers path>`), their original Wan names
+    and the structure facts; two experts must share one layout and are named in facts["experts"]."""
+    weights: dict[str, WeightRef] = {}
+    original: dict[str, str] = {}
+    per: dict[str, dict] = {}
+    for component, tensors in parts.items():
+        names = {k: k for k in tensors}
+        _check_whole(names, f"{where}/{component}" if len(parts) > 1 else str(where))
+        w, o = _weights(tensors, names, component)
+        weights.update(w)
+        original.update(o)
+        shapes = {k: tuple(info.shape) for k, (_, info) in tensors.items()}
+        per[component] = _structure(shapes, shapes.get("patch_embedding.weight"))
+    facts = dict(per[next(iter(parts))])
+    if len(parts) == 2:
+        if per["transformer"] != per["transformer_2"]:
+            raise ModelError(f"{where}: transformer and transformer_2 differ in layout ({per['transformer']} vs "
+                             f"{per['transformer_2']}); Wan 2.2 A14B experts share one")
+        facts["experts"] = dict(EXPERTS)
+        if boundary_ratio is not None:
+            facts["boundary_ratio"] = boundary_ratio
+    return _order(weights), original, facts
+
+
 def open_wan_folder(path: Path) -> WanModel:
     """A diffusers folder: a bare transformer folder, a pipeline with transformer/ (Wan 2.1), or a
     Wan 2.2 A14B pipeline with both experts (transformer/ high-noise, transformer_2/ low-noise:
@@ -385,30 +414,15 @@ def open_wan_folder(path: Path) -> WanModel:
         parts = {c: path / c for c in EXPERTS.values() if _class_name(path / c) == "WanTransformer3DModel"}
     if not parts:
         raise ModelError(f"{path}: no WanTransformer3DModel in config.json, transformer/ or transformer_2/")
-    weights: dict[str, WeightRef] = {}
-    original: dict[str, str] = {}
-    per: dict[str, dict] = {}
-    for component, folder in parts.items():
-        tensors = read_component(folder, path, files, headers)
-        names = {k: k for k in tensors}
-        _check_whole(names, str(folder))
-        w, o = _weights(tensors, names, component)
-        weights.update(w)
-        original.update(o)
-        shapes = {k: tuple(info.shape) for k, (_, info) in tensors.items()}
-        per[component] = _structure(shapes, shapes.get("patch_embedding.weight"))
-    first = per[next(iter(parts))]
-    facts = dict(first)
+    boundary = None
     if len(parts) == 2:
-        if per["transformer"] != per["transformer_2"]:
-            raise ModelError(f"{path}: transformer/ and transformer_2/ differ in layout ({per['transformer']} vs "
-                             f"{per['transformer_2']}); Wan 2.2 A14B experts share one")
-        facts["experts"] = dict(EXPERTS)
         try:
-            facts["boundary_ratio"] = json.loads((path / "model_index.json").read_text()).get("boundary_ratio")
+            boundary = json.loads((path / "model_index.json").read_text()).get("boundary_ratio")
         except (OSError, ValueError):
             pass
-    return WanModel(path=path, name=path.name, layout="diffusers", family=_family(facts), weights=_order(weights),
+    weights, original, facts = transformers_from_diffusers(
+        {c: read_component(folder, path, files, headers) for c, folder in parts.items()}, path, boundary)
+    return WanModel(path=path, name=path.name, layout="diffusers", family=_family(facts), weights=weights,
                     files=files, headers=headers, ldm_names={}, original=original, facts=facts)
 
 
@@ -422,6 +436,10 @@ def pair_refusal(source: BaseModel, target: BaseModel, widths: str = "refuse") -
     if not (isinstance(source, WanModel) or isinstance(target, WanModel)):
         return None
     for role, m in (("source", source), ("target", target)):
+        if isinstance(m, WanModel) and m.experts and m.layout == "memory":
+            return (f"{role} {m.name} is a pipeline holding both Wan 2.2 experts; pass one (pipe.transformer is the "
+                    "high-noise, pipe.transformer_2 the low-noise expert), or load the LoRA onto both with "
+                    "prolora.diffusers.load_lora(pipe, ...), which transfers it onto each expert")
         if isinstance(m, WanModel) and m.experts:
             return (f"{role} {m.path} holds both Wan 2.2 experts; name one ({m.path}/transformer is the high-noise, "
                     f"{m.path}/transformer_2 the low-noise expert), or transfer to the folder with "
