@@ -291,8 +291,10 @@ def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel | Any, l
 
     Options come as a TransferOptions or as its fields by keyword (method="prolora", tau=0.8...).
     `target` may also be held in memory: a diffusers pipeline, a UNet2DConditionModel /
-    FluxTransformer2DModel (or text encoder), or (state_dict, config); its weights are read from
-    the modules where they live (checkpoints.memory).
+    FluxTransformer2DModel / QwenImageTransformer2DModel / WanTransformer3DModel (or text
+    encoder), or (state_dict, config); its weights are read from the modules where they live
+    (checkpoints.memory). A Wan 2.2 pipeline holding both experts is no single target: pass one
+    expert, or use prolora.diffusers.load_lora, which transfers onto each.
     """
     opts = _options(options, option_kwargs)
     out_path = resolve_output(output, lora, [source, target, lora], overwrite) if output is not None else None
