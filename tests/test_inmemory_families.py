@@ -8,7 +8,8 @@ experts.transfer_experts, one output per expert), diffusers loads each output wi
 own `load_lora_weights` (`load_into_transformer_2=True` for the low-noise expert) and fuses it.
 `prolora.diffusers.load_lora` must fuse the same weights with the target's folder deleted once the
 pipeline is loaded, key the basis cache by the same identity (so the warm in-memory run reads no
-weight), and on bad input leave the pipeline as it was, on both experts.
+weight), and on bad input leave the pipeline as it was, on both experts. On a (fake) cuda Wan 2.2
+pipeline neither expert's weights come to the host.
 """
 from __future__ import annotations
 
@@ -227,3 +228,43 @@ def test_a_qwen_image_21_module_is_refused_in_one_line():
     with pytest.raises(ModelError, match="Qwen-Image-2.1") as e:
         in_memory_model((state, {}))
     _one_line(e)
+
+
+def _deltas(pipe, adapter: str) -> dict[str, torch.Tensor]:
+    """scale * B @ A of every layer of either expert the adapter adapts, on the host, in float64."""
+    return {f"{c}.{name}": layer.scaling[adapter] * (layer.lora_B[adapter].weight.detach().cpu().double()
+                                                     @ layer.lora_A[adapter].weight.detach().cpu().double())
+            for c in ("transformer", "transformer_2")
+            for name, layer in getattr(pipe, c).named_modules() if hasattr(layer, "lora_A") and adapter in layer.lora_A}
+
+
+def test_fake_cuda_wan22_experts_never_come_to_the_host(fam):
+    """A Wan 2.2 pipeline moved to (fake) cuda: both transfers run there by default and read each
+    expert where it is. Device-to-host bytes are exactly the finished factors of both experts plus
+    the identity's few sampled elements per weight; the adapters are the CPU run's."""
+    from prolora.checkpoints.model import sample_runs
+    from prolora.fake_cuda import FakeCuda
+
+    d = fam["wan22"]
+    on_cpu = wan_pipeline(d["target"])
+    prolora.diffusers.load_lora(on_cpu, d["lora"], source=d["source"], adapter_name="x", cache=False)
+    want = _deltas(on_cpu, "x")
+    pipe = wan_pipeline(d["target"])
+    model = in_memory_model(pipe)  # both experts: transformer.* and transformer_2.*
+    target_bytes = sum(r.numel for r in model.weights.values()) * 4
+    sampled = sum(n for ref in model.weights.values() for _, n in sample_runs(ref)) * 4
+    with FakeCuda() as fc:
+        pipe.to("cuda")
+        assert pipe.transformer_2.proj_out.weight.is_cuda and fc.ledger.d2h_bytes == 0
+        reports = prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="x", cache=False)
+        d2h = fc.ledger.d2h_bytes
+        got = _deltas(pipe, "x")
+    assert {r.info["device"] for r in reports.values()} == {"cuda"} and fc.ledger.host_compute == []
+    factors = 4 * sum(m.lora_A["x"].weight.numel() + m.lora_B["x"].weight.numel()
+                      for c in ("transformer", "transformer_2") for m in getattr(on_cpu, c).modules()
+                      if hasattr(m, "lora_A") and "x" in m.lora_A)
+    assert d2h == factors + sampled < target_bytes, (d2h, factors, sampled, target_bytes)
+    assert got.keys() == want.keys() and {k.partition(".")[0] for k in got} == {"transformer", "transformer_2"}
+    for k in want:
+        err = float((got[k] - want[k]).norm() / want[k].norm())
+        assert err < 1e-4, f"{k}: {err:.2e}"
