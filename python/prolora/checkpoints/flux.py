@@ -409,12 +409,7 @@ class FluxModel(BaseModel):
             return name
         raise ValueError(f"unknown spelling {spelling!r}")
 
-    def _alias_table(self) -> dict[str, tuple[str, str]]:
-        if self._aliases is not None:
-            return self._aliases
-        table: dict[str, tuple[str, str]] = {}
-        add = self._alias_adder(table)
-
+    def _add_aliases(self, add) -> None:
         others = {m: r for m, r in self.weights.items() if m.partition(".")[0] not in (COMPONENT, T5)}
         if others:  # text encoders: the UNet models' table over those weights only
             base = BaseModel(self.path, self.name, self.layout, self.family, others, self.files, self.headers, {},
@@ -440,8 +435,6 @@ class FluxModel(BaseModel):
             if xl is not None:
                 add(xl, module, "xlabs")
                 add("diffusion_model." + xl, module, "xlabs")
-        self._aliases = table
-        return table
 
     def _fused_tables(self) -> dict[str, FusedHit]:
         """Fused LoRA keys -> FusedHit, and (module, spelling) -> (key, rows, module's rows)."""

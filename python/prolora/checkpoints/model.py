@@ -163,11 +163,16 @@ class BaseModel:
         return add
 
     def _alias_table(self) -> dict[str, tuple[str, str]]:
-        if self._aliases is not None:
-            return self._aliases
-        table: dict[str, tuple[str, str]] = {}
-        add = self._alias_adder(table)
+        """{LoRA module key: (canonical module, spelling)}, built once by `_add_aliases`."""
+        if self._aliases is None:
+            table: dict[str, tuple[str, str]] = {}
+            self._add_aliases(self._alias_adder(table))
+            self._aliases = table
+        return self._aliases
 
+    def _add_aliases(self, add) -> None:
+        """Register every key a LoRA file may spell a module of this model with:
+        add(alias, module, spelling). Each family's reader overrides it."""
         for module in self.weights:
             component, _, path = module.partition(".")
             add(module, module, "peft")
@@ -187,8 +192,6 @@ class BaseModel:
             elif component == "text_encoder_2":
                 add("lora_te2_" + _flat(path), module, self.kohya_spelling)
                 add(f"text_encoders.clip_g.transformer.{path}", module, "comfy")
-        self._aliases = table
-        return table
 
     def resolve(self, lora_key: str) -> tuple[str, str] | None:
         """(canonical module id, spelling) for a LoRA module key as a file spells it, or None."""

@@ -162,19 +162,13 @@ class QwenModel(BaseModel):
             raise ModelError(f"{self.path}: '{module}' has no XLabs name (XLabs LoRAs exist for Flux only)")
         raise ValueError(f"unknown spelling {spelling!r}")
 
-    def _alias_table(self) -> dict[str, tuple[str, str]]:
-        if self._aliases is not None:
-            return self._aliases
-        table: dict[str, tuple[str, str]] = {}
-        add = self._alias_adder(table)
+    def _add_aliases(self, add) -> None:
         for module in self.weights:
             path = module.partition(".")[2]
             add(module, module, "peft")
             add(path, module, "peft")  # bare: read, and written back under `transformer.` (see the module doc)
             add("diffusion_model." + path, module, "comfy")
             add("lora_unet_" + _flat(path), module, "kohya-ldm")
-        self._aliases = table
-        return table
 
     def unspellable(self, module: str, spelling: str) -> str | None:
         if spelling == "xlabs":

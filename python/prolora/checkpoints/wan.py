@@ -180,11 +180,7 @@ class WanModel(BaseModel):
             return ("lora_unet_" + _flat(orig)) if spelling == "kohya-ldm" else "diffusion_model." + orig
         raise ValueError(f"unknown spelling {spelling!r}")
 
-    def _alias_table(self) -> dict[str, tuple[str, str]]:
-        if self._aliases is not None:
-            return self._aliases
-        table: dict[str, tuple[str, str]] = {}
-        add = self._alias_adder(table)
+    def _add_aliases(self, add) -> None:
         for module in self.weights:
             component, _, path = module.partition(".")
             if component != COMPONENT:  # the low-noise expert of a two-expert folder: no LoRA names
@@ -196,8 +192,6 @@ class WanModel(BaseModel):
             if orig is not None:
                 add("lora_unet_" + _flat(orig), module, "kohya-ldm")
                 add("diffusion_model." + orig, module, "comfy")
-        self._aliases = table
-        return table
 
     def unspellable(self, module: str, spelling: str) -> str | None:
         if spelling in ("kohya-ldm", "comfy") and (module not in self.original
