@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import BaseModel
+from ..agreement import compare_modules
 from ..errors import LoraMismatchError, OptionError
 from ..lora import LoraFile, LoraModule
 from .adapters import Adapter, place
 from .cond import (NEUTRAL_PROMPTS, Conditioner, contexts, default_resolution, default_tokens, has_encoders,
                    parse_cond, read_prompts, signature, tag_prompts)
 from .denoisers import build_denoiser, denoiser_component
-from .loop import Pair, RefineOptions, RefineStats, module_changes, train
+from .loop import Pair, RefineOptions, RefineStats, train
 
 PathLike = str | os.PathLike
 
@@ -93,10 +94,8 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
     refined = Adapter(t_model, transferred.modules, place_t, device, trainable=True)
     if getattr(t_model, "_supports_gradient_checkpointing", False):
         t_model.enable_gradient_checkpointing()
-    before = refined.factors()
     stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts)
     after = refined.factors()
-    stats.modules = module_changes(before, after)
     stats.settings = opts.describe(kind, tokens, resolution)
     modules: dict[str, LoraModule] = {}
     for key, m in transferred.modules.items():
@@ -104,6 +103,9 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
             down, up = after[key]
             m = LoraModule(key, down.to(m.down.dtype), up.to(m.up.dtype), m.alpha, m.bias)
         modules[key] = m
+    # each trained module's relative dW change, from the factors (prolora compare's figures)
+    changes = compare_modules({k: modules[k] for k in after}, {k: transferred.modules[k] for k in after})
+    stats.modules = {x.module: round(x.rel_error, 6) for x in changes.layers if x.rel_error is not None}
     meta = dict(transferred.metadata)
     meta["prolora.refine"] = json.dumps(stats.settings, sort_keys=True)
     meta["prolora.refine_error"] = f"{stats.error_before:.6g} -> {stats.error_after:.6g}"

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..checkpoints import BaseModel
 from ..errors import LoraMismatchError
+from ..formats.parts import _take
 from ..lora import LoraFile, LoraModule
 
 Rows = tuple[tuple[int, int], ...]
@@ -37,9 +38,8 @@ class Placement:
 
 
 def _rows(t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
-    if rows is None:
-        return t
-    return torch.cat([t[a:b] for a, b in rows]) if len(rows) > 1 else t[rows[0][0]:rows[0][1]]
+    """The rows `rows` of t (None: all), as formats.parts cuts a fused module's up."""
+    return t if rows is None else _take(t, rows)
 
 
 def place(lf: LoraFile, base: BaseModel, component: str, role: str) -> tuple[dict[str, list[Placement]], list[str]]:

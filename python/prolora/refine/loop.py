@@ -171,24 +171,3 @@ def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=No
     curve = [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 6) for i in range(0, len(losses), tenth)]
     return RefineStats(opts.steps, losses[0] if losses else 0.0, losses[-1] if losses else 0.0,
                        min(losses) if losses else 0.0, before, after, round(time.perf_counter() - t0, 3), curve)
-
-
-def _fro(up: torch.Tensor, down: torch.Tensor) -> float:
-    """||up @ down||_F from the factors: sqrt(trace((up^T up)(down down^T)))."""
-    return float(torch.sqrt(torch.clamp(torch.trace((up.T @ up) @ (down @ down.T)), min=0)))
-
-
-def module_changes(before: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                   after: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """||dW_after - dW_before|| / ||dW_before|| per module (same scale on both sides, so it
-    cancels), from the factors: no dense dW is formed."""
-    out = {}
-    for k, (d0, u0) in before.items():
-        d1, u1 = after[k]
-        r = d0.shape[0]
-        u0, u1 = u0.reshape(u0.shape[0], r).double(), u1.reshape(u1.shape[0], r).double()
-        d0, d1 = d0.reshape(r, -1).double(), d1.reshape(r, -1).double()
-        base = _fro(u0, d0)
-        diff = _fro(torch.cat([u1, -u0], 1), torch.cat([d1, d0], 0))
-        out[k] = round(diff / base, 6) if base > 0 else 0.0
-    return out
