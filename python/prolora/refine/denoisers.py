@@ -39,8 +39,14 @@ def model_dtype(base: BaseModel, component: str) -> torch.dtype:
 
 
 def denoiser_component(base: BaseModel) -> str:
-    """'unet' or 'transformer': which component of `base` the refinement trains against."""
-    return FLUX_COMPONENT if isinstance(base, FluxModel) else "unet"
+    """'unet' or 'transformer': which component of `base` the refinement trains against. Families
+    without a denoiser builder here (e.g. Qwen-Image, Wan) are refused by name."""
+    if isinstance(base, FluxModel) and base.family in ("flux", "chroma"):
+        return FLUX_COMPONENT
+    if not isinstance(base, FluxModel) and any(m.startswith("unet.") for m in base.weights):
+        return "unet"
+    raise ModelError(f"{base.path}: refinement supports SD-family UNets and Flux/Chroma transformers; "
+                     f"this is a {base.family} model")
 
 
 def build_denoiser(base: BaseModel, device: str = "cpu") -> torch.nn.Module:
