@@ -177,7 +177,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     if opts.refine is not None and modules:  # --refine: train the transferred factors on the target
         from .refine import refine_lora
 
-        out, stats = refine_lora(src, tgt, lf, out, opts.refine, opts.device)
+        out, stats = refine_lora(src, tgt, lf, out, opts.refine, opts.device, opts.max_gpu_memory)
         report.info["refine"] = stats.asdict()
     if task.output is not None:
         if not modules:

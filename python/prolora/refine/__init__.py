@@ -30,7 +30,7 @@ from ..lora import LoraFile, LoraModule
 from .adapters import Adapter, place
 from .cond import (NEUTRAL_PROMPTS, Conditioner, contexts, default_resolution, default_tokens, has_encoders,
                    parse_cond, read_prompts, signature, tag_prompts)
-from .denoisers import build_denoiser, denoiser_component
+from .denoisers import build_denoiser, denoiser_component, parameter_bytes
 from .loop import Pair, RefineOptions, RefineStats, train
 
 PathLike = str | os.PathLike
@@ -68,13 +68,14 @@ def _cond(opts: RefineOptions, lora: LoraFile, bases: tuple[BaseModel, BaseModel
 
 
 def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferred: LoraFile, opts: RefineOptions,
-                device: str = "cpu") -> tuple[LoraFile, RefineStats]:
+                device: str = "cpu", max_device_memory: int | None = None) -> tuple[LoraFile, RefineStats]:
     """Train `transferred`'s denoiser factors on `target` toward `lora`'s effect on `source`.
 
     Returns the refined LoraFile (the transferred one's format, keys, shapes, alphas and dtype,
     its metadata plus `prolora.refine*` provenance; text-encoder modules unchanged) and the stats.
     Raises LoraMismatchError when `lora` does not fit the source or `transferred` the target,
-    OptionError for a conditioning the models cannot give."""
+    OptionError for a conditioning the models cannot give, or when the two denoisers' weights
+    exceed `max_device_memory` on a GPU (`--max-gpu-memory`; activations come on top)."""
     comps = denoiser_component(source), denoiser_component(target)
     place_s, _ = place(lora, source, comps[0], "source")
     place_t, _ = place(transferred, target, comps[1], "target")
@@ -84,7 +85,13 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
         raise LoraMismatchError(f"{transferred.path or 'the transferred LoRA'}: no module on the target's {comps[1]}; "
                                 "nothing to refine")
     kind, prompts = _cond(opts, lora, (source, target))
-    s_model, t_model = build_denoiser(source, device), build_denoiser(target, device)
+    s_model, t_model = build_denoiser(source), build_denoiser(target)
+    if device != "cpu" and max_device_memory is not None:
+        need = parameter_bytes(s_model) + parameter_bytes(t_model)
+        if need > max_device_memory:
+            raise OptionError(f"refinement keeps both denoisers on {device}: {need / 2**30:.2f} GiB of weights, more "
+                              f"than --max-gpu-memory {max_device_memory / 2**30:.2f} GiB")
+    s_model, t_model = s_model.to(device), t_model.to(device)
     sig_s, sig_t = signature(s_model), signature(t_model)
     tokens = int(opts.tokens or default_tokens(sig_s))
     resolution = int(opts.resolution or default_resolution(s_model))
@@ -116,11 +123,13 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
 
 def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: PathLike | LoraFile,
            transferred: PathLike | LoraFile, output: PathLike | None = None, options: RefineOptions | None = None, *,
-           device: str = "cpu", overwrite: bool = False, **option_kwargs) -> RefineResult:
+           device: str = "cpu", max_gpu_memory: int | str | None = None, overwrite: bool = False,
+           **option_kwargs) -> RefineResult:
     """Refine an existing transferred LoRA (`prolora refine`); write it to `output` if given
     (atomically: an interrupted run leaves no output)."""
     from ..api import _model, resolve_output
     from ..formats import read_lora, write_lora
+    from ..options import parse_size
     from ..plan import check_families
 
     if options is not None and option_kwargs:
@@ -137,7 +146,8 @@ def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: Pat
         src = source if isinstance(source, BaseModel) else _model(source, stack)
         tgt = target if isinstance(target, BaseModel) else _model(target, stack)
         check_families(src, tgt)
-        refined, stats = refine_lora(src, tgt, lf, tf, opts, device)
+        budget = parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory
+        refined, stats = refine_lora(src, tgt, lf, tf, opts, device, budget)
     if out is not None:
         write_lora(out, refined, refined.format)
         refined.path = out

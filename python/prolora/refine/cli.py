@@ -71,6 +71,8 @@ def add_refine_command(sub) -> None:
     r.add_argument("--report", metavar="FILE", help="write the refinement's figures as JSON")
     r.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     r.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    r.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="refuse when the two denoisers' weights exceed this on a GPU")
     r.add_argument("-q", "--quiet", action="store_true", help="only the output path")
     add_refine_arguments(r, default_steps=150)
 
@@ -85,7 +87,8 @@ def cmd_refine(a: argparse.Namespace) -> int:
         raise OptionError("--refine 0: nothing to do")
     if a.report:
         resolve_report_path(a.report, [a.source, a.target, a.lora, a.transferred])
-    res = refine(a.source, a.target, a.lora, a.transferred, a.output, opts, device=a.device, overwrite=a.overwrite)
+    res = refine(a.source, a.target, a.lora, a.transferred, a.output, opts, device=a.device,
+                 max_gpu_memory=a.max_gpu_memory, overwrite=a.overwrite)
     if not a.quiet:
         for line in report_lines(res.stats):
             print(line)
