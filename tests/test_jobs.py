@@ -283,6 +283,26 @@ def test_extract_skips_identical_layers_and_chooses_energy_ranks(sdxl_pair, tmp_
             assert x.rank == want
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_difference_blockwise_equals_the_dense_float32_difference(dtype, monkeypatch):
+    from prolora.jobs import extract as ex
+
+    monkeypatch.setattr(ex, "_BLOCK_ELEMENTS", 3 * 50)  # blocks of 3 rows: 37 rows end mid-block
+    g = torch.Generator().manual_seed(5)
+    wb = torch.randn(37, 50, generator=g).to(dtype)
+    wt = (wb.float() + 1e-3 * torch.randn(37, 50, generator=g)).to(dtype)
+    out = torch.empty(37, 50)
+    top = ex._difference(wt, wb, out)
+    want = wt.float() - wb.float()
+    assert torch.equal(out, want)
+    assert top == float(want.abs().max())
+    for bad in (math.nan, math.inf):
+        wt2 = wt.clone()
+        wt2[36, 49] = bad
+        got = ex._difference(wt2, wb, out)
+        assert (math.isnan(got) if math.isnan(bad) else got == math.inf)
+
+
 def test_extract_min_diff_clamp_and_conv_rank(sdxl_pair, tmp_path):
     with pytest.raises(NothingTransferredError):
         extract(sdxl_pair["source"], sdxl_pair["target"], tmp_path / "none.safetensors", rank=4, min_diff=1e9)

@@ -341,9 +341,33 @@ def _read_chunk(base: BaseModel, targets: list[_Target], chunk: list[_Layer]):
     return out
 
 
+# rows of a difference formed at a time: ~1 MiB of float32, so that forming it, its largest
+# entry and its copy into the SVD's batch are one pass over memory, not four
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _difference(wt: torch.Tensor, wb: torch.Tensor, out: torch.Tensor) -> float:
+    """out (float32, m x n) <- wt - wb, computed in float32 (the inputs in their stored dtype),
+    row block by row block; returns max |out| (NaN if any entry is NaN). aminmax, not the
+    inf-norm: on this CPU torch's inf-norm is ~20x slower than one min/max pass."""
+    m, n = out.shape
+    wt, wb = wt.reshape(m, n), wb.reshape(m, n)
+    step = max(1, _BLOCK_ELEMENTS // n)
+    top = 0.0
+    for r in range(0, m, step):
+        blk = out[r:r + step]
+        blk.copy_(wt[r:r + step])
+        blk.sub_(wb[r:r + step])
+        lo, hi = (float(v) for v in torch.aminmax(blk))
+        if math.isnan(lo) or math.isnan(hi):
+            return math.nan
+        top = max(top, -lo, hi)
+    return top
+
+
 def _compute_chunk(chunk: list[_Layer], data: dict, targets: list[_Target], opts: ExtractOptions) -> None:
     """Differences of a chunk's layers, their SVDs (same-shape layers batched) and factors."""
-    pending: dict[tuple[int, int], list[tuple[_Layer, _Target, torch.Tensor, float]]] = {}
+    groups: dict[tuple[int, int], list[tuple[_Layer, _Target, torch.Tensor, torch.Tensor]]] = {}
     for x in chunk:
         if x.skip:
             for t in targets:
@@ -351,31 +375,34 @@ def _compute_chunk(chunk: list[_Layer], data: dict, targets: list[_Target], opts
             continue
         wb, wts = data.pop(x.module)
         for t, wt in zip(targets, wts):
-            D = wt.to(torch.float32, copy=True).reshape(x.flat)
-            D -= wb.reshape(x.flat)  # promoted elementwise: no float32 copy of the base weight
-            top = float(torch.linalg.vector_norm(D, ord=math.inf))
+            groups.setdefault(x.flat, []).append((x, t, wt, wb))
+    for shape, group in groups.items():
+        batch = torch.empty((len(group),) + shape, dtype=torch.float32)  # the differences, in place
+        items: list[tuple[_Layer, _Target, float]] = []
+        for x, t, wt, wb in group:
+            top = _difference(wt, wb, batch[len(items)])
             if top == 0.0:
                 t.lines.append(LayerExtract(x.module, x.key, x.shape, "identical"))
-                continue
-            if not math.isfinite(top):
+            elif not math.isfinite(top):
                 raise ModelError(f"{t.path}: layer '{x.module}' differs from BASE by NaN or Inf")
-            if top < opts.min_diff:
+            elif top < opts.min_diff:
                 t.lines.append(LayerExtract(x.module, x.key, x.shape, "below-min-diff", max_abs_diff=top,
                                             reason=f"max |dW| {top:.3g} < --min-diff {opts.min_diff:g}"))
-                continue
-            pending.setdefault(x.flat, []).append((x, t, D, top))
-        del wb, wts
-    for shape, items in pending.items():
-        ks = [_k_spec(x, opts) for x, _, _, _ in items]
+            else:
+                items.append((x, t, top))
+        del group
+        if not items:
+            continue
+        ks = [_k_spec(x, opts) for x, _, _ in items]
         if all(isinstance(k, int) for k in ks):
             ks = [min(k, min(shape)) for k in ks]
-        D = items[0][2][None] if len(items) == 1 else torch.stack([d for _, _, d, _ in items])
+        D = batch[:len(items)]
         bases, name = _svd(D, ks, opts)
-        for (x, t, d, top), basis in zip(items, bases):
-            mod, kept, err = _factors(x, basis, d, opts)
+        for i, ((x, t, top), basis) in enumerate(zip(items, bases)):
+            mod, kept, err = _factors(x, basis, D[i], opts)
             t.modules[x.key] = mod
             t.lines.append(LayerExtract(x.module, x.key, x.shape, "extracted", mod.rank, top, kept, err, name))
-        del D, bases, items
+        del D, batch, bases, items
 
 
 def _metadata(base: BaseModel, target: _Target, opts: ExtractOptions) -> dict[str, str]:
