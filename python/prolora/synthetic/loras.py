@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -40,18 +41,13 @@ def write_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike, fo
     guidance_in and the final layer); XLabs files hold only what XLabs can name.
     """
     alpha = rank / 2 if alpha is None else float(alpha)
-    opened = None if isinstance(model, BaseModel) else open_model(model)
-    m = opened or model
-    try:
+    with as_model(model) as m:
         if m.family in ("flux", "chroma"):
             mods = _flux_modules(m, format, rank, alpha, targets, seed, size, split_qkv, spelling)
             family = {"ss_base_model_version": "flux1"}
         else:
             mods = _unet_modules(m, format, rank, alpha, targets, seed, size, conv)
             family = {}
-    finally:
-        if opened is not None:
-            opened.close()
     meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **family, "prolora.synthetic": "1"}
     path = Path(path)
     write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
@@ -106,14 +102,14 @@ def _fit(up: torch.Tensor, down: torch.Tensor, scale: float, size: float) -> Non
     up *= size * math.sqrt(up.shape[0]) / delta
 
 
-def _unet_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
-                  conv: bool) -> dict[str, LoraModule]:
-    """One (down, up) pair per adapted UNet / text-encoder module (convs: a kxk down, a 1x1 up)."""
-    spelling = {"kohya": m.kohya_spelling, "peft": "peft", "diffusers-old": "peft", "comfy": "comfy"}.get(format)
-    if spelling is None:
-        raise ValueError(f"unknown format {format!r}")
+def spelled_pairs(m: BaseModel, modules: Iterable[str], spelling: str, rank: int, alpha: float, seed: int,
+                  size: float, dtype: torch.dtype = torch.float16) -> dict[str, LoraModule]:
+    """One (down, up) pair per module, keyed as `spelling` spells it (modules the spelling has no
+    name for are left out); convs get a kxk down and a 1x1 up. Deterministic per (seed, module)."""
     mods = {}
-    for module in lora_targets(m.weights, targets, conv):
+    for module in modules:
+        if m.unspellable(module, spelling) is not None:
+            continue
         shape = m.weights[module].shape
         g = generator("lora", seed, module)
         out, rest = shape[0], shape[1:]
@@ -123,8 +119,27 @@ def _unet_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: s
         if len(shape) == 4:
             up = up.reshape(out, rank, 1, 1)
         key = m.spell(module, spelling)
-        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+        mods[key] = LoraModule(key, down.to(dtype), up.to(dtype), alpha)
     return mods
+
+
+@contextmanager
+def as_model(model: str | os.PathLike | BaseModel) -> Iterator[BaseModel]:
+    """`model` as a BaseModel: opened from its path (and closed after) or used as given."""
+    if isinstance(model, BaseModel):
+        yield model
+        return
+    with open_model(model) as m:
+        yield m
+
+
+def _unet_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
+                  conv: bool) -> dict[str, LoraModule]:
+    """One (down, up) pair per adapted UNet / text-encoder module (convs: a kxk down, a 1x1 up)."""
+    spelling = {"kohya": m.kohya_spelling, "peft": "peft", "diffusers-old": "peft", "comfy": "comfy"}.get(format)
+    if spelling is None:
+        raise ValueError(f"unknown format {format!r}")
+    return spelled_pairs(m, lora_targets(m.weights, targets, conv), spelling, rank, alpha, seed, size)
 
 
 def _flux_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,

@@ -40,10 +40,9 @@ from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
 from ..safetensors_io import save
 from .flux import _write_folder as write_transformer_folder
-from .loras import _check_targets, _chosen, _fit
+from .loras import _check_targets, _chosen, as_model, spelled_pairs
 from .models import _threads
 from .params import Params, _P
-from .spectra import generator
 from .values import Perturbation, Values
 from .writing import write_tensors
 
@@ -235,21 +234,8 @@ def write_qwen_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLik
     if spelling is None:
         raise ValueError(f"format {format!r} has no Qwen-Image layout; use kohya, peft or comfy")
     alpha = rank / 2 if alpha is None else float(alpha)
-    opened = None if isinstance(model, BaseModel) else open_model(model)
-    m = opened or model
-    try:
-        mods = {}
-        for module in qwen_lora_targets(m.weights, targets):
-            out, inp = m.weights[module].shape
-            g = generator("lora", seed, module)
-            down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
-            up = torch.randn(out, rank, generator=g)
-            _fit(up, down, alpha / rank, size)
-            key = m.spell(module, spelling)
-            mods[key] = LoraModule(key, down.half(), up.half(), alpha)
-    finally:
-        if opened is not None:
-            opened.close()
+    with as_model(model) as m:
+        mods = spelled_pairs(m, qwen_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size)
     mods.update(extra or {})
     path = Path(path)
     meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "prolora.synthetic": "1"}

@@ -30,12 +30,11 @@ import torch
 from ..checkpoints import BaseModel, open_model
 from ..checkpoints.wan import COMPONENT, EXPERTS, diffusers_to_original
 from ..formats import write_lora as write_lora_file
-from ..lora import LoraFile, LoraModule
+from ..lora import LoraFile
 from .flux import _write_folder as write_transformer_folder
-from .loras import _check_targets, _chosen, _fit
+from .loras import _check_targets, _chosen, as_model, spelled_pairs
 from .models import _threads
 from .params import Params
-from .spectra import generator
 from .values import Perturbation, Values
 from .writing import write_tensors
 
@@ -281,23 +280,8 @@ def write_wan_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike
     if spelling is None:
         raise ValueError(f"format {format!r} has no Wan layout here; use peft, kohya or comfy")
     alpha = rank / 2 if alpha is None else float(alpha)
-    opened = None if isinstance(model, BaseModel) else open_model(model)
-    m = opened or model
-    try:
-        mods = {}
-        for module in wan_lora_targets(m, targets):
-            if m.unspellable(module, spelling) is not None:
-                continue
-            out, inp = m.weights[module].shape
-            g = generator("lora", seed, module)
-            down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
-            up = torch.randn(out, rank, generator=g)
-            _fit(up, down, alpha / rank, size)
-            key = m.spell(module, spelling)
-            mods[key] = LoraModule(key, down.to(torch.bfloat16), up.to(torch.bfloat16), alpha)
-    finally:
-        if opened is not None:
-            opened.close()
+    with as_model(model) as m:
+        mods = spelled_pairs(m, wan_lora_targets(m, targets), spelling, rank, alpha, seed, size, torch.bfloat16)
     meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "ss_base_model_version": "wan",
             "prolora.synthetic": "1"}
     path = Path(path)
