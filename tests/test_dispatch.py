@@ -53,7 +53,7 @@ def test_default_dispatch_on_cpu_is_torch(op, backend):
     assert op.choose(Problem(device="cpu", dtype="float32", shape=(640, 640), batch=4, k=300, r=16)).backend.name == backend
 
 
-@pytest.mark.parametrize("family,layers", [("sdxl", 700), ("flux", 418)])
+@pytest.mark.parametrize("family,layers", [("sdxl", 700), ("flux", 418), ("chroma", 418), ("qwen-image", 720)])
 def test_bench_dry_run_plans_full_size_gpu_runs_within_16gb(family, layers, tmp_path, capsys):
     js = tmp_path / "plan.json"
     assert main(["bench", "--family", family, "--device", "cuda", "--dry-run", "--max-memory", "64GB",

@@ -117,7 +117,8 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
 
 def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> None:
     """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2): kohya for UNet
-    models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for Flux."""
+    models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for the transformer families
+    (Flux, Chroma, Qwen-Image)."""
     g = torch.Generator().manual_seed(seed)
     mods = {}
     fmt = "kohya" if model.family in ("sd1", "sd2", "sdxl", "ssd-1b") else "peft"
@@ -271,7 +272,8 @@ def _model_config(cfg: BenchConfig, target: bool = False):
     from .synthetic import flux_config, preset, qwen_config, shrink
 
     if cfg.family == "qwen-image":  # Qwen-Image -> Qwen-Image-Edit (the same layout)
-        return qwen_config("full" if cfg.width >= 1.0 else "small", blocks=max(1, round(60 * cfg.depth)), edit=target)
+        blocks = max(1, round(qwen_config("full").num_layers * cfg.depth))
+        return qwen_config("full" if cfg.width >= 1.0 else "small", blocks=blocks, edit=target)
     if cfg.family in FLUX_PAIRS:  # width 1 is the real 3072, anything less the small preset (384)
         name = FLUX_PAIRS[cfg.family][1 if target else 0]
         scale = "full" if cfg.width >= 1.0 else "small"
