@@ -40,6 +40,7 @@ from prolora.safetensors_io import save  # noqa: E402
 from prolora.synthetic import write_lora as synth_lora  # noqa: E402
 from test_client_diffusers import _peft_value, _read  # noqa: E402
 from test_flux import H, MLP, TINY  # noqa: E402
+from zoo import lora_pairs  # noqa: E402
 
 ADAPTER = "prolora_out"
 CONFIG = TINY
@@ -176,15 +177,7 @@ def output_deltas(path: Path, module_names: set[str]) -> dict[str, torch.Tensor]
     flat = {n.replace(".", "_"): n for n in module_names}
     cfg = {k.partition(".")[2]: v for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
     out = {}
-    for key in tensors:
-        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-                             (".down.weight", ".up.weight")):
-            if key.endswith(down_s):
-                stem = key[: -len(down_s)]
-                down, up = tensors[key].double(), tensors[stem + up_s].double()
-                break
-        else:
-            continue
+    for stem, down, up in lora_pairs(tensors):
         if stem.startswith("transformer."):  # peft
             name = stem[len("transformer."):]
             r = _peft_value(cfg, "r", "rank_pattern", name)

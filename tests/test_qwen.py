@@ -43,6 +43,7 @@ from prolora.formats import read_lora  # noqa: E402
 from prolora.lora import LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 from prolora.synthetic.qwen import qwen_config, qwen_params, write_qwen_lora, write_qwen_model  # noqa: E402
+from zoo import lora_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADAPTER = "prolora_out"
@@ -151,15 +152,7 @@ def file_deltas(path: Path) -> dict[str, torch.Tensor]:
     names = _diffusers_names()
     flat = {n.replace(".", "_"): n for n in names}
     out = {}
-    for key in tensors:
-        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-                             (".lora_A.default.weight", ".lora_B.default.weight")):
-            if key.endswith(down_s):
-                stem = key[: -len(down_s)]
-                down, up = tensors[key].double(), tensors[stem + up_s].double()
-                break
-        else:
-            continue
+    for stem, down, up in lora_pairs(tensors):
         if stem.startswith("lora_te"):
             continue
         if stem.startswith("lora_unet_"):

@@ -39,6 +39,7 @@ from prolora.safetensors_io import save  # noqa: E402
 from prolora.synthetic.wan import (wan_config, wan_params, write_wan22_experts, write_wan_lora,  # noqa: E402
                                    write_wan_model)
 from test_client_diffusers import _peft_value, _read  # noqa: E402
+from zoo import lora_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADAPTER = "prolora_out"
@@ -182,14 +183,7 @@ def output_deltas(path: Path) -> dict[str, torch.Tensor]:
     tensors, meta = _read(path)
     cfg = {k.partition(".")[2]: v for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
     out = {}
-    for key in tensors:
-        for down_s, up_s in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
-            if key.endswith(down_s):
-                stem = key[: -len(down_s)]
-                down, up = tensors[key].double(), tensors[stem + up_s].double()
-                break
-        else:
-            continue
+    for stem, down, up in lora_pairs(tensors):
         if stem.startswith("transformer."):
             name = stem[len("transformer."):]
             r = _peft_value(cfg, "r", "rank_pattern", name)

@@ -105,3 +105,19 @@ def module_name(model: torch.nn.Module, canonical: str) -> str:
     if canonical.startswith("text_model.") and not hasattr(model, "text_model"):
         return canonical[len("text_model."):]
     return canonical
+
+
+# the down/up suffixes LoRA files use: kohya/ComfyUI, PEFT, DiffSynth-Studio's PEFT, XLabs
+LORA_SUFFIXES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+                 (".lora_A.default.weight", ".lora_B.default.weight"), (".down.weight", ".up.weight"))
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor]):
+    """(module stem, down, up) in float64 for every down/up pair of a LoRA state dict, read the way
+    a client would, independently of prolora's own readers (the client tests' parsers use it)."""
+    for key in tensors:
+        for down_s, up_s in LORA_SUFFIXES:
+            if key.endswith(down_s):
+                stem = key[: -len(down_s)]
+                yield stem, tensors[key].double(), tensors[stem + up_s].double()
+                break
