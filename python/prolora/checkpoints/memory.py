@@ -52,6 +52,9 @@ class ModuleTensors(TensorSource):
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    def close(self) -> None:
+        """Nothing to release: the tensors belong to whoever holds the module."""
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.tensors[name][start:stop]
 

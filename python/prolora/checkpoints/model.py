@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -308,22 +309,20 @@ class BaseModel:
         return f"BaseModel({self.name!r}, family={self.family}, layout={self.layout}, weights={len(self.weights)})"
 
 
-class TensorSource:
-    """What BaseModel reads tensors through besides SafetensorsFile (checkpoints.memory): whole
-    tensors, row ranges, and element runs by flat index for the identity."""
+class TensorSource(Protocol):
+    """What BaseModel reads tensors through besides SafetensorsFile: whole tensors, row ranges,
+    and element runs by flat index for the identity. checkpoints.memory.ModuleTensors (a model's
+    own parameters) is the one implementation."""
 
-    def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    def get(self, name: str) -> torch.Tensor: ...
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        raise NotImplementedError
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
     def runs(self, name: str, runs: list[tuple[int, int]]) -> bytes:
         """The stored bytes of elements [i, i + n) of the flattened tensor, for each (i, n)."""
-        raise NotImplementedError
+        ...
 
-    def close(self) -> None:
-        """Nothing to release: the tensors belong to whoever holds the module."""
+    def close(self) -> None: ...
 
 
 def sample_runs(ref: WeightRef) -> list[tuple[int, int]]:
