@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -53,32 +53,39 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     layouts = ("diffusers", "single-file") + (("single-file-prefixed",) if isinstance(cfg, FluxConfig) else ())
     if layout not in layouts:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(layouts)}")
-    if isinstance(perturbation, (int, float)):
-        perturbation = Perturbation(size=float(perturbation))
     path = Path(path)
     params = model_params(cfg)
-    opened = None
-    if base is not None and not isinstance(base, BaseModel):
-        base = opened = open_model(base)
-    derived = base is not None and (base.family, cfg.family) in DERIVED
-    values = Values(seed, base, perturbation, device, new_modules=derived)
-    meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
-                                             "target_of": base.identity() if base is not None else None,
-                                             "perturbation": asdict(perturbation) if base is not None else None})}
-    if threads is None:
-        threads = 1 if sum(math.prod(s) for plist in params.values() for _, s in plist) < 100_000_000 else 0
-    try:
-        with _threads(threads):
-            if isinstance(cfg, FluxConfig):
-                write_flux(path, cfg, params["transformer"], layout, values, dtype, meta, shard_bytes)
-            elif layout == "single-file":
-                _write_single_file(path, cfg, params, values, dtype, meta)
-            else:
-                _write_folder(path, cfg, params, values, dtype, meta)
-    finally:
-        if opened is not None:
-            opened.close()
+    numel = sum(math.prod(s) for plist in params.values() for _, s in plist)
+    with model_values(cfg.family, seed, base, perturbation, device, threads, numel) as (values, meta):
+        if isinstance(cfg, FluxConfig):
+            write_flux(path, cfg, params["transformer"], layout, values, dtype, meta, shard_bytes)
+        elif layout == "single-file":
+            _write_single_file(path, cfg, params, values, dtype, meta)
+        else:
+            _write_folder(path, cfg, params, values, dtype, meta)
     return path
+
+
+@contextmanager
+def model_values(family: str, seed: int, base: str | os.PathLike | BaseModel | None,
+                 perturbation: Perturbation | float, device: str | None = None, threads: int | None = None,
+                 numel: int = 0, **facts) -> Iterator[tuple[Values, dict[str, str]]]:
+    """(Values, file metadata) for writing one synthetic model of `family`: a source (`base`
+    None) or a target of `base` (a path is opened here and closed after; a base the family is
+    derived from, see DERIVED, lends the weights both have). Runs with `threads` torch threads
+    (None: one below 100M parameters (`numel`), else torch's). `facts` go into the metadata."""
+    p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
+    with ExitStack() as stack:
+        if base is not None and not isinstance(base, BaseModel):
+            base = stack.enter_context(open_model(base))
+        derived = base is not None and (base.family, family) in DERIVED
+        meta = {"prolora.synthetic": json.dumps({"family": family, **facts, "seed": seed,
+                                                 "target_of": base.identity() if base is not None else None,
+                                                 "perturbation": asdict(p) if base is not None else None})}
+        if threads is None:
+            threads = 1 if numel < 100_000_000 else 0
+        with _threads(threads):
+            yield Values(seed, base, p, device, new_modules=derived), meta
 
 
 @contextmanager

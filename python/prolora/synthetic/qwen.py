@@ -34,14 +34,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
 from ..checkpoints.qwen import CLASS, COMPONENT
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
 from ..safetensors_io import save
 from .flux import _write_folder as write_transformer_folder
 from .loras import _check_targets, _chosen, as_model, spelled_pairs
-from .models import _threads
+from .models import model_values
 from .params import Params, _P
 from .values import Perturbation, Values
 from .writing import write_tensors
@@ -159,31 +159,17 @@ def write_qwen_model(path: str | os.PathLike, config: QwenConfig | str = "qwen-i
     cfg = _resolve(config)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    if isinstance(perturbation, (int, float)):
-        perturbation = Perturbation(size=float(perturbation))
     path = Path(path)
     params = qwen_params(cfg)
-    opened = None
-    if base is not None and not isinstance(base, BaseModel):
-        base = opened = open_model(base)
-    values = Values(seed, base, perturbation, device)
-    meta = {"prolora.synthetic": json.dumps({"family": cfg.family, "seed": seed,
-                                             "target_of": base.identity() if base is not None else None,
-                                             "perturbation": asdict(perturbation) if base is not None else None})}
-    if threads is None:
-        threads = 1 if sum(math.prod(s) for _, s in params) < 100_000_000 else 0
-    try:
-        with _threads(threads):
-            if layout.startswith("single-file"):
-                prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
-                items = [(prefix + n, s, (lambda n=n, s=s: values(COMPONENT, n, s))) for n, s in params]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_tensors(path, items, dtype, meta)
-            else:
-                _write_folder(path, cfg, params, values, dtype, meta, shard_bytes)
-    finally:
-        if opened is not None:
-            opened.close()
+    numel = sum(math.prod(s) for _, s in params)
+    with model_values(cfg.family, seed, base, perturbation, device, threads, numel) as (values, meta):
+        if layout.startswith("single-file"):
+            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+            items = [(prefix + n, s, (lambda n=n, s=s: values(COMPONENT, n, s))) for n, s in params]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_tensors(path, items, dtype, meta)
+        else:
+            _write_folder(path, cfg, params, values, dtype, meta, shard_bytes)
     return path
 
 

@@ -20,20 +20,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
 from ..checkpoints.wan import COMPONENT, EXPERTS, diffusers_to_original
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile
 from .flux import _write_folder as write_transformer_folder
 from .loras import _check_targets, _chosen, as_model, spelled_pairs
-from .models import _threads
+from .models import model_values
 from .params import Params
 from .values import Perturbation, Values
 from .writing import write_tensors
@@ -157,7 +155,7 @@ def write_wan_model(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-t2v-
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     path = Path(path)
-    with _values(cfg, seed, base, perturbation) as (values, meta):
+    with model_values("wan", seed, base, perturbation, threads=1, config=cfg.diffusers_config()) as (values, meta):
         if layout == "diffusers":
             _write_component(path / COMPONENT, cfg, values, dtype, meta, shard_bytes)
             _model_index(path, {COMPONENT: ["diffusers", "WanTransformer3DModel"]})
@@ -185,7 +183,7 @@ def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-
     path = Path(path)
     out: dict[str, Path] = {}
     for label, p in (("high_noise", high_noise), ("low_noise", low_noise)):
-        with _values(cfg, seed, base, p) as (values, meta):
+        with model_values("wan", seed, base, p, threads=1, config=cfg.diffusers_config()) as (values, meta):
             if layout == "diffusers":
                 out[label] = _write_component(path / EXPERTS[label], cfg, values, dtype, meta, shard_bytes)
             else:
@@ -197,25 +195,6 @@ def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-
                      boundary_ratio=BOUNDARY_RATIO)
         out["pipeline"] = path
     return out
-
-
-@contextmanager
-def _values(cfg: WanConfig, seed: int, base, perturbation: Perturbation | float) -> Iterator[tuple[Values, dict]]:
-    """(Values, file metadata) for a source (`base` None) or a target of `base` (a path is opened
-    and closed here), generated on one torch thread (tiny matrices)."""
-    p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
-    opened = open_model(base) if base is not None and not isinstance(base, BaseModel) else None
-    model = opened or base
-    meta = {"prolora.synthetic": json.dumps({
-        "family": "wan", "config": cfg.diffusers_config(), "seed": seed,
-        "target_of": model.identity() if model is not None else None,
-        "perturbation": asdict(p) if model is not None else None})}
-    try:
-        with _threads(1):
-            yield Values(seed, model, p), meta
-    finally:
-        if opened is not None:
-            opened.close()
 
 
 def _write_component(folder: Path, cfg: WanConfig, values: Values, dtype: torch.dtype, meta: dict[str, str],
