@@ -39,12 +39,7 @@ FAST = dict(batch=2, resolution=8, tokens=4, cond="random", holdout=4)
 SDXL = shrink(PRESETS["sdxl"], 0.05, 0.1)  # channels 32/32/64, one block per attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
