@@ -328,16 +328,29 @@ def transfer_many(source: PathLike | BaseModel, target: PathLike | BaseModel, lo
     out_dir = Path(output_dir)
     if not out_dir.is_dir():
         raise OutputPathError(f"{out_dir}: output folder does not exist")
+    seen: set[str] = set()
+
+    def output_of(lora: Any) -> Path | None:
+        name = Path(lora.path).name if isinstance(lora, LoraFile) and lora.path else Path(str(lora)).name
+        if name in seen:
+            raise OutputPathError(f"{lora}: another LoRA of the batch has the file name {name}")
+        seen.add(name)
+        return resolve_output(out_dir / name, lora, [source, target, *loras], overwrite)
+
+    return run_batch(source, target, loras, output_of, opts, progress, on_result)
+
+
+def run_batch(source: Any, target: Any, loras: list, output_of: Callable[[Any], Path | None],
+              opts: TransferOptions, progress: Any = None,
+              on_result: Callable[[TransferResult | Failure], None] | None = None) -> BatchResult:
+    """One pass over the models for many LoRAs, each written to `output_of(lora)`. A LoRA whose
+    output cannot be resolved (a ProloraError) becomes a Failure up front, reported to
+    `on_result` like the others, and does not stop the batch."""
     items: list[tuple[Any, Path | None]] = []
     pre_failures: list[Failure] = []
-    seen: set[str] = set()
     for lora in loras:
-        name = Path(lora.path).name if isinstance(lora, LoraFile) and lora.path else Path(str(lora)).name
         try:
-            if name in seen:
-                raise OutputPathError(f"{lora}: another LoRA of the batch has the file name {name}")
-            seen.add(name)
-            items.append((lora, resolve_output(out_dir / name, lora, [source, target, *loras], overwrite)))
+            items.append((lora, output_of(lora)))
         except ProloraError as e:
             pre_failures.append(Failure(str(lora), str(e), e))
             if on_result:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints.wan import EXPERTS, expert_label, expert_targets
-from .errors import OptionError, OutputPathError, ProloraError
+from .errors import OptionError, OutputPathError
 from .options import TransferOptions
 from .safetensors_io import atomic_path
 
@@ -99,7 +99,7 @@ def transfer_experts_many(source: PathLike, experts: dict[str, PathLike], loras:
     engine), `<output_dir>/<LoRA stem>.<expert>.safetensors` for each; a LoRA that fails is
     recorded in that expert's BatchResult.failures and the others go on. `report`: one JSON with
     a section per expert (its results and failures)."""
-    from .api import Failure, _run, resolve_output, resolve_report_path
+    from .api import resolve_output, resolve_report_path, run_batch
 
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,18 +112,10 @@ def transfer_experts_many(source: PathLike, experts: dict[str, PathLike], loras:
         raise OutputPathError(f"two LoRAs of the batch are named {dup}: their outputs would collide")
     results = {}
     for label, target in experts.items():
-        items, pre = [], []
-        for lora in loras:
-            try:
-                items.append((lora, resolve_output(expert_outputs(out_dir, lora, [label])[label], lora, inputs,
-                                                   overwrite)))
-            except ProloraError as e:
-                pre.append(Failure(str(lora), str(e), e))
-                if on_result:
-                    on_result(pre[-1])
-        batch = _run(source, target, items, options, progress, strict=False, on_result=on_result)
-        batch.failures[:0] = pre
-        results[label] = batch
+        def output_of(lora, label=label):
+            return resolve_output(expert_outputs(out_dir, lora, [label])[label], lora, inputs, overwrite)
+
+        results[label] = run_batch(source, target, loras, output_of, options, progress, on_result)
     res = ExpertsResult(results, {k: Path(v) for k, v in experts.items()})
     if report:
         write_experts_json(report, {label: {
