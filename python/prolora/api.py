@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 from . import __version__
 from .cache import BasisCache
-from .checkpoints import BaseModel, open_model
-from .checkpoints.wan import pad_musubi_blocks
-from .checkpoints.memory import LAYOUT as MEMORY_LAYOUT, in_memory_model, is_in_memory
+from .checkpoints import BaseModel
+from .checkpoints.memory import LAYOUT as MEMORY_LAYOUT
+from . import families
+from .families import in_memory_model, is_in_memory, open_model, pad_output
 from .agreement import Agreement, compare_modules
 from .compat import pad_text_encoders
 from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, default_budget, finalize,
@@ -172,7 +173,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     modules = assemble_parts(finalize(task.results, opts, lf.dtype))  # fused slices back into one module
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
-        report.warnings += pad_musubi_blocks(modules, fmt, tgt)
+        report.warnings += pad_output(modules, fmt, tgt)
     out = LoraFile(fmt, modules, _provenance(lf, src, tgt, opts, report), lf.dtype)
     if opts.refine is not None and modules:  # --refine: train the transferred factors on the target
         from .refine import refine_lora
@@ -274,13 +275,15 @@ def _resident_bytes(lora: Any) -> int:
 def _matching(src: BaseModel, tgt: BaseModel, opts: TransferOptions, cache: BasisCache | None):
     """(source module -> target module, block matches) when layers are matched by similarity."""
     mode = opts.match
+    fam = families.of(src) or families.of(tgt)
+    block_of = fam.block_of if fam is not None else None
     if mode == "auto":
-        mode = "similarity" if depths_differ(src.weights, tgt.weights) else "name"
+        mode = "similarity" if depths_differ(src.weights, tgt.weights, block_of) else "name"
     if mode == "name":
         return None, []
     provider = BasisProvider(src, tgt, opts, cache)
-    matches = match_blocks(src.weights, tgt.weights, provider.basis_of)
-    return block_mapping(src.weights, matches), matches
+    matches = match_blocks(src.weights, tgt.weights, provider.basis_of, block_of)
+    return block_mapping(src.weights, tgt.weights, matches, block_of), matches
 
 
 def transfer(source: PathLike | BaseModel, target: PathLike | BaseModel | Any, lora: PathLike | LoraFile,

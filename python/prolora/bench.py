@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import open_model
+from .families import open_model
 from .formats import read_lora, write_lora
 from .lora import LoraFile, LoraModule
 from .method import KMode

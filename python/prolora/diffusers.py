@@ -32,7 +32,7 @@ import torch
 from .api import transfer
 from .checkpoints import BaseModel
 from .checkpoints.flux import T5, FluxModel
-from .checkpoints.memory import in_memory_model
+from .families import in_memory_model
 from .checkpoints.qwen import QwenModel
 from .checkpoints.wan import EXPERTS, WanModel
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError

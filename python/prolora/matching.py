@@ -1,4 +1,5 @@
-"""Layer matching between models whose transformer depths differ (SDXL -> SSD-1B).
+"""Layer matching between models whose block depths differ (SDXL -> SSD-1B), over the block
+layout the family gives (families.Family.block_of).
 
 Names alone cannot say which source block a shallower target's block 3 came from, so blocks are
 matched by subspace similarity: for every attention module present in both models, each target
@@ -11,36 +12,31 @@ source_block None, so that every target block is either matched or reported.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 from .ops import Basis, phi
 
-_BLOCK = re.compile(r"^(?P<attn>unet\.(?:(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+))"
-                    r"\.transformer_blocks\.(?P<idx>\d+)\.(?P<role>.+)$")
+# a family's block layout (families.Family.block_of): module -> (block group, index, role) or None
+BlockOf = Callable[[str], "tuple[str, int, str] | None"]
 
 
-def split_block(module: str) -> tuple[str, int, str] | None:
-    """'unet.up_blocks.0.attentions.1.transformer_blocks.3.attn1.to_q' -> (attention, 3, 'attn1.to_q')."""
-    m = _BLOCK.match(module)
-    return (m["attn"], int(m["idx"]), m["role"]) if m else None
-
-
-def blocks(weights: dict) -> dict[str, dict[int, dict[str, tuple]]]:
-    """attention module -> block index -> role -> weight shape."""
-    out: dict[str, dict[int, dict[str, tuple]]] = {}
+def blocks(weights: dict, block_of: BlockOf | None) -> dict[str, dict[int, dict[str, tuple[tuple, str]]]]:
+    """block group -> block index -> role -> (weight shape, module id)."""
+    out: dict[str, dict[int, dict[str, tuple[tuple, str]]]] = {}
+    if block_of is None:
+        return out
     for module, ref in weights.items():
-        hit = split_block(module)
+        hit = block_of(module)
         if hit:
             attn, idx, role = hit
-            out.setdefault(attn, {}).setdefault(idx, {})[role] = tuple(ref.shape)
+            out.setdefault(attn, {}).setdefault(idx, {})[role] = (tuple(ref.shape), module)
     return out
 
 
-def depths_differ(source_weights: dict, target_weights: dict) -> bool:
-    """True when some attention module has a different number of transformer blocks."""
-    s, t = blocks(source_weights), blocks(target_weights)
+def depths_differ(source_weights: dict, target_weights: dict, block_of: BlockOf | None) -> bool:
+    """True when some block group (an SD attention module) has a different number of blocks."""
+    s, t = blocks(source_weights, block_of), blocks(target_weights, block_of)
     return any(len(s[a]) != len(t.get(a, {})) for a in s) or any(a not in s for a in t)
 
 
@@ -103,14 +99,14 @@ class BlockMatch:
 BasisOf = Callable[[str, str, int | None], Basis]  # (side, module, k) -> basis; side "source"/"target"
 
 
-def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
+def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf, block_of: BlockOf | None,
                  roles: tuple[str, ...] | None = None) -> list[BlockMatch]:
     """Assign every target transformer block to a source block of the same attention module,
     for the attention modules whose depths differ.
 
     `basis_of(side, module, k)` gives a basis (k=None: the module's own k from the subspace mode);
     the target side is asked at the source module's k. `roles` limits the compared linears."""
-    s_blocks, t_blocks = blocks(source_weights), blocks(target_weights)
+    s_blocks, t_blocks = blocks(source_weights, block_of), blocks(target_weights, block_of)
     out: list[BlockMatch] = []
     for attn, t_idx in t_blocks.items():
         s_idx = s_blocks.get(attn)
@@ -124,12 +120,12 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
         for tb in t_list:
             row = []
             for sb in s_list:
-                common = [r for r, shape in t_idx[tb].items()
-                          if s_idx[sb].get(r) == shape and (roles is None or r in roles)]
+                common = [r for r, (shape, _) in t_idx[tb].items()
+                          if r in s_idx[sb] and s_idx[sb][r][0] == shape and (roles is None or r in roles)]
                 vals = []
                 for role in common:
-                    src = basis_of("source", f"{attn}.transformer_blocks.{sb}.{role}", None)
-                    tgt = basis_of("target", f"{attn}.transformer_blocks.{tb}.{role}", src.k)
+                    src = basis_of("source", s_idx[sb][role][1], None)
+                    tgt = basis_of("target", t_idx[tb][role][1], src.k)
                     vals.append(0.5 * (phi(src.U, tgt.U) + phi(src.V, tgt.V)))
                 row.append(sum(vals) / len(vals) if vals else 0.0)
             score.append(row)
@@ -144,16 +140,19 @@ def match_blocks(source_weights: dict, target_weights: dict, basis_of: BasisOf,
     return out
 
 
-def block_mapping(source_weights: dict, matches: list[BlockMatch]) -> dict[str, str | None]:
+def block_mapping(source_weights: dict, target_weights: dict, matches: list[BlockMatch],
+                  block_of: BlockOf | None) -> dict[str, str | None]:
     """Source module -> target module (None: its block has no counterpart) for every linear of
-    the attention modules that were matched; other modules keep their names."""
+    the block groups that were matched; other modules keep their names."""
+    t_blocks = blocks(target_weights, block_of)
     assigned = {(m.attention, m.source_block): m.target_block for m in matches if m.source_block is not None}
     matched = {m.attention for m in matches if m.source_block is not None}
     out: dict[str, str | None] = {}
     for module in source_weights:
-        hit = split_block(module)
+        hit = block_of(module) if block_of is not None else None
         if hit and hit[0] in matched:
             attn, idx, role = hit
             tb = assigned.get((attn, idx))
-            out[module] = None if tb is None else f"{attn}.transformer_blocks.{tb}.{role}"
+            there = t_blocks.get(attn, {}).get(tb, {}).get(role) if tb is not None else None
+            out[module] = None if there is None else there[1]
     return out

@@ -5,17 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
-from .checkpoints.family import SDXL_KIN
-from .checkpoints.wan import pair_refusal as wan_pair_refusal
 from .errors import InvalidLoraError, LoraMismatchError, ModelError
+from .families import check_pair, related
+from .families.rules import check_format
 from .formats.parts import part_key, split_module
 from .lora import LoraFile, LoraModule
-
-# families whose weights share names and shapes closely enough for name matching (SDXL and its
-# depth-pruned kin; blocks the depths disagree on are matched by similarity, see matching.py)
-COMPATIBLE = {(a, b) for a in SDXL_KIN for b in SDXL_KIN if a != b} | {("flux", "chroma"), ("chroma", "flux")}
-# Wan: 2.2 TI2V-5B beside the 14B layout, refused unless --widths lstsq (checkpoints.wan.pair_refusal)
-COMPATIBLE |= {("wan", "wan-ti2v"), ("wan-ti2v", "wan")}
 
 # below this share of modules found in the source model, the LoRA is for another model
 MIN_MATCH_SHARE = 0.5
@@ -108,21 +102,6 @@ def out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None, 
         return None, str(e)
 
 
-# the old diffusers format (attention-processor names) exists for the UNet families only
-OLD_DIFFUSERS_FAMILIES = ("sd1", "sd2") + SDXL_KIN
-
-
-def check_format(out_format: str, target: BaseModel) -> None:
-    """Raise ModelError if `out_format` has no layout for the target's family."""
-    if out_format == "xlabs" and target.family != "flux":
-        raise ModelError(f"the XLabs LoRA format exists for Flux only; {target.name} is {target.family}: "
-                         "write kohya, comfy or peft (--format)")
-    if out_format == "diffusers-old" and target.family not in OLD_DIFFUSERS_FAMILIES:
-        extra = ", comfy or xlabs" if target.family == "flux" else " or comfy"
-        raise ModelError(f"the old diffusers LoRA format exists for UNet models only; {target.name} is "
-                         f"{target.family}: choose peft, kohya{extra} (--format)")
-
-
 def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseModel) -> None:
     """Raise if the LoRA's factors cannot multiply into a weight of this shape."""
     out, rest = shape[0], shape[1:]
@@ -146,15 +125,9 @@ def _unresolved_reason(source: BaseModel, key: str) -> str:
 
 
 def check_families(source: BaseModel, target: BaseModel, widths: str = "refuse") -> None:
-    """Refuse a transfer between model families whose layers do not correspond (`widths`: the
-    --widths option, which lets Wan models of other widths through)."""
-    if source.family != target.family and "unknown" not in (source.family, target.family):
-        if (source.family, target.family) not in COMPATIBLE:
-            raise ModelError(f"source {source.name} is {source.family} but target {target.name} is "
-                             f"{target.family}: cross-family transfer is not supported")
-    why = wan_pair_refusal(source, target, widths)
-    if why is not None:
-        raise ModelError(why)
+    """Refuse a transfer between models whose layers do not correspond (families.check_pair;
+    `widths`: the --widths option, which lets models of other widths through where a family allows)."""
+    check_pair(source, target, widths)
 
 
 def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format: str | None = None,
@@ -167,7 +140,8 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     check_format(out_format, target)
     warnings: list[str] = []
     check_families(source, target, widths)
-    if source.family != target.family and "unknown" not in (source.family, target.family):
+    if source.family != target.family and related(source.family, target.family) and \
+            "unknown" not in (source.family, target.family):
         how = "by similarity where depths differ" if mapping else "by name"
         warnings.append(f"{source.family} -> {target.family}: layers matched {how}")
 

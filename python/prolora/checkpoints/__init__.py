@@ -1,6 +1,7 @@
-"""Base-model readers: diffusers folders (plain, fp16 variant, sharded) and single-file LDM/SGM
-checkpoints, with key maps built from each file's own keys. Tensors are read lazily."""
-from .model import SPELLINGS, BaseModel, WeightRef
-from .reader import open_model
+"""Family-agnostic parts of base-model reading: BaseModel and WeightRef (model.py), diffusers
+component folders (folders.py), text encoders (encoders.py) and weights held in memory
+(memory.py). The families (prolora.families) build models from them; open one with
+`prolora.families.open_model`."""
+from .model import BaseModel, WeightRef
 
-__all__ = ["BaseModel", "WeightRef", "open_model", "SPELLINGS"]
+__all__ = ["BaseModel", "WeightRef"]

@@ -82,7 +82,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..safetensors_io import Header, TensorInfo, read_header
-from .build import Component, Tensors, clip_from_transformers, t5_from_transformers
+from .encoders import Component, Tensors, clip_from_transformers, t5_from_transformers
 from .model import BaseModel, FusedHit, Slice, WeightRef, _flat
 
 COMPONENT = "transformer"
@@ -651,7 +651,7 @@ def open_flux_single_file(path: Path, header: Header | None = None) -> FluxModel
     if not weights:
         raise ModelError(f"{path}: Flux keys but no transformer weights")
     return FluxModel(path=path, name=path.stem, layout="single-file", family=_family(weights), weights=_order(weights),
-                     files={"single-file": path}, headers={path: header}, ldm_names={}, text_encoders=encoders,
+                     files={"single-file": path}, headers={path: header}, text_encoders=encoders,
                      bfl=bfl, facts=facts)
 
 
@@ -688,7 +688,7 @@ def transformer_from_diffusers(tensors: Tensors, where: str) -> tuple[dict[str, 
 def open_flux_folder(path: Path) -> FluxModel:
     """A diffusers folder: a pipeline with transformer/ (sharded or not) and optionally CLIP-L in
     text_encoder/ and T5 in text_encoder_2/, or a bare transformer folder."""
-    from .diffusers_folder import read_component
+    from .folders import read_component
 
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
@@ -709,7 +709,7 @@ def open_flux_folder(path: Path) -> FluxModel:
         weights.update(comp.weights)
         encoders[T5] = comp.facts
     return FluxModel(path=path, name=path.name, layout="diffusers", family=_family(weights), weights=_order(weights),
-                     files=files, headers=headers, ldm_names={}, text_encoders=encoders, bfl=bfl, facts=facts,
+                     files=files, headers=headers, text_encoders=encoders, bfl=bfl, facts=facts,
                      t5_component=t5_component)
 
 

@@ -1,5 +1,5 @@
 """The interface every base-model reader provides: BaseModel (weights, spellings, lazy loads,
-content identity) and WeightRef. The readers (diffusers_folder, single_file) build it."""
+content identity) and WeightRef. Each family's readers (prolora.families) build it."""
 from __future__ import annotations
 
 import hashlib
@@ -14,20 +14,6 @@ import torch
 
 from ..errors import ModelError
 from ..safetensors_io import ITEMSIZE, Header, SafetensorsFile
-from .family import SDXL_KIN, unet_stats
-from .unet_keys import UnetStructure
-
-# How a LoRA file can spell a module of a base model. The readers of LoRA files keep a module's
-# name exactly as the file writes it (minus the tensor suffix); the model resolves it.
-#   kohya-ldm        lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q   (kohya SDXL)
-#   kohya-diffusers  lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q (SD1.x)
-#   peft             unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
-#   comfy            diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q
-# Text encoders: kohya lora_te_ / lora_te1_ / lora_te2_ + flattened transformers name; peft
-# text_encoder. / text_encoder_2.; comfy text_encoders.clip_l.transformer. / clip_g.
-SPELLINGS = ("kohya-ldm", "kohya-diffusers", "peft", "comfy")
-KOHYA = ("kohya-ldm", "kohya-diffusers")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # identity sampling: per canonical weight, _ID_RUNS evenly spaced runs of up to _ID_RUN_ELEMENTS
 # elements (inside one row), so that a change confined to one weight still changes the identity;
@@ -93,21 +79,20 @@ def _flat(path: str) -> str:
 
 @dataclass(eq=False)
 class BaseModel:
-    """A base checkpoint opened by its headers only: every UNet / text-encoder weight by canonical
-    module id, the spellings LoRA files use for them, lazy tensor loads and a content identity.
+    """A base checkpoint opened by its headers only: every LoRA-able weight by canonical module
+    id, the spellings LoRA files use for them, lazy tensor loads and a content identity.
 
-    Build one with `open_model(path)`.
+    Each family's package subclasses it with its key maps (`spell`, `_add_aliases`, the fused and
+    hint hooks); build one with `prolora.families.open_model(path)`.
     """
 
     path: Path
     name: str
     layout: str  # "diffusers" | "single-file"
-    family: str  # "sd1" | "sd2" | "sdxl" | "ssd-1b" | "vega" | "koala" | "unknown" (family.FAMILIES)
+    family: str  # a member of a registered family (prolora.families), or "unknown"
     weights: dict[str, WeightRef]
     files: dict[str, Path] = field(repr=False)  # role (relative name) -> file, every file involved
     headers: dict[Path, Header] = field(repr=False)
-    ldm_names: dict[str, str] = field(repr=False)  # unet module id -> LDM/SGM module path
-    structure: UnetStructure | None = field(default=None, repr=False)
     text_encoders: dict[str, dict] = field(default_factory=dict, repr=False)  # component -> facts
     _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
     # tensors held in memory by pseudo-file (checkpoints.memory): read instead of files, never closed
@@ -115,44 +100,6 @@ class BaseModel:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _aliases: dict[str, tuple[str, str]] | None = field(default=None, repr=False)
     _identity: str | None = field(default=None, repr=False)
-
-    # ------------------------------------------------------------------ spellings
-    @property
-    def kohya_spelling(self) -> str:
-        """The UNet spelling kohya's own scripts write for this family."""
-        return "kohya-ldm" if self.family in SDXL_KIN else "kohya-diffusers"
-
-    def _two_encoders(self) -> bool:
-        return self.family in SDXL_KIN or "text_encoder_2" in self.text_encoders
-
-    def _comfy_clip(self, component: str) -> str:
-        if component == "text_encoder_2":
-            return "clip_g"
-        return "clip_h" if self.family == "sd2" else "clip_l"
-
-    def spell(self, module: str, spelling: str) -> str:
-        """The LoRA module key for canonical `module` in `spelling` (inverse of `resolve`)."""
-        if spelling not in SPELLINGS:
-            raise ValueError(f"unknown spelling {spelling!r}; expected one of {SPELLINGS}")
-        if module not in self.weights:
-            raise ModelError(f"{self.path}: no weight '{module}' in this model")
-        component, _, path = module.partition(".")
-        if spelling == "peft":
-            return module
-        if component == "unet":
-            ldm = self.ldm_names.get(module)
-            if ldm is None and spelling != "kohya-diffusers":
-                raise ModelError(f"{self.path}: '{module}' has no LDM/SGM name, so no '{spelling}' spelling")
-            if spelling == "kohya-ldm":
-                return "lora_unet_" + _flat(ldm)
-            if spelling == "kohya-diffusers":
-                return "lora_unet_" + _flat(path)
-            return "diffusion_model." + ldm
-        if spelling in KOHYA:
-            if component == "text_encoder_2":
-                return "lora_te2_" + _flat(path)
-            return ("lora_te1_" if self._two_encoders() else "lora_te_") + _flat(path)
-        return f"text_encoders.{self._comfy_clip(component)}.transformer.{path}"
 
     def _alias_adder(self, table: dict[str, tuple[str, str]]):
         """add(alias, module, spelling) into `table`, refusing an alias that would name two modules."""
@@ -171,35 +118,25 @@ class BaseModel:
             self._aliases = table
         return self._aliases
 
+    # the kohya spelling this family's trainers write ("kohya-ldm": original names flattened)
+    kohya_spelling = "kohya-ldm"
+
+    def spell(self, module: str, spelling: str) -> str:
+        """The LoRA module key for canonical `module` in `spelling` (inverse of `resolve`). Each
+        family's model class defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no LoRA key spellings")
+
     def _add_aliases(self, add) -> None:
         """Register every key a LoRA file may spell a module of this model with:
-        add(alias, module, spelling). Each family's reader overrides it."""
-        for module in self.weights:
-            component, _, path = module.partition(".")
-            add(module, module, "peft")
-            if component == "unet":
-                ldm = self.ldm_names.get(module)
-                add("lora_unet_" + _flat(path), module, "kohya-diffusers")
-                if ldm is not None:
-                    add("lora_unet_" + _flat(ldm), module, "kohya-ldm")
-                    add("diffusion_model." + ldm, module, "comfy")
-            elif path.startswith("text_model."):  # transformers 5 CLIPTextModel names lack it
-                add(f"{component}.{path[len('text_model.'):]}", module, "peft")
-            if component == "text_encoder":
-                for prefix in ("lora_te_", "lora_te1_"):
-                    add(prefix + _flat(path), module, self.kohya_spelling)
-                for clip in ("clip_l", "clip_h"):
-                    add(f"text_encoders.{clip}.transformer.{path}", module, "comfy")
-            elif component == "text_encoder_2":
-                add("lora_te2_" + _flat(path), module, self.kohya_spelling)
-                add(f"text_encoders.clip_g.transformer.{path}", module, "comfy")
+        add(alias, module, spelling). Each family's model class defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no LoRA key spellings")
 
     def resolve(self, lora_key: str) -> tuple[str, str] | None:
         """(canonical module id, spelling) for a LoRA module key as a file spells it, or None."""
         return self._alias_table().get(lora_key)
 
-    # Fused-layer hooks (used by the plan). UNet models have no fused LoRA modules, so these say
-    # "nothing fused" here; Flux (checkpoints.flux.FluxModel) overrides them.
+    # Fused-layer hooks (used by the plan): by default no LoRA module is fused; a family with fused
+    # weights (FLUX.1's qkv and linear1) overrides them.
     def resolve_fused(self, lora_key: str) -> "FusedHit | None":
         """For a LoRA key that adapts a fused weight (several canonical modules stacked by rows,
         e.g. Flux's img_attn.qkv): its spelling and which up rows are which module. Else None."""
@@ -265,7 +202,8 @@ class BaseModel:
 
     # ------------------------------------------------------------------ description
     def describe(self) -> dict:
-        """Facts for `prolora inspect`: family, layout, files, per-component counts, dtypes, blocks."""
+        """Facts for `prolora inspect`: family, layout, files, per-component counts, dtypes; each
+        family's model adds its own (block counts, widths, variant)."""
         comps: dict[str, dict] = {}
         for ref in self.weights.values():
             c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "conv": 0, "parameters": 0})
@@ -274,7 +212,6 @@ class BaseModel:
             c["parameters"] += ref.numel
         for comp, facts in self.text_encoders.items():
             comps.setdefault(comp, {}).update(facts)
-        st = unet_stats({m: r.shape for m, r in self.weights.items()})
         return {
             "name": self.name,
             "path": str(self.path),
@@ -283,13 +220,6 @@ class BaseModel:
             "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size} for role, p in sorted(self.files.items())],
             "components": comps,
             "dtypes": dict(Counter(r.dtype for r in self.weights.values())),
-            "cross_attention_dim": st.cross_dim,
-            "transformer_blocks": {
-                "down": [sum(d) for d in st.down_depths],
-                "mid": sum(st.mid_depths),
-                "up": [sum(d) for d in st.up_depths],
-                "total": st.total_blocks,
-            },
         }
 
     # ------------------------------------------------------------------ lifetime

@@ -232,7 +232,7 @@ def open_qwen_single_file(path: Path, header: Header | None = None) -> QwenModel
     if other:
         facts["keys_not_read"] = other  # an all-in-one file's text encoder / VAE
     return QwenModel(path=path, name=path.stem, layout="single-file", family=FAMILY, weights=weights,
-                     files={"single-file": path}, headers={path: header}, ldm_names={}, facts=facts)
+                     files={"single-file": path}, headers={path: header}, facts=facts)
 
 
 def _class_name(config: Path) -> str:
@@ -272,7 +272,7 @@ def transformer_from_diffusers(tensors: dict[str, tuple[Path, TensorInfo]], wher
 def open_qwen_folder(path: Path) -> QwenModel:
     """A pipeline folder with transformer/ (sharded or not), or the bare transformer folder. The
     text encoder (Qwen2.5-VL) and the VAE are not read."""
-    from .diffusers_folder import read_component
+    from .folders import read_component
 
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
@@ -287,4 +287,4 @@ def open_qwen_folder(path: Path) -> QwenModel:
     if folder != path and (path / "text_encoder").is_dir():
         facts["text_encoder"] = "Qwen2.5-VL, not read (not a LoRA target of the Qwen-Image trainers)"
     return QwenModel(path=path, name=path.name, layout="diffusers", family=FAMILY, weights=weights, files=files,
-                     headers=headers, ldm_names={}, facts=facts, variant=variant)
+                     headers=headers, facts=facts, variant=variant)

@@ -332,7 +332,7 @@ def open_wan_single_file(path: Path, header: Header | None = None) -> WanModel:
     if unmapped:
         facts["unmapped"] = sorted(unmapped)
     return WanModel(path=path, name=path.stem, layout="single-file", family=_family(facts), weights=_order(weights),
-                    files={"single-file": path}, headers={path: header}, ldm_names={}, original=original, facts=facts)
+                    files={"single-file": path}, headers={path: header}, original=original, facts=facts)
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -398,7 +398,7 @@ def open_wan_folder(path: Path) -> WanModel:
     Wan 2.2 A14B pipeline with both experts (transformer/ high-noise, transformer_2/ low-noise:
     weights `transformer.*` and `transformer_2.*`). Shards and the fp16 variant are read like any
     diffusers component. Text encoder and VAE are not read (LoRAs for Wan adapt the transformer)."""
-    from .diffusers_folder import read_component
+    from .folders import read_component
 
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
@@ -417,7 +417,7 @@ def open_wan_folder(path: Path) -> WanModel:
     weights, original, facts = transformers_from_diffusers(
         {c: read_component(folder, path, files, headers) for c, folder in parts.items()}, path, boundary)
     return WanModel(path=path, name=path.name, layout="diffusers", family=_family(facts), weights=weights,
-                    files=files, headers=headers, ldm_names={}, original=original, facts=facts)
+                    files=files, headers=headers, original=original, facts=facts)
 
 
 # ----------------------------------------------------------------------------- pairs

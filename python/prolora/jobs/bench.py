@@ -86,7 +86,7 @@ def write_tuned(base_path: Path, out: Path, seed: int = 7, layers: str | None = 
     weight plus a decaying-spectrum difference; returns how many weights were changed."""
     import re
 
-    from ..checkpoints import open_model
+    from ..families import open_model
     from ..safetensors_io import SafetensorsFile, StreamingWriter
 
     pattern = re.compile(layers) if layers else None
@@ -193,7 +193,7 @@ def _cpu() -> float:
 def phase_reference(base: str, tuned: str, lora: str, report: str, rank: int) -> dict[str, Any]:
     """sd-scripts' loop (full SVD of each dense difference), timed; then, untimed, each layer's
     optimal rank-r error and the extracted LoRA's actual error."""
-    from ..checkpoints import open_model
+    from ..families import open_model
     from ..engine.memory import peak_rss
     from ..formats import read_lora
 

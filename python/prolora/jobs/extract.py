@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
+from ..families import open_model
 from ..engine.memory import default_budget, peak_rss, trim_near
 from ..engine.planner import consecutive
 from ..errors import (InputFileError, LoraMismatchError, ModelError, NothingTransferredError, OptionError,

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
+from ..families import open_model
 from ..errors import LoraMismatchError, ModelError, OptionError, OutputPathError
 from ..formats import read_lora, write_lora
 from ..formats.parts import canonical_modules

@@ -20,9 +20,9 @@ import torch
 
 from ..checkpoints import BaseModel
 from ..checkpoints.flux import COMPONENT as FLUX_COMPONENT, FluxModel, bfl_file_plan, is_flux_keys
-from ..checkpoints.single_file import UNET_PREFIX, single_file_plan
+from ..families.sd.read import UNET_PREFIX, single_file_plan
 from ..errors import ModelError
-from ..checkpoints.diffusers_folder import weight_files
+from ..checkpoints.folders import weight_files
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 

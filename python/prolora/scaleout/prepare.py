@@ -14,7 +14,8 @@ from typing import Callable
 
 from ..api import _matching
 from ..cache import BasisCache
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
+from ..families import open_model
 from ..engine import BasisProvider, Engine
 from ..errors import ProloraError
 from ..formats import read_lora

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..api import Failure, TransferResult, transfer_many
 from ..cache import BasisCache
-from ..checkpoints import BaseModel, open_model
+from ..checkpoints import BaseModel
+from ..families import open_model
 from ..engine import EngineStats
 from ..options import TransferOptions
 from ..safetensors_io import atomic_path

@@ -15,7 +15,8 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from ..checkpoints import BaseModel, WeightRef, open_model
+from ..checkpoints import BaseModel, WeightRef
+from ..families import open_model
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
 from .spectra import generator

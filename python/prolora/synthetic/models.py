@@ -16,8 +16,9 @@ from typing import Iterator
 
 import torch
 
-from ..checkpoints import BaseModel, open_model
-from ..checkpoints.single_file import single_file_plan
+from ..checkpoints import BaseModel
+from ..families import open_model
+from ..families.sd.read import single_file_plan
 from .configs import UNET_DEFAULTS, ConfigLike, FluxConfig, ModelConfig, TextEncoderConfig, resolve
 from .flux import write_flux
 from .params import Params, model_params

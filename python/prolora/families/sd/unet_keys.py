@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..errors import ModelError
+from ...errors import ModelError
 
 # resnet parameter names: diffusers <-> LDM
 RESNET_D2L = {

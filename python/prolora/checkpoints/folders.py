@@ -1,5 +1,5 @@
-"""Reader for diffusers folders: a pipeline (model_index.json + unet/, text_encoder/,
-text_encoder_2/) or one bare component folder (config.json + weights).
+"""Diffusers component folders, for every family's folder reader: which safetensors files hold a
+component's weights (plain, fp16 variant, sharded), their headers, and a config's class name.
 
 Per component it picks the full-precision weights when present, else the fp16 variant (else any
 other variant), as one file or as shards listed by a `*.safetensors.index[.variant].json`.
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ..errors import CorruptFileError, ModelError, PickleRefusedError
 from ..safetensors_io import Header, read_header
-from .build import Component, Tensors, assemble, clip_from_transformers, unet_from_diffusers
-from .model import COMPONENTS, BaseModel
+from .encoders import Tensors
 
 _BASES = r"(diffusion_pytorch_model|model)"
 _SINGLE = re.compile(_BASES + r"(?:\.(\w+))?\.safetensors$")
@@ -72,42 +71,18 @@ def read_component(folder: Path, root: Path, files: dict[str, Path], headers: di
     return tensors
 
 
-def _component_kind(folder: Path) -> str:
-    if folder.name in COMPONENTS:
-        return folder.name
+def class_name(config: Path) -> str:
+    """The `_class_name` of a diffusers config.json / model_index.json, "" when absent or unreadable."""
+    try:
+        return str(json.loads(config.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def config_of(folder: Path) -> dict:
+    """A component folder's config.json as a dict ({} when absent or unreadable)."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        raise ModelError(f"{folder}: config.json is missing or not JSON") from None
-    if "down_block_types" in cfg or cfg.get("_class_name") == "UNet2DConditionModel":
-        return "unet"
-    arch = " ".join(cfg.get("architectures") or []) + " " + str(cfg.get("model_type", ""))
-    if "clip" in arch.lower():
-        return "text_encoder_2" if "WithProjection" in arch else "text_encoder"
-    raise ModelError(f"{folder}: config.json describes neither a UNet nor a CLIP text encoder")
-
-
-def _read(folder: Path, kind: str, root: Path, files: dict, headers: dict) -> Component:
-    tensors = read_component(folder, root, files, headers)
-    if kind == "unet":
-        return unet_from_diffusers(tensors, str(folder))
-    return clip_from_transformers(tensors, kind)
-
-
-def open_pipeline(path: Path) -> BaseModel:
-    """A diffusers pipeline folder: unet/ is required, text encoders are read when present."""
-    if not (path / "unet").is_dir():
-        extra = " (a transformer/ model such as Flux or SD3, which is not supported)" if (path / "transformer").is_dir() else ""
-        raise ModelError(f"{path}: diffusers pipeline without a unet/ folder{extra}")
-    files: dict[str, Path] = {}
-    headers: dict[Path, Header] = {}
-    comps = [_read(path / c, c, path, files, headers) for c in COMPONENTS if (path / c).is_dir()]
-    return assemble(path, "diffusers", comps, files, headers)
-
-
-def open_component(path: Path) -> BaseModel:
-    """One bare component folder (config.json + weights), e.g. a unet/ folder."""
-    files: dict[str, Path] = {}
-    headers: dict[Path, Header] = {}
-    comp = _read(path, _component_kind(path), path, files, headers)
-    return assemble(path, "diffusers", [comp], files, headers)
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
