@@ -23,6 +23,7 @@ from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, 
 from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
                      OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
+from .formats.adapters import drop_bias_deltas
 from .formats.parts import assemble_parts, canonical_modules
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
@@ -123,6 +124,8 @@ def _provenance(lf: LoraFile, source: BaseModel, target: BaseModel, opts: Transf
     })
     if "ss_sd_model_name" in meta:
         meta["ss_sd_model_name"] = target.name
+    if any(r.adapter for r in report.layers):
+        meta["prolora.convert_error"] = f"{opts.convert_error:g}"
     return meta
 
 
@@ -171,6 +174,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     lf, fmt = task.lora, task.plan.out_format
     report = _report(task, src, tgt, opts, time.perf_counter() - t0)
     modules = assemble_parts(finalize(task.results, opts, lf.dtype))  # fused slices back into one module
+    report.warnings += drop_bias_deltas(modules, fmt)
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
         report.warnings += pad_output(modules, fmt, tgt)
@@ -240,7 +244,7 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
             for lora, out in (items[j] for j in group):
                 name = str(lora.path if isinstance(lora, LoraFile) else lora)
                 try:
-                    lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+                    lf = lora if isinstance(lora, LoraFile) else read_lora(lora, opts.conversion())
                     fmt = lf.format if opts.format == "same" else opts.format
                     plan = build_plan(lf, src, tgt, fmt, mapping, opts.widths)
                     if matches:

@@ -22,7 +22,7 @@ from ..options import TransferOptions
 from ..plan import LayerJob
 from ..spill import Spill
 from .bases import BasisProvider
-from .jobs import JobResult, LoraTask, factors, matrix_shape, run_job
+from .jobs import JobResult, LoraTask, factors, matrix_shape, realize, run_job
 from .memory import current_rss, default_budget, peak_rss, trim_near
 from .planner import chunk_limit, chunk_modules
 
@@ -100,9 +100,12 @@ class Engine:
                 on_done(task)
         order = [m for m in self.source.weights if m in work]
         self.stats.modules = len(order)
+        # modules whose adapter's dW needs the source weight (DoRA): it is read even when cached
+        keep = frozenset(m for m in order if any(job.lora.needs_base for _, job in work[m]))
         if self.opts.method == "copy":
             for m in order:
-                self._apply(m, work[m], None, None, on_done)
+                weight = self.source.load(m, dtype=None) if m in keep else None
+                self._apply(m, work[m], None, None, on_done, weight=weight)
             self.stats.seconds = {"total": time.perf_counter() - t0}
             return self.stats
         provider = BasisProvider(self.source, self.target, self.opts, self.cache)
@@ -114,17 +117,18 @@ class Engine:
         project_s = 0.0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool, \
                 closing(Spill(_spill_folder(tasks))) as spill:
-            ahead: Future | None = pool.submit(loader.prefetch, chunks[0], targets) if chunks else None
+            ahead: Future | None = pool.submit(loader.prefetch, chunks[0], targets, keep) if chunks else None
             for i, chunk in enumerate(chunks):
                 pre = ahead.result()
-                ahead = pool.submit(loader.prefetch, chunks[i + 1], targets) if i + 1 < len(chunks) else None
+                ahead = pool.submit(loader.prefetch, chunks[i + 1], targets, keep) if i + 1 < len(chunks) else None
                 try:
+                    weights = {m: pre[m].Ws for m in chunk if m in keep}
                     bases = provider.bases(pre)
                     del pre
                     t1 = time.perf_counter()
                     for m in chunk:
                         src, tgt = bases.pop(m)
-                        self._apply(m, work[m], src, tgt, on_done, spill)
+                        self._apply(m, work[m], src, tgt, on_done, spill, weights.pop(m, None))
                     trim_near(budget)  # near the budget: give back the heap's holes
                     project_s += time.perf_counter() - t1
                 except BaseException:
@@ -163,10 +167,17 @@ class Engine:
             return {}
         return {i: p for (i, _), p in zip(live, got)}
 
-    def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None) -> None:
+    def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None,
+               weight: torch.Tensor | None = None) -> None:
         shared = None  # the module's similarity, formed once for all the LoRAs on it
         backend = None
         projected: dict[int, tuple] = {}
+        for task, job in items:  # DoRA: its dW on the source weight, written as a LoRA
+            if task.error is None and job.lora.needs_base:
+                try:
+                    realize(job, weight.cpu(), self.opts)
+                except Exception as e:  # one LoRA's failure must not stop the others
+                    task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
         for n, (task, job) in enumerate(items):
             if task.error is not None:
                 continue

@@ -17,6 +17,12 @@ from ..lora import LoraModule
 
 # Roles a tensor can play in a module.
 DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
+# LyCORIS tensor suffixes (kohya and ComfyUI module names) -> role (formats.adapters reads them)
+ADAPTER_SUFFIXES = {"lora_mid.weight": "mid", "dora_scale": "dora_scale", "diff": "diff", "diff_b": "diff_b",
+                    **{s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                      "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                      "lokr_t2")}}
+ADAPTER_SUFFIX_RE = "|".join(k.replace(".", r"\.") for k in sorted(ADAPTER_SUFFIXES, key=len, reverse=True))
 
 
 class Collector:
@@ -108,11 +114,19 @@ def check_pair(path: Path | str | None, module: str, down: torch.Tensor, up: tor
             raise InvalidLoraError(f"{path}: '{key}' contains NaN or Inf values")
 
 
-def build_modules(col: Collector) -> dict[str, LoraModule]:
-    """Validate collected parts and turn them into LoraModules."""
+def build_modules(col: Collector, conversion=None) -> dict[str, LoraModule]:
+    """Validate collected parts and turn them into LoraModules; adapters other than a plain pair
+    (LoKr, LoHa, Tucker, full differences, DoRA) through formats.adapters, converted to a LoRA by
+    `conversion` (a lowrank.Conversion; default bound when None)."""
     path = col.path
     out: dict[str, LoraModule] = {}
     for module, t in col.modules.items():
+        if not set(t) <= {DOWN, UP, ALPHA, BIAS}:
+            from . import adapters
+            from .lowrank import Conversion
+
+            out[module] = adapters.build(path, module, t, conversion or Conversion())
+            continue
         if DOWN not in t or UP not in t:
             have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
             missing = " and ".join(r for r in (DOWN, UP) if r not in t)

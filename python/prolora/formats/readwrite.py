@@ -13,17 +13,20 @@ from . import peft
 from .parts import assemble_parts
 from .common import ALPHA, Collector, build_modules, common_dtype, validate_for_write
 from .detect import FORMAT_MODULES, classify
+from .lowrank import Conversion
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Load a (small) LoRA file, detect its format from the keys, validate every module."""
+def read_lora(path: str | os.PathLike, conversion: Conversion | None = None) -> LoraFile:
+    """Load a (small) LoRA file, detect its format from the keys, validate every module.
+    Adapters that are not a plain pair (LoKr, LoHa, full differences) become the LoRA nearest
+    their dW by `conversion` (its error bound or fixed rank; formats.lowrank)."""
     path = Path(path)
     tensors, metadata = load_all(path)
-    return lora_from_tensors(tensors, metadata, path)
+    return lora_from_tensors(tensors, metadata, path, conversion)
 
 
 def lora_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      path: Path | str = "<state dict>") -> LoraFile:
+                      path: Path | str = "<state dict>", conversion: Conversion | None = None) -> LoraFile:
     """A LoRA held in memory (a state dict as a LoRA file would hold it, with that file's metadata
     if any): format detected from the keys, every module validated, as `read_lora` does. `path`
     names it in messages; a LoraFile built from memory has no path."""
@@ -34,7 +37,7 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         col.add(module, role, key, tensors[key])
     for key, module in found.alphas.items():
         col.add(module, ALPHA, key, tensors[key])
-    modules = build_modules(col)
+    modules = build_modules(col, conversion)
     if found.format == peft.NAME:
         peft.apply_metadata_alphas(path, modules, metadata)
     return LoraFile(
@@ -93,6 +96,8 @@ def write_lora(path: str | os.PathLike, lora: LoraFile, format: str | None = Non
     is updated to the assembled modules, so that the object matches the file."""
     fmt = format or lora.format
     assembled = assemble_parts(lora.modules)
+    if fmt == peft.NAME:  # scale folded in, alpha = rank: diffusers (metadata) and ComfyUI (none) agree
+        assembled = peft.unit_scales(assembled)
     if assembled is not lora.modules:
         lora.modules = assembled
     if fmt not in FORMATS:
