@@ -9,7 +9,7 @@ import torch
 import prolora
 from prolora.api import transfer_many
 from prolora.cache import BasisCache
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.cli import main
 from prolora.engine import lora_passes
 from prolora.formats import read_lora

@@ -38,7 +38,7 @@ from test_flux import bfl_tensors  # noqa: E402
 from zoo import SDXL_UNET  # noqa: E402
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.synthetic import write_lora  # noqa: E402
 
 

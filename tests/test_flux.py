@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.checkpoints.flux import bfl_file_plan, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError  # noqa: E402
 from prolora.formats import read_lora, summarize, write_lora  # noqa: E402
@@ -371,6 +371,10 @@ def test_canonical_modules_match_layouts(pair):
 @pytest.mark.parametrize("name", ["kohya", "kohya-split", "kohya-diffusers", "comfy", "xlabs", "peft"])
 def test_copy_is_bit_exact(pair, tmp_path, name):
     out = tmp_path / "o.safetensors"
+    if name == "xlabs":  # the tiny model has no double block 18 / single block 37 (test_client_flux: deep)
+        with pytest.raises(ModelError, match="XLabs reader requires"):
+            prolora.transfer(pair["source"], pair["target"], pair["loras"][name], out, method="copy", cache=False)
+        return
     prolora.transfer(pair["source"], pair["target"], pair["loras"][name], out, method="copy", cache=False)
     a, b = read_lora(pair["loras"][name]), read_lora(out)
     assert a.format == b.format and set(a.modules) == set(b.modules)
@@ -439,11 +443,9 @@ def test_dev_to_schnell_drops_guidance_and_says_why(pair, tmp_path):
 
 def test_format_conversions_and_refusals(pair, tmp_path):
     src, tgt = pair["source"], pair["target"]
-    # kohya (with linear1) -> xlabs: the MLP rows of linear1 have no XLabs name and are reported
-    res = prolora.transfer(src, tgt, pair["loras"]["kohya"], tmp_path / "x.safetensors", format="xlabs", cache=False)
-    why = {r.module for r in res.report.layers if not r.transferred and "XLabs" in r.reason}
-    assert "transformer.single_transformer_blocks.0.proj_mlp" in why
-    assert read_lora(tmp_path / "x.safetensors").format == "xlabs"
+    # kohya -> xlabs: refused on a model without the blocks ComfyUI's XLabs reader requires
+    with pytest.raises(ModelError, match="--format comfy"):
+        prolora.transfer(src, tgt, pair["loras"]["kohya"], tmp_path / "x.safetensors", format="xlabs", cache=False)
     # peft -> kohya: the slices meet again in fused BFL modules
     prolora.transfer(src, tgt, pair["loras"]["peft"], tmp_path / "k.safetensors", format="kohya", cache=False)
     k = read_lora(tmp_path / "k.safetensors")
@@ -452,12 +454,12 @@ def test_format_conversions_and_refusals(pair, tmp_path):
     res = prolora.transfer(tgt, src, pair["loras"]["kohya-split"], tmp_path / "r.safetensors", cache=False)
     assert res.report.summary()["skipped"] == 0
     assert set(read_lora(tmp_path / "r.safetensors").modules) == set(read_lora(pair["loras"]["kohya-split"]).modules)
-    with pytest.raises(ModelError, match="old diffusers"):
+    with pytest.raises(ModelError, match="diffusers-old LoRA format has no layout"):
         prolora.transfer(src, tgt, pair["loras"]["peft"], tmp_path / "d.safetensors", format="diffusers-old")
 
 
 def test_xlabs_output_refused_for_unet_models(sd15_pair, tmp_path):
-    with pytest.raises(ModelError, match="XLabs"):
+    with pytest.raises(ModelError, match="xlabs LoRA format has no layout"):
         prolora.transfer(sd15_pair["source"], sd15_pair["target"], sd15_pair["kohya"], tmp_path / "o.safetensors",
                          format="xlabs")
 

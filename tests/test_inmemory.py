@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 
 import prolora  # noqa: E402
 import prolora.diffusers  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.checkpoints.memory import in_memory_model  # noqa: E402
 from prolora.checkpoints.model import _ID_RUN_ELEMENTS, _ID_RUNS, sample_runs  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError, OptionError, ProloraError  # noqa: E402

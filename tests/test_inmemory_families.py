@@ -27,7 +27,7 @@ pytest.importorskip("peft")
 
 import prolora  # noqa: E402
 import prolora.diffusers  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.checkpoints.memory import in_memory_model  # noqa: E402
 from prolora.checkpoints.wan import expert_targets  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError, ProloraError  # noqa: E402

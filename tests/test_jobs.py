@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.errors import LoraMismatchError, ModelError, NothingTransferredError, OptionError
 from prolora.formats import read_lora, write_lora
 from prolora.formats.parts import canonical_modules

@@ -37,7 +37,7 @@ from test_client_diffusers import _peft_value  # noqa: E402
 from test_client_flux import _perturbed  # noqa: E402
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.errors import ModelError  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.lora import LoraModule  # noqa: E402

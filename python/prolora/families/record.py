@@ -57,6 +57,8 @@ class Family:
     lora_hint: LoraHint | None = None
     metadata_hints: tuple[tuple[str, str], ...] = ()  # (substring of a LoRA's base-model metadata, member)
     pair_refusal: PairRefusal | None = None
+    # (output format, model) -> why that format's output for this model must be refused, or None
+    format_refusal: Callable[[str, "BaseModel"], "str | None"] | None = None
     pad_output: PadOutput | None = None
     block_of: BlockOf | None = None
     # what a LoRA extracted from these models says of its base (modelspec / kohya ss_* metadata)

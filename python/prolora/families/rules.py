@@ -32,6 +32,10 @@ def check_pair(source, target, widths: str = "refuse") -> None:
 def check_format(fmt: str, model) -> None:
     """Raise ModelError if output format `fmt` has no layout for `model`'s family."""
     fam = of(model)
+    if fam is not None and fam.supports_format(fmt) and fam.format_refusal is not None:
+        why = fam.format_refusal(fmt, model)
+        if why is not None:
+            raise ModelError(why)
     if fam is None or fam.supports_format(fmt):
         return
     have = [f for f in FORMATS if fam.supports_format(f)]

@@ -25,7 +25,18 @@ def lora_hint(lora):
     return ("flux", "Flux block names") if any(_FLUX.search(k) for k in lora.modules) else None
 
 
+def format_refusal(fmt, model):
+    from .xlabs import format_refusal as refusal
+    return refusal(fmt, model)
+
+
+def pad_output(modules, fmt, model):
+    from .xlabs import pad_output as pad
+    return pad(modules, fmt, model)
+
+
 FAMILY = Family(name="flux", members=("flux", "chroma"), title="FLUX.1 (dev, schnell) and Chroma",
-                claim_file=claim_file, claim_folder=claim_folder,
+                claim_file=claim_file, claim_folder=claim_folder, format_refusal=format_refusal,
+                pad_output=pad_output,
                 related=frozenset({("flux", "chroma"), ("chroma", "flux")}),
                 formats=("kohya", "peft", "comfy", "xlabs"), metadata_hints=(("flux", "flux"),), lora_hint=lora_hint)
