@@ -33,7 +33,7 @@ from .ops.registry import override_for
 from .options import TransferOptions
 from .plan import build_plan, check_families
 from .report import LayerRecord, Report
-from .safetensors_io import read_header
+from .tensor_files import quantization, quantization_warnings, read_header as read_any_header
 
 PathLike = str | os.PathLike
 Progress = Callable[[int], None]
@@ -161,8 +161,11 @@ def _report(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOption
     records += [LayerRecord(s.module, s.lora_key, None, s.shape, False, s.reason, rank_in=lf.modules[s.lora_key].rank)
                 for s in plan.skipped]
     report = Report(records, warnings=list(plan.warnings))
+    quant = {role: q for role, q in (("source", quantization(src)), ("target", quantization(tgt))) if q}
+    report.warnings += quantization_warnings(src, "source") + quantization_warnings(tgt, "target")
     report.info = {
         "source": src.name, "source_id": src.identity(), "target": tgt.name, "target_id": tgt.identity(),
+        **{f"{role}_quantization": q for role, q in quant.items()},
         "lora": str(lf.path) if lf.path else None, "input_format": lf.format, "output_format": plan.out_format,
         **opts.describe(), "device": opts.device, "seconds": round(seconds, 3),
     }
@@ -524,7 +527,7 @@ def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: Path
 def _looks_like_lora(path: Path) -> bool:
     """Adapter files name their tensors lora/hada/lokr/oft/dora; base checkpoints never do."""
     marks = ("lora", "hada_", "lokr_", "oft_", "dora_scale", "lora_magnitude")
-    return any(any(m in k.lower() for m in marks) for k in read_header(path).tensors)
+    return any(any(m in k.lower() for m in marks) for k in read_any_header(path).tensors)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:
@@ -535,4 +538,5 @@ def inspect(path: PathLike) -> dict[str, Any]:
     if p.is_file() and _looks_like_lora(p):
         return {"kind": "lora", "path": str(p), **summarize(read_lora(p))}
     with open_model(p) as m:
-        return {"kind": "model", "path": str(p), **m.describe()}
+        q = quantization(m)
+        return {"kind": "model", "path": str(p), **m.describe(), **({"quantization": q} if q else {})}
