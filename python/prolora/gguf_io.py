@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,13 +289,20 @@ class GgufFile:
             n = math.prod(info.shape)
             data = read_bytes(self._fd, self.path, info.name, self.header.data_start + info.start, n // block * bsize,
                               lambda what: _corrupt(self.path, what)).numpy()
-            return torch.from_numpy(np.array(dequantize(data, qtype), np.float32)).reshape(-1)[start:stop, None]
+            out = torch.from_numpy(np.array(dequantize(data, qtype), np.float32)).reshape(-1)[start:stop, None]
+            if not math.isfinite(float(out.sum(dtype=torch.float64))):
+                raise _corrupt(self.path, f"tensor '{info.name}' dequantizes to NaN or Inf")
+            return out
         out = torch.empty(stop - start, row, dtype=torch.float32)
         step = max(1, _BLOCK_ELEMENTS // max(row, 1))
         for a in range(start, stop, step):
             b = min(stop, a + step)
             data = raw(a, b).numpy().reshape(b - a, row_bytes)
-            out[a - start:b - start] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype), np.float32))
+            with warnings.catch_warnings():  # NaN from damaged scales is refused just below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[a - start:b - start] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype), np.float32))
+        if not math.isfinite(float(out.sum(dtype=torch.float64))):  # garbage block scales (inf * 0)
+            raise _corrupt(self.path, f"tensor '{info.name}' dequantizes to NaN or Inf")
         return out
 
     def runs(self, name: str, runs: list[tuple[int, int]]) -> bytes:
