@@ -197,6 +197,17 @@ def test_dora_with_cached_source_bases_reads_the_source_weight(pair, files, tmp_
     assert res.report.info["engine"]["cache_hits"] > 0 and outs[0] == outs[1]
 
 
+def test_commands_without_a_base_refuse_dora(files, tmp_path):
+    from prolora.jobs.resize import resize
+
+    dora = files["peft_dora"][0]
+    with pytest.raises(UnsupportedFormatError, match="DoRA module .* depends on the base weight"):
+        resize(dora, tmp_path / "r.safetensors", 2)
+    with pytest.raises(UnsupportedFormatError, match="compare"):
+        prolora.compare(dora, dora)
+    assert prolora.inspect(files["lokr"][0])["adapters"] == {"lokr": len(files["lokr"][1])}
+
+
 # ----------------------------------------------------------------------------- clients
 
 

@@ -23,7 +23,7 @@ from .engine import (BasisProvider, Engine, EngineStats, LoraTask, current_rss, 
 from .errors import (InputFileError, LoraMismatchError, NothingTransferredError, OptionError,
                      OutputPathError, ProloraError)
 from .formats import read_lora, summarize, write_lora
-from .formats.adapters import drop_bias_deltas
+from .formats.adapters import drop_bias_deltas, refuse_base_dependent
 from .formats.parts import assemble_parts, canonical_modules
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
@@ -503,6 +503,8 @@ def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: Path
     two files may be in different formats; without it they must spell modules alike."""
     a = lora_a if isinstance(lora_a, LoraFile) else read_lora(lora_a)
     b = lora_b if isinstance(lora_b, LoraFile) else read_lora(lora_b)
+    for lf in (a, b):
+        refuse_base_dependent(lf, "compare")
     if base is None:
         if a.format != b.format:
             raise OptionError(f"the LoRAs are in different formats ({a.format} vs {b.format}): pass --base MODEL "

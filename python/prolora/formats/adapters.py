@@ -311,3 +311,14 @@ def drop_bias_deltas(modules: dict[str, LoraModule], fmt: str) -> list[str]:
         return []
     return [f"{len(hit)} bias difference(s) (diff_b, e.g. on '{hit[0]}') dropped: the {fmt} format has no bias; "
             "--format comfy or peft keeps them"]
+
+
+def refuse_base_dependent(lf, what: str) -> None:
+    """Raise for a LoRA with DoRA modules in a command that reads no base weight (resize, merge,
+    compare, refine): their dW is not their factors'."""
+    hit = [k for k, m in lf.modules.items() if m.needs_base]
+    if hit:
+        more = f" (and {len(hit) - 1} more)" if len(hit) > 1 else ""
+        raise UnsupportedFormatError(
+            f"{lf.path or 'LoRA'}: DoRA module '{hit[0]}'{more}: its dW depends on the base weight it was trained "
+            f"on, which {what} does not read; transfer it first (prolora transfer writes it as a plain LoRA)")

@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..errors import OutputPathError
 from ..formats import read_lora, write_lora
+from ..formats.adapters import refuse_base_dependent
 from ..lora import LoraFile, LoraModule
 from .factors import RankRule, factor_svd, retained, split_factors, uniform_alpha
 
@@ -105,6 +106,7 @@ def resize(lora: str | os.PathLike | LoraFile, output: str | os.PathLike, rule: 
     elif isinstance(rule, str):
         rule = RankRule.parse(rule, max_rank)
     lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+    refuse_base_dependent(lf, "resize")
     output = Path(output)
     if lf.path is not None and output.exists() and output.resolve() == Path(lf.path).resolve():
         raise OutputPathError(f"{output}: is the input LoRA; refusing to overwrite an input, choose another output")
