@@ -106,6 +106,18 @@ def test_gguf_target_gives_the_output_of_its_dequantized_weights(flux, tmp_path,
         assert m.family == "flux" and prolora.inspect(g)["quantization"]["bits"] == int(qtype[1])
 
 
+def test_sdxl_gguf_source(sdxl_pair, tmp_path):
+    """An SDXL single file (SGM keys under model.diffusion_model., CLIP encoders) as GGUF: the SD
+    family's key map reads it unchanged; conv and 1-D tensors stay F32."""
+    g = write_gguf(sdxl_pair["source"], tmp_path / "s.gguf", "Q8_0", arch="sdxl")
+    st = dequantized_safetensors(g, tmp_path / "s.safetensors", torch.float16)
+    prolora.transfer(g, sdxl_pair["target"], sdxl_pair["kohya"], tmp_path / "a.safetensors", cache=False)
+    prolora.transfer(st, sdxl_pair["target"], sdxl_pair["kohya"], tmp_path / "b.safetensors", cache=False)
+    _same_output(tmp_path / "a.safetensors", tmp_path / "b.safetensors", 2e-3)  # fp16 copy of the dequantized
+    with open_model(g) as m:
+        assert m.family == "sdxl"
+
+
 def test_gguf_source_and_its_cache_identity(flux, tmp_path):
     """A GGUF model has a content identity: the second run reads its bases from the cache."""
     g = write_gguf(flux["source"], tmp_path / "s.gguf", "Q8_0")
