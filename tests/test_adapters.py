@@ -70,6 +70,35 @@ def test_lycoris_modules_read_as_the_library_applies_them(pair, tmp_path, algo, 
         assert _rel(_dense(m), dW) < 1e-6, (name, m.kind)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_peft_dora_layers_read_as_peft_applies_them(conv):
+    """peft's DoraLinearLayer / DoraConv2dLayer (magnitude [out] / [1, out, 1, 1], norm per output row)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from prolora.formats.readwrite import lora_from_tensors
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1) if conv else torch.nn.Linear(8, 6))
+    net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["0"],
+                                             init_lora_weights="gaussian"), net)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            elif "magnitude" in n:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    state = {"unet.x." + k: v for k, v in get_peft_model_state_dict(net).items()}
+    lf = lora_from_tensors(state, {"lora_adapter_metadata": '{"unet.r": 2, "unet.lora_alpha": 4}'})
+    m = realize_dora(lf.modules["unet.x.0"], net[0].base_layer.weight.detach().double(), EXACT)
+    x = torch.randn(2, 4, 5, 5) if conv else torch.randn(3, 8)
+    with torch.no_grad():
+        want = (net(x) - net[0].base_layer(x)).double()
+    W = _dense(m).reshape(net[0].base_layer.weight.shape)
+    got = torch.nn.functional.conv2d(x.double(), W, padding=1) if conv else x.double() @ W.T
+    assert _rel(got, want) < 1e-5
+
+
 def test_rank_is_chosen_by_the_bound_or_fixed():
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(4, 4, generator=g), torch.randn(32, 48, generator=g) * torch.logspace(0, -3, 48)

@@ -248,9 +248,10 @@ def _module(p: _Parts, up: torch.Tensor, down: torch.Tensor, kernel: tuple[int, 
 
 def _attach_magnitude(p: _Parts, lm: LoraModule) -> None:
     """DoRA: a per-row (out axis) or per-column (in axis) magnitude vector."""
-    if p.has(MAGNITUDE):  # PEFT: [out]
-        m = p.get(MAGNITUDE, (1,))
-        p.fits(m.shape[0] == lm.out_features, MAGNITUDE)
+    if p.has(MAGNITUDE):  # PEFT: [out] (linear), [1, out, 1, 1] (conv): per output row either way
+        m = p.get(MAGNITUDE, (1, 2, 3, 4, 5))
+        p.fits(m.numel() == lm.out_features and sum(int(d) != 1 for d in m.shape) <= 1, MAGNITUDE)
+        m = m.reshape(-1)
         axis, eps = "out", 0.0
     else:  # LyCORIS: [out, 1, ...] (wd_on_out) or [1, in, ...]
         m = p.get(DORA, (2, 3, 4, 5))
