@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,14 +67,19 @@ def _build(d: Path, blocks: tuple[int, int]) -> dict[str, Path]:
 
 def _run(args: list[str]) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "prolora.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
+    # stderr to a file, not a pipe: nothing reads a pipe while wait4 waits, so a full one would hang the child
+    with tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "prolora.cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=errf, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        errf.seek(0)
+        err = errf.read()
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"prolora {' '.join(args)} failed: {err.strip()[-400:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    # CPU seconds as well as wall time: on a shared machine the wall time measures the neighbours too
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "load_average": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
