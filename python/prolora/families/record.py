@@ -39,6 +39,15 @@ FORMATS = ("kohya", "peft", "comfy", "diffusers-old", "xlabs")
 
 
 @dataclass(frozen=True)
+class BenchPreset:
+    """One `prolora bench --family NAME` choice: a synthetic source/target pair of the family."""
+
+    dtype: str = "float16"  # the pair's stored dtype (a torch dtype's name)
+    help: str | None = None  # what `prolora bench --help` says of it, where the name alone does not tell
+    default: bool = False  # the choice without --family (one preset of all families)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: its members (the `BaseModel.family` values its readers give), how its
     models are opened, and the rules the rest of prolora reads (see the module doc)."""
@@ -66,6 +75,8 @@ class Family:
     # modules imported on first use (they need torch-heavy or optional packages): "synthetic"
     # (the model and LoRA writers, presets), "refine" (the denoiser builder and conditioning)
     parts: dict[str, str] = field(default_factory=dict)
+    # `prolora bench --family` choices (preset name -> BenchPreset), in the order --help lists them
+    bench: dict[str, BenchPreset] = field(default_factory=dict)
     # True for a package that only recognises architectures to refuse them by name
     refuses: bool = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..record import Family
+from ..record import BenchPreset, Family
 
 
 def claim_file(path: Path, header):
@@ -28,4 +28,6 @@ def lora_hint(lora):
 FAMILY = Family(name="flux", members=("flux", "chroma"), title="FLUX.1 (dev, schnell) and Chroma",
                 claim_file=claim_file, claim_folder=claim_folder,
                 related=frozenset({("flux", "chroma"), ("chroma", "flux")}),
-                formats=("kohya", "peft", "comfy", "xlabs"), metadata_hints=(("flux", "flux"),), lora_hint=lora_hint)
+                formats=("kohya", "peft", "comfy", "xlabs"), metadata_hints=(("flux", "flux"),), lora_hint=lora_hint,
+                bench={"flux": BenchPreset("bfloat16", "FLUX.1-dev, bf16"),
+                       "chroma": BenchPreset("bfloat16", "a FLUX.1-schnell source and a Chroma target derived from it, bf16")})
