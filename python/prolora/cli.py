@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from .version import __version__
 from .errors import OptionError, OutputPathError, ProloraError
 from .jobs.cli import register as register_jobs
 from .lora import FORMATS

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints.wan import EXPERTS, expert_label, expert_targets
+from .families.wan.read import EXPERTS, expert_label, expert_targets
 from .errors import OptionError, OutputPathError
 from .options import TransferOptions
 from .safetensors_io import atomic_path
@@ -72,7 +72,8 @@ def transfer_experts(source: PathLike, experts: dict[str, PathLike], lora: PathL
                      progress=None) -> ExpertsResult:
     """Move `lora` (trained on `source`) onto each expert; write `<OUT>.<expert>.safetensors`
     per expert and, with `report`, one JSON whose `experts` section holds each expert's report."""
-    from .api import resolve_output, resolve_report_path, transfer
+    from .outputs import resolve_output, resolve_report_path
+    from .transfers import transfer
 
     unknown = set(experts) - set(EXPERTS)
     if unknown:
@@ -99,7 +100,8 @@ def transfer_experts_many(source: PathLike, experts: dict[str, PathLike], loras:
     engine), `<output_dir>/<LoRA stem>.<expert>.safetensors` for each; a LoRA that fails is
     recorded in that expert's BatchResult.failures and the others go on. `report`: one JSON with
     a section per expert (its results and failures)."""
-    from .api import resolve_output, resolve_report_path, run_batch
+    from .outputs import resolve_output, resolve_report_path
+    from .transfers import run_batch
 
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,8 @@ def similarity_experts(source: PathLike, experts: dict[str, PathLike], *, json_p
                        **kwargs: Any) -> dict[str, Any]:
     """api.similarity of `source` against each expert: {label: SimilarityResult}; with
     `json_path`, one JSON whose `experts` section holds each expert's report."""
-    from .api import resolve_report_path, similarity
+    from .outputs import resolve_report_path
+    from .subspaces import similarity
 
     if json_path:
         resolve_report_path(json_path, [source, *experts.values()])

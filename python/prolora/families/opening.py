@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..errors import InputFileError, ModelError
 from ..safetensors_io import Header, read_header
 from .registry import families
 
-__all__ = ["open_model", "in_memory_model", "is_in_memory", "looks_like"]
+__all__ = ["open_model", "in_memory_model", "is_in_memory", "looks_like", "model_of"]
 
 
 def open_model(path: str | os.PathLike) -> BaseModel:
@@ -95,3 +96,13 @@ def _folder_looks_like(p: Path) -> str:
                     + ", ".join(f.title for f in families() if not f.refuses) + ")")
     return ("folder without model weights (expected model_index.json with unet/ or transformer/, or "
             "config.json with *.safetensors)")
+
+
+def model_of(x: Any, stack: ExitStack) -> BaseModel:
+    """A BaseModel for a path, a BaseModel, or weights held in memory (a diffusers pipeline, a
+    model module, (state_dict, config): checkpoints.memory)."""
+    if isinstance(x, BaseModel):
+        return x
+    if is_in_memory(x):
+        return in_memory_model(x)
+    return stack.enter_context(open_model(x))

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoints import BaseModel
 from ..families import open_model
 from ..engine.memory import default_budget, peak_rss, trim_near

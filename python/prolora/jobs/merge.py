@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoints import BaseModel
 from ..families import open_model
 from ..errors import LoraMismatchError, ModelError, OptionError, OutputPathError

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import OutputPathError
 from ..formats import read_lora, write_lora
 from ..lora import LoraFile, LoraModule

@@ -127,7 +127,8 @@ def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: Pat
            **option_kwargs) -> RefineResult:
     """Refine an existing transferred LoRA (`prolora refine`); write it to `output` if given
     (atomically: an interrupted run leaves no output)."""
-    from ..api import _model, resolve_output
+    from ..families import model_of
+    from ..outputs import resolve_output
     from ..formats import read_lora, write_lora
     from ..options import parse_size
     from ..plan import check_families
@@ -143,8 +144,8 @@ def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: Pat
     lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
     tf = transferred if isinstance(transferred, LoraFile) else read_lora(transferred)
     with ExitStack() as stack:
-        src = source if isinstance(source, BaseModel) else _model(source, stack)
-        tgt = target if isinstance(target, BaseModel) else _model(target, stack)
+        src = source if isinstance(source, BaseModel) else model_of(source, stack)
+        tgt = target if isinstance(target, BaseModel) else model_of(target, stack)
         check_families(src, tgt)
         budget = parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory
         refined, stats = refine_lora(src, tgt, lf, tf, opts, device, budget)

@@ -78,7 +78,7 @@ def add_refine_command(sub) -> None:
 
 
 def cmd_refine(a: argparse.Namespace) -> int:
-    from ..api import _write, resolve_report_path
+    from ..outputs import resolve_report_path, write_checked
     from ..errors import OptionError
     from . import refine
 
@@ -94,6 +94,6 @@ def cmd_refine(a: argparse.Namespace) -> int:
             print(line)
     if a.report:
         doc = json.dumps({"output": str(res.output), "refine": res.stats.asdict()}, indent=1)
-        _write(a.report, lambda p: Path(p).write_text(doc))
+        write_checked(a.report, lambda p: Path(p).write_text(doc))
     print(f"wrote {res.output}", file=sys.stdout)
     return 0
