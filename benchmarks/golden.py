@@ -58,8 +58,8 @@ def _cli(*args) -> str:
 def build(d: Path) -> dict[str, Path]:
     """The models and LoRAs every run uses (written once into `d`)."""
     from prolora.synthetic import write_lora, write_model, write_pair
-    from prolora.synthetic.qwen import write_qwen_lora, write_qwen_model
-    from prolora.synthetic.wan import write_wan22_experts, write_wan_lora, write_wan_model
+    from prolora.synthetic import (write_qwen_lora, write_qwen_model, write_wan22_experts, write_wan_lora,
+                                   write_wan_model)
 
     p: dict[str, Path] = {}
     p["sdxl_s"], p["sdxl_t"] = write_pair(d / "sdxl_s.safetensors", d / "sdxl_t", "sdxl:tiny", seed=0)

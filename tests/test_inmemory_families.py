@@ -27,14 +27,14 @@ pytest.importorskip("peft")
 
 import prolora  # noqa: E402
 import prolora.diffusers  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
-from prolora.checkpoints.memory import in_memory_model  # noqa: E402
-from prolora.checkpoints.wan import expert_targets  # noqa: E402
+from prolora.families import open_model  # noqa: E402
+from prolora.families import in_memory_model  # noqa: E402
+from prolora.families.wan.read import expert_targets  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError, ProloraError  # noqa: E402
 from prolora.experts import transfer_experts  # noqa: E402
 from prolora.options import TransferOptions  # noqa: E402
-from prolora.synthetic.qwen import write_qwen_lora, write_qwen_model  # noqa: E402
-from prolora.synthetic.wan import write_wan22_experts, write_wan_lora, write_wan_model  # noqa: E402
+from prolora.families.qwen_image.synthetic import write_qwen_lora, write_qwen_model  # noqa: E402
+from prolora.families.wan.synthetic import write_wan22_experts, write_wan_lora, write_wan_model  # noqa: E402
 from test_inmemory import _assert_same_weights, _changed, _one_line, _quiet, _same_model, _weights  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

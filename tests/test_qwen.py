@@ -37,12 +37,12 @@ from test_client_diffusers import _peft_value  # noqa: E402
 from test_client_flux import _perturbed  # noqa: E402
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.errors import ModelError  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.lora import LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
-from prolora.synthetic.qwen import qwen_config, qwen_params, write_qwen_lora, write_qwen_model  # noqa: E402
+from prolora.families.qwen_image.synthetic import qwen_config, qwen_params, write_qwen_lora, write_qwen_model  # noqa: E402
 from zoo import lora_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

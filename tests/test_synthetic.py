@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.safetensors_io import SafetensorsFile
 from prolora.synthetic import (
     PRESETS, Perturbation, clip_params, flux_config, flux_params, generator, lora_targets, make_demo, model_params, preset, spectral_weight,

@@ -30,13 +30,13 @@ pytest.importorskip("peft")
 
 import prolora  # noqa: E402
 from prolora.api import inspect, similarity, transfer, transfer_files  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
-from prolora.checkpoints.wan import diffusers_to_original  # noqa: E402
+from prolora.families import open_model  # noqa: E402
+from prolora.families.wan.read import diffusers_to_original  # noqa: E402
 from prolora.cli import main  # noqa: E402
 from prolora.errors import ModelError, OptionError  # noqa: E402
 from prolora.options import TransferOptions  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
-from prolora.synthetic.wan import (wan_config, wan_params, write_wan22_experts, write_wan_lora,  # noqa: E402
+from prolora.families.wan.synthetic import (wan_config, wan_params, write_wan22_experts, write_wan_lora,  # noqa: E402
                                    write_wan_model)
 from test_client_diffusers import _peft_value, _read  # noqa: E402
 from zoo import lora_pairs  # noqa: E402
@@ -340,7 +340,7 @@ def test_musubi_output_with_gaps_is_padded_so_diffusers_loads_it(models, loras, 
     ("wan2.2-ti2v-5b", "wan-ti2v", "TI2V-5B", 30, 3072)])
 def test_full_size_layouts_are_told_apart(preset, family, variant, blocks, hidden):
     """Family and variant from the published full-size shapes (parameter list only, no weights)."""
-    from prolora.checkpoints.wan import _family, _structure
+    from prolora.families.wan.read import _family, _structure
 
     shapes = dict(wan_params(wan_config(preset)))
     facts = _structure(shapes, shapes["patch_embedding.weight"])

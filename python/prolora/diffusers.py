@@ -33,8 +33,8 @@ from .api import transfer
 from .checkpoints import BaseModel
 from .checkpoints.flux import T5, FluxModel
 from .families import in_memory_model
-from .checkpoints.qwen import QwenModel
-from .checkpoints.wan import EXPERTS, WanModel
+from .families.qwen_image.model import QwenModel
+from .families.wan.read import EXPERTS, WanModel
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
 from .formats import peft
 from .formats.detect import FORMAT_MODULES

@@ -11,11 +11,12 @@ trained ones, and a TARGET model is a source plus a fine-tune-like perturbation.
     values    each parameter's value: a source's, or source + perturbation
     models    write_model: SD-family pipeline folders and single files
     flux      Flux's BFL single file and sharded diffusers folder
-    qwen      Qwen-Image / -Edit transformers: pipeline folders, ComfyUI single files, trainers' LoRAs
-    wan       Wan transformers (2.1, 2.2 A14B experts, TI2V-5B): folders, original-key files, LoRAs
     loras     write_lora in every format, keys spelled through the model
     demo      write_pair (source + target) and make_demo
     writing   tensors streamed to .safetensors one at a time
+
+The Qwen-Image and Wan writers live in their families' packages (prolora.families.qwen_image.synthetic,
+prolora.families.wan.synthetic); their names here import them on first use.
 """
 from __future__ import annotations
 
@@ -27,10 +28,8 @@ from .demo import make_demo, write_pair
 from .loras import flux_lora_targets, lora_targets, write_lora
 from .models import write_model
 from .params import Params, clip_params, flux_params, model_params, unet_params
-from .qwen import QwenConfig, qwen_config, qwen_params, write_qwen_lora, write_qwen_model
 from .spectra import generator, spectral_weight, spectrum
 from .values import Perturbation, perturb, source_tensor
-from .wan import WanConfig, wan_config, wan_params, write_wan22_experts, write_wan_lora, write_wan_model
 
 __all__ = [
     "FLUX_PRESETS", "FLUX_SCALES", "PRESETS", "SCALES", "ConfigLike", "FluxConfig", "ModelConfig", "Params",
@@ -40,3 +39,21 @@ __all__ = [
     "QwenConfig", "qwen_config", "qwen_params", "write_qwen_lora", "write_qwen_model",
     "WanConfig", "wan_config", "wan_params", "write_wan22_experts", "write_wan_lora", "write_wan_model",
 ]
+
+# the family writers live in their family's package (prolora.families.<f>.synthetic) and are
+# imported on first use; their names stay importable from here
+_LAZY = {
+    "prolora.families.qwen_image.synthetic": ("QwenConfig", "qwen_config", "qwen_params", "write_qwen_lora",
+                                              "write_qwen_model"),
+    "prolora.families.wan.synthetic": ("WanConfig", "wan_config", "wan_params", "write_wan22_experts", "write_wan_lora",
+                                       "write_wan_model"),
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

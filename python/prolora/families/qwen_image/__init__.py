@@ -4,16 +4,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..record import Family
+from ..record import BenchPreset, Family
 
 
 def claim_file(path: Path, header):
-    from ...checkpoints.qwen import is_qwen_keys, open_qwen_single_file
+    from .model import is_qwen_keys, open_qwen_single_file
     return open_qwen_single_file(path, header) if is_qwen_keys(header.tensors) is not None else None
 
 
 def claim_folder(path: Path):
-    from ...checkpoints.qwen import is_qwen_folder, open_qwen_folder
+    from .model import is_qwen_folder, open_qwen_folder
     return open_qwen_folder(path) if not (path / "unet").is_dir() and is_qwen_folder(path) else None
 
 
@@ -28,4 +28,5 @@ def lora_hint(lora):
 
 
 FAMILY = Family(name="qwen-image", members=("qwen-image",), title="Qwen-Image (and -Edit)",
-                claim_file=claim_file, claim_folder=claim_folder, lora_hint=lora_hint)
+                claim_file=claim_file, claim_folder=claim_folder, lora_hint=lora_hint,
+                bench={"qwen-image": BenchPreset("bfloat16", "Qwen-Image -> Qwen-Image-Edit, bf16")})

@@ -8,22 +8,22 @@ from ..record import Family
 
 
 def claim_file(path: Path, header):
-    from ...checkpoints.wan import open_wan_single_file, wan_prefix
+    from .read import open_wan_single_file, wan_prefix
     return open_wan_single_file(path, header) if wan_prefix(header.tensors) is not None else None
 
 
 def claim_folder(path: Path):
-    from ...checkpoints.wan import is_wan_folder, open_wan_folder
+    from .read import is_wan_folder, open_wan_folder
     return open_wan_folder(path) if not (path / "unet").is_dir() and is_wan_folder(path) else None
 
 
 def pair_refusal(source, target, widths):
-    from ...checkpoints.wan import pair_refusal as refusal
+    from .read import pair_refusal as refusal
     return refusal(source, target, widths)
 
 
 def pad_output(modules, fmt, model):
-    from ...checkpoints.wan import pad_musubi_blocks
+    from .read import pad_musubi_blocks
     return pad_musubi_blocks(modules, fmt, model)
 
 

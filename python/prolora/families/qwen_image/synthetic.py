@@ -34,17 +34,17 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel
-from ..checkpoints.qwen import CLASS, COMPONENT
-from ..formats import write_lora as write_lora_file
-from ..lora import LoraFile, LoraModule
-from ..safetensors_io import save
-from .flux import _write_folder as write_transformer_folder
-from .loras import _check_targets, _chosen, as_model, spelled_pairs
-from .models import model_values
-from .params import Params, _P
-from .values import Perturbation, Values
-from .writing import write_tensors
+from ...checkpoints import BaseModel
+from .model import CLASS, COMPONENT
+from ...formats import write_lora as write_lora_file
+from ...lora import LoraFile, LoraModule
+from ...safetensors_io import save
+from ...synthetic.flux import _write_folder as write_transformer_folder
+from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
+from ...synthetic.models import model_values
+from ...synthetic.params import Params, _P
+from ...synthetic.values import Perturbation, Values
+from ...synthetic.writing import write_tensors
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 

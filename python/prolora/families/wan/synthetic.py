@@ -25,16 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel
-from ..checkpoints.wan import COMPONENT, EXPERTS, diffusers_to_original
-from ..formats import write_lora as write_lora_file
-from ..lora import LoraFile
-from .flux import _write_folder as write_transformer_folder
-from .loras import _check_targets, _chosen, as_model, spelled_pairs
-from .models import model_values
-from .params import Params
-from .values import Perturbation, Values
-from .writing import write_tensors
+from ...checkpoints import BaseModel
+from .read import COMPONENT, EXPERTS, diffusers_to_original
+from ...formats import write_lora as write_lora_file
+from ...lora import LoraFile
+from ...synthetic.flux import _write_folder as write_transformer_folder
+from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
+from ...synthetic.models import model_values
+from ...synthetic.params import Params
+from ...synthetic.values import Perturbation, Values
+from ...synthetic.writing import write_tensors
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json

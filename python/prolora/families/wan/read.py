@@ -53,11 +53,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
-from ..lora import LoraModule
-from ..safetensors_io import Header, TensorInfo, read_header
-from .flux import FluxModel
-from .model import BaseModel, WeightRef, _flat
+from ...errors import ModelError
+from ...lora import LoraModule
+from ...safetensors_io import Header, TensorInfo, read_header
+from ...checkpoints.model import BaseModel, WeightRef, _flat
 
 COMPONENT = "transformer"
 FAMILIES = ("wan", "wan-ti2v")
@@ -216,7 +215,14 @@ class WanModel(BaseModel):
         """T2V / I2V / TI2V, with the size where the width is a published one (e.g. "T2V-14B")."""
         return str(self.facts.get("variant", "unknown"))
 
-    describe = FluxModel.describe  # the same facts: files, components, dtypes, the reader's facts
+    def describe(self) -> dict:
+        """BaseModel's facts with the variant after the family and the reader's structure facts
+        last; every weight is a linear, so components count no convs."""
+        facts = super().describe()
+        for comp in facts["components"].values():
+            comp.pop("conv", None)
+        head = {k: facts.pop(k) for k in ("name", "path", "family")}
+        return {**head, "variant": self.variant, **facts, **self.facts}
 
 
 # ----------------------------------------------------------------------------- structure
@@ -398,7 +404,7 @@ def open_wan_folder(path: Path) -> WanModel:
     Wan 2.2 A14B pipeline with both experts (transformer/ high-noise, transformer_2/ low-noise:
     weights `transformer.*` and `transformer_2.*`). Shards and the fp16 variant are read like any
     diffusers component. Text encoder and VAE are not read (LoRAs for Wan adapt the transformer)."""
-    from .folders import read_component
+    from ...checkpoints.folders import read_component
 
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
@@ -468,7 +474,7 @@ def pad_musubi_blocks(modules: dict, fmt: str, model: BaseModel) -> list[str]:
     layer the similarity gate dropped. Returns one warning, or none when nothing was added."""
     if fmt != "kohya" or not isinstance(model, WanModel):
         return []
-    from ..compat import _common  # compat imports the checkpoints package
+    from ...compat import _common  # compat imports the checkpoints package
 
     have = {model.resolve(k)[0] for k in modules if model.resolve(k) is not None}
     blocks = {int(m.group(1)) for m in (_BLOCK.match(h.partition(".")[2]) for h in have) if m}

@@ -60,10 +60,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelError
-from ..safetensors_io import Header, TensorInfo, read_header
-from .flux import FluxModel
-from .model import BaseModel, WeightRef, _flat
+from ...errors import ModelError
+from ...safetensors_io import Header, TensorInfo, read_header
+from ...checkpoints.model import BaseModel, WeightRef, _flat
 
 FAMILY = "qwen-image"
 COMPONENT = "transformer"
@@ -192,8 +191,14 @@ class QwenModel(BaseModel):
                     "text-encoder LoRA modules are not transferred")
         return None
 
-    # the same facts as a Flux model's (components, files, dtypes, variant, structure facts)
-    describe = FluxModel.describe
+    def describe(self) -> dict:
+        """BaseModel's facts with the variant after the family and the reader's structure facts
+        last; every weight is a linear, so components count no convs."""
+        facts = super().describe()
+        for comp in facts["components"].values():
+            comp.pop("conv", None)
+        head = {k: facts.pop(k) for k in ("name", "path", "family")}
+        return {**head, "variant": self.variant, **facts, **self.facts}
 
 
 # ----------------------------------------------------------------------------- readers
@@ -272,7 +277,7 @@ def transformer_from_diffusers(tensors: dict[str, tuple[Path, TensorInfo]], wher
 def open_qwen_folder(path: Path) -> QwenModel:
     """A pipeline folder with transformer/ (sharded or not), or the bare transformer folder. The
     text encoder (Qwen2.5-VL) and the VAE are not read."""
-    from .folders import read_component
+    from ...checkpoints.folders import read_component
 
     files: dict[str, Path] = {}
     headers: dict[Path, Header] = {}
