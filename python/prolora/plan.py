@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
 from .errors import InvalidLoraError, LoraMismatchError, ModelError
-from .families import check_pair, related
+from .families import check_pair, guess_lora, related
 from .families.rules import check_format
 from .formats.parts import part_key, split_module
 from .lora import LoraFile, LoraModule
@@ -155,6 +155,10 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
         else:
             resolved[key] = hit
     if lora.modules and len(resolved) < MIN_MATCH_SHARE * len(lora.modules):
+        member, how = guess_lora(lora)
+        if member != "unknown" and not related(member, source.family):
+            raise LoraMismatchError(f"{where}: a {member} LoRA ({how}), but source model {source.name} is "
+                                    f"{source.family}: a LoRA transfers between models of its own family")
         raise LoraMismatchError(
             f"{where}: only {len(resolved)} of {len(lora.modules)} modules exist in source model "
             f"{source.name} ({source.family}), e.g. '{missing[0]}': is the LoRA for another model?")
