@@ -1,23 +1,16 @@
-"""The `extract`, `resize` and `merge` subcommands and `bench --job extract`: parse, call the
-library (prolora.jobs), print. Errors are the library's ProloraErrors, which the main CLI prints
-as one line with exit status 2."""
+"""`extract`, `resize` and `merge`: parse, call the library (prolora.jobs), print. Errors are the
+library's ProloraErrors, which main prints as one line with exit status 2."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Callable
 
 from ..errors import OptionError
 from ..lora import FORMATS
+from .common import progress_factory, say
 
-Handler = Callable[[argparse.Namespace], int]
 
-
-def register(sub, commands: dict[str, Handler]) -> None:
-    """Add the job subcommands to `sub` (the main parser's subparsers) and their handlers to
-    `commands`; give `bench` a --job option (transfer: the existing bench; extract: jobs.bench)."""
+def register(sub) -> None:
     r = sub.add_parser("resize", help="change a LoRA's rank (fixed or sd-scripts' dynamic rules), on its factors")
     r.add_argument("lora", metavar="LORA")
     r.add_argument("-o", "--output", required=True, metavar="OUT")
@@ -27,7 +20,7 @@ def register(sub, commands: dict[str, Handler]) -> None:
                         "||dW||_F) or sv_cumulative:F (smallest rank keeping fraction F of sum(S))")
     r.add_argument("--report", metavar="FILE", help="per-module report as JSON")
     r.add_argument("-q", "--quiet", action="store_true", help="no per-module table")
-    commands["resize"] = cmd_resize
+    r.set_defaults(run=cmd_resize)
 
     m = sub.add_parser("merge", help="weighted sum of LoRAs, recompressed to a rank through the factors")
     m.add_argument("loras", metavar="LORA", nargs="+")
@@ -40,7 +33,7 @@ def register(sub, commands: dict[str, Handler]) -> None:
     m.add_argument("--into", metavar="BASE", help="write a merged checkpoint: BASE (a single .safetensors file) "
                                                   "plus the weighted sum, to -o")
     m.add_argument("-q", "--quiet", action="store_true")
-    commands["merge"] = cmd_merge
+    m.set_defaults(run=cmd_merge)
 
     e = sub.add_parser("extract", help="a LoRA of TUNED - BASE: the best rank-r (or energy-chosen) approximation per layer")
     e.add_argument("base", metavar="BASE", help="the base checkpoint (diffusers folder or .safetensors)")
@@ -65,40 +58,18 @@ def register(sub, commands: dict[str, Handler]) -> None:
     e.add_argument("--max-memory", metavar="SIZE", help="host memory budget for weights in flight, e.g. 2GB")
     e.add_argument("--report", metavar="FILE", help="per-layer report as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
-    commands["extract"] = cmd_extract
-
-    bench = sub.choices.get("bench")
-    if bench is not None:
-        bench.add_argument("--job", choices=("transfer", "extract"), default="transfer",
-                           help="what to measure: the transfer (default) or extract against per-layer full SVD")
-        bench.add_argument("--extract-rank", type=int, default=64, help="extract bench: rank (default %(default)s)")
-        bench.add_argument("--threads", type=int, metavar="N",
-                           help="extract bench: torch threads in each timed phase (default: torch's own); 1 makes "
-                                "the CPU-time ratio robust to other work on a shared machine")
-        transfer_bench = commands.get("bench")
-
-        def cmd_bench(a: argparse.Namespace) -> int:
-            if a.job == "extract":
-                return cmd_bench_extract(a)
-            return transfer_bench(a)
-
-        commands["bench"] = cmd_bench
-
-
-def _say(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(text)
+    e.set_defaults(run=cmd_extract)
 
 
 def cmd_resize(a: argparse.Namespace) -> int:
-    from .factors import RankRule
-    from .resize import resize
+    from ..jobs.factors import RankRule
+    from ..jobs.resize import resize
 
     if a.dynamic is None and a.rank is None:
         raise OptionError("resize needs --rank N or --dynamic sv_ratio:F|sv_fro:F|sv_cumulative:F")
     rule = RankRule.parse(a.dynamic, a.rank) if a.dynamic else RankRule("rank", float(a.rank))
     res = resize(a.lora, a.output, rule, report=a.report)
-    _say(a.quiet, res.table())
+    say(a.quiet, res.table())
     print(f"wrote {res.output}")
     return 0
 
@@ -113,7 +84,7 @@ def _ratios(text: str | None) -> list[float] | None:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from .merge import merge, merge_into
+    from ..jobs.merge import merge, merge_into
 
     if a.into:
         if a.base or a.format or a.report:
@@ -131,28 +102,17 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(quiet: bool):
-    """The main CLI's progress bars, if it still offers them."""
-    if quiet:
-        return None
-    try:
-        from ..cli import _progress_factory
-    except ImportError:
-        return None
-    return _progress_factory(False)
-
-
 def cmd_extract(a: argparse.Namespace) -> int:
     import torch
 
-    from .extract import ExtractOptions, extract, extract_many
+    from ..jobs.extract import ExtractOptions, extract, extract_many
 
     if (a.tuned is None) == (a.tuned_dir is None):
         raise OptionError("extract needs TUNED or --tuned-dir DIR (one of them)")
     opts = ExtractOptions(rank=a.rank, energy=a.energy, conv_rank=a.conv_rank, clamp_quantile=a.clamp_quantile,
                           min_diff=a.min_diff, layers=a.layers, text_encoders=a.text_encoders, format=a.format,
                           save_dtype=getattr(torch, a.save_dtype), backend=a.backend, max_memory=a.max_memory)
-    progress = _progress(a.quiet)
+    progress = progress_factory(a.quiet)
     try:
         if a.tuned is not None:
             results = [extract(a.base, a.tuned, a.output, opts, progress=progress, report=a.report)]
@@ -172,19 +132,3 @@ def cmd_extract(a: argparse.Namespace) -> int:
     for tuned, why in failed.items():
         print(f"FAILED {tuned}: {why}", file=sys.stderr)
     return 2 if failed else 0
-
-
-def cmd_bench_extract(a: argparse.Namespace) -> int:
-    from .bench import ExtractBenchConfig, run, table
-
-    cfg = ExtractBenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), rank=a.extract_rank,
-                             max_memory=a.max_memory, skip_reference=a.skip_reference, repeats=a.repeats,
-                             threads=a.threads)
-    result = run(cfg)
-    if a.json:
-        from ..safetensors_io import atomic_path
-
-        with atomic_path(a.json) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2))
-    print(table(result))
-    return 0

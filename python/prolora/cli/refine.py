@@ -1,5 +1,5 @@
-"""The refinement's command-line surface: the `--refine*` flags of `prolora transfer`, the
-`prolora refine` command, and the report lines both print."""
+"""`prolora refine` and the `--refine*` flags `prolora transfer` shares with it, and the report
+lines both print."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .loop import RefineOptions, RefineStats
+from ..refine.loop import RefineOptions, RefineStats
 
 
 def add_refine_arguments(p: argparse.ArgumentParser, default_steps: int) -> None:
@@ -59,7 +59,7 @@ def report_lines(stats: RefineStats | dict, top: int = 5) -> list[str]:
     return lines
 
 
-def add_refine_command(sub) -> None:
+def register(sub) -> None:
     """`prolora refine SOURCE TARGET LORA TRANSFERRED -o OUT`."""
     r = sub.add_parser("refine", help="refine a transferred LoRA on the target (data-free distillation of the "
                                       "LoRA's effect on the source)")
@@ -75,12 +75,13 @@ def add_refine_command(sub) -> None:
                    help="refuse when the two denoisers' weights exceed this on a GPU")
     r.add_argument("-q", "--quiet", action="store_true", help="only the output path")
     add_refine_arguments(r, default_steps=150)
+    r.set_defaults(run=cmd_refine)
 
 
 def cmd_refine(a: argparse.Namespace) -> int:
-    from ..outputs import resolve_report_path, write_checked
     from ..errors import OptionError
-    from . import refine
+    from ..outputs import resolve_report_path, write_checked
+    from ..refine import refine
 
     opts = refine_options(a)
     if opts is None:
