@@ -36,7 +36,7 @@ from safetensors import safe_open  # noqa: E402
 from zoo import build, canon, load_state, module_name, save_pipeline, state, write_single_file  # noqa: E402
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.synthetic import write_lora as write_synthetic_lora  # noqa: E402
 
 ADAPTER = "prolora_out"

@@ -29,7 +29,7 @@ import prolora  # noqa: E402
 import prolora.diffusers  # noqa: E402
 from prolora.families import open_model  # noqa: E402
 from prolora.families import in_memory_model  # noqa: E402
-from prolora.families.wan.read import expert_targets  # noqa: E402
+from prolora.families.wan.experts import expert_targets  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError, ProloraError  # noqa: E402
 from prolora.experts import transfer_experts  # noqa: E402
 from prolora.options import TransferOptions  # noqa: E402
@@ -189,7 +189,8 @@ def test_bad_input_leaves_the_pipeline_as_it_was(kind, fam):
     pipe = PIPELINES[kind](d["target"])
     prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="keep", cache_dir=cache)
     before = _state(pipe)
-    cases = [(dict(lora=other["lora"], source=d["source"]), LoraMismatchError, "LoRA for another model"),
+    cases = [(dict(lora=other["lora"], source=d["source"]), LoraMismatchError,
+              "LoRA for another model|transfers between models of its own family"),
              (dict(lora=d["lora"], source=other["source"]), ModelError, "cross-family")]
     for kw, error, pattern in cases:
         with pytest.raises(error, match=pattern) as e:

@@ -8,7 +8,7 @@ weights plus a fine-tune-like change (Edit shares the layout; only its pipeline 
 small everywhere except block 1's image stream, which changes a lot: the report must show that the
 two models agree everywhere but there.
 
-LoRAs are written as the trainers write them (keys from checkpoints/qwen.py's module doc and
+LoRAs are written as the trainers write them (keys from families/qwen_image/model.py's module doc and
 diffusers' _convert_non_diffusers_qwen_lora_to_diffusers): musubi-tuner kohya `lora_unet_...` with
 alpha, diffusers PEFT `transformer....lora_A/B` with lora_adapter_metadata, ComfyUI
 `diffusion_model....lora_down/up`, ai-toolkit `diffusion_model....lora_A/B`, PEFT keys without a
@@ -219,7 +219,7 @@ def load_and_fuse(target: Path, path: Path, caplog) -> dict:
 
 
 def test_synthetic_params_are_diffusers_layout():
-    """synthetic.qwen's parameter list is QwenImageTransformer2DModel's state dict, names, shapes
+    """families.qwen_image.synthetic's parameter list is QwenImageTransformer2DModel's state dict, names, shapes
     and order, at tiny, small and full width (Qwen-Image's own config, 1 block, on the meta device)."""
     for cfg in (CFG, qwen_config("small", blocks=3), qwen_config("full", blocks=1)):
         with torch.device("meta"):

@@ -31,7 +31,7 @@ pytest.importorskip("peft")
 import prolora  # noqa: E402
 from prolora.api import inspect, similarity, transfer, transfer_files  # noqa: E402
 from prolora.families import open_model  # noqa: E402
-from prolora.families.wan.read import diffusers_to_original  # noqa: E402
+from prolora.families.wan.keys import diffusers_to_original  # noqa: E402
 from prolora.cli import main  # noqa: E402
 from prolora.errors import ModelError, OptionError  # noqa: E402
 from prolora.options import TransferOptions  # noqa: E402

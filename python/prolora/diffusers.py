@@ -34,7 +34,8 @@ from .checkpoints import BaseModel
 from .checkpoints.flux import T5, FluxModel
 from .families import in_memory_model
 from .families.qwen_image.model import QwenModel
-from .families.wan.read import EXPERTS, WanModel
+from .families.wan.experts import EXPERTS
+from .families.wan.model import WanModel
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
 from .formats import peft
 from .formats.detect import FORMAT_MODULES

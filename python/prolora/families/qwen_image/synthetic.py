@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from .model import CLASS, COMPONENT
+from .keys import CLASS, COMPONENT
 from ...formats import write_lora as write_lora_file
 from ...lora import LoraFile, LoraModule
 from ...safetensors_io import save

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from .read import COMPONENT, EXPERTS, diffusers_to_original
+from .experts import EXPERTS
+from .keys import COMPONENT, diffusers_to_original
 from ...formats import write_lora as write_lora_file
 from ...lora import LoraFile
 from ...synthetic.flux import _write_folder as write_transformer_folder
