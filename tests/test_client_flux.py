@@ -33,7 +33,7 @@ pytest.importorskip("peft")
 
 
 import prolora  # noqa: E402
-from prolora.checkpoints.flux import bfl_file_plan  # noqa: E402
+from prolora.families.flux.keys import bfl_file_plan  # noqa: E402
 from prolora.formats import read_lora, write_lora  # noqa: E402
 from prolora.lora import LoraFile  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402

@@ -38,7 +38,7 @@ from test_flux import bfl_tensors  # noqa: E402
 from zoo import SDXL_UNET  # noqa: E402
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.synthetic import write_lora  # noqa: E402
 
 
@@ -360,7 +360,7 @@ def test_chroma_layout_is_diffusers_single_file_layout():
     from diffusers.loaders.single_file_utils import (convert_chroma_transformer_checkpoint_to_diffusers,
                                                      infer_diffusers_model_type)
 
-    from prolora.checkpoints.flux import bfl_file_plan
+    from prolora.families.flux.keys import bfl_file_plan
 
     with torch.device("meta"):
         m = diffusers.ChromaTransformer2DModel(num_layers=2, num_single_layers=3)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.formats import read_lora, write_lora  # noqa: E402
 from prolora.lora import LoraFile, LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402

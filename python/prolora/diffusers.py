@@ -31,7 +31,8 @@ import torch
 
 from .api import transfer
 from .checkpoints import BaseModel
-from .checkpoints.flux import T5, FluxModel
+from .families.flux.keys import T5
+from .families.flux.model import FluxModel
 from .families import in_memory_model
 from .families.qwen_image.model import QwenModel
 from .families.wan.experts import EXPERTS

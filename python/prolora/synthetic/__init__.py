@@ -9,25 +9,23 @@ trained ones, and a TARGET model is a source plus a fine-tune-like perturbation.
     params    the (name, shape) of every parameter, in state_dict order
     spectra   seeded generators and trained-like spectral weights
     values    each parameter's value: a source's, or source + perturbation
-    models    write_model: SD-family pipeline folders and single files
-    flux      Flux's BFL single file and sharded diffusers folder
+    models    write_model: SD-family pipeline folders and single files; other families' configs
+              write themselves
     loras     write_lora in every format, keys spelled through the model
     demo      write_pair (source + target) and make_demo
-    writing   tensors streamed to .safetensors one at a time
+    writing   tensors streamed to .safetensors one at a time, sharded transformer folders
 
-The Qwen-Image and Wan writers live in their families' packages (prolora.families.qwen_image.synthetic,
-prolora.families.wan.synthetic); their names here import them on first use.
+The FLUX.1 / Chroma, Qwen-Image and Wan writers live in their families' packages
+(prolora.families.flux.synthetic, .qwen_image.synthetic, .wan.synthetic); their names here import
+them on first use.
 """
 from __future__ import annotations
 
-from .configs import (
-    FLUX_PRESETS, FLUX_SCALES, PRESETS, SCALES, ConfigLike, FluxConfig, ModelConfig, TextEncoderConfig, flux_config,
-    preset, resolve, shrink,
-)
+from .configs import PRESETS, SCALES, ConfigLike, ModelConfig, TextEncoderConfig, preset, resolve, shrink
 from .demo import make_demo, write_pair
-from .loras import flux_lora_targets, lora_targets, write_lora
+from .loras import lora_targets, write_lora
 from .models import write_model
-from .params import Params, clip_params, flux_params, model_params, unet_params
+from .params import Params, clip_params, model_params, unet_params
 from .spectra import generator, spectral_weight, spectrum
 from .values import Perturbation, perturb, source_tensor
 
@@ -43,6 +41,8 @@ __all__ = [
 # the family writers live in their family's package (prolora.families.<f>.synthetic) and are
 # imported on first use; their names stay importable from here
 _LAZY = {
+    "prolora.families.flux.synthetic": ("FLUX_PRESETS", "FLUX_SCALES", "FluxConfig", "flux_config",
+                                        "flux_lora_targets", "flux_params"),
     "prolora.families.qwen_image.synthetic": ("QwenConfig", "qwen_config", "qwen_params", "write_qwen_lora",
                                               "write_qwen_model"),
     "prolora.families.wan.synthetic": ("WanConfig", "wan_config", "wan_params", "write_wan22_experts", "write_wan_lora",

@@ -1,13 +1,16 @@
-"""Model configurations: the SD-family and Flux presets, their shrunken sizes, and name lookup.
+"""Model configurations: the SD-family presets, their shrunken sizes, and name lookup (the other
+families' presets are their synthetic parts', prolora.families.<f>.synthetic).
 
-A ModelConfig is a diffusers UNet2DConditionModel config plus its CLIP text encoders; a FluxConfig
-holds FluxTransformer2DModel's fields. `preset("sdxl", "tiny")` or `resolve("sdxl:tiny")` gives
-the configuration every other synthetic module builds from.
+A ModelConfig is a diffusers UNet2DConditionModel config plus its CLIP text encoders; a family
+part's config (e.g. FluxConfig) knows its own parameters and writer. `preset("sdxl", "tiny")` or
+`resolve("sdxl:tiny")` gives the configuration every other synthetic module builds from.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Union
+import importlib.util
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any, Union
 
 
 @dataclass(frozen=True)
@@ -97,88 +100,27 @@ def shrink(cfg: ModelConfig, width: float = 1.0, depth: float = 1.0) -> ModelCon
     return ModelConfig(cfg.family, u, tes)
 
 
-@dataclass(frozen=True)
-class FluxConfig:
-    """A Flux transformer: diffusers' FluxTransformer2DModel config fields (FLUX.1 at full size:
-    19 double + 38 single blocks, 24 heads of 128, MLP ratio 4 as in diffusers). guidance_embeds:
-    FLUX.1-dev has the guidance embedder, schnell does not."""
-
-    family: str = "flux"
-    num_layers: int = 19
-    num_single_layers: int = 38
-    num_attention_heads: int = 24
-    attention_head_dim: int = 128
-    in_channels: int = 64
-    joint_attention_dim: int = 4096
-    pooled_projection_dim: int = 768
-    guidance_embeds: bool = True
-    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
-    # Chroma (family "chroma"): no modulation linears and no time/text/guidance embedders; instead
-    # the modulation approximator `distilled_guidance_layer` (in channels, hidden width, layers)
-    approximator: tuple[int, int, int] | None = None
-
-    @property
-    def hidden(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    def diffusers_config(self) -> dict:
-        """config.json of the transformer folder (what FluxTransformer2DModel(**...) or, for
-        Chroma, ChromaTransformer2DModel(**...) takes)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("family", "approximator")}
-        d["axes_dims_rope"] = list(self.axes_dims_rope)
-        if self.approximator is not None:
-            for k in ("pooled_projection_dim", "guidance_embeds"):
-                d.pop(k)
-            d.update(approximator_num_channels=self.approximator[0], approximator_hidden_dim=self.approximator[1],
-                     approximator_layers=self.approximator[2])
-            return {"_class_name": "ChromaTransformer2DModel", "_diffusers_version": "0.35.0", "patch_size": 1,
-                    "out_channels": None, **d}
-        return {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0", "patch_size": 1,
-                "out_channels": None, **d}
-
-
-FLUX_PRESETS: dict[str, FluxConfig] = {
-    "flux-dev": FluxConfig(), "flux-schnell": FluxConfig(guidance_embeds=False),
-    # Chroma (from FLUX.1-schnell): diffusers' ChromaTransformer2DModel defaults
-    "chroma": FluxConfig(family="chroma", guidance_embeds=False, approximator=(64, 5120, 5)),
-}
-# scale -> (double blocks, single blocks, heads, head dim, in channels, joint dim, pooled dim, rope axes)
-FLUX_SCALES = {
-    "full": None,
-    "small": (5, 10, 6, 64, 64, 512, 128, (8, 28, 28)),
-    "tiny": (2, 4, 2, 16, 16, 32, 32, (4, 6, 6)),
-}
-
-
-def flux_config(name: str = "flux-dev", scale: str = "full", blocks: tuple[int, int] | None = None) -> FluxConfig:
-    """A Flux preset ("flux-dev", "flux-schnell", "chroma") at "full", "small" (h=384) or "tiny" (h=32)
-    width, optionally with `blocks` = (double, single) blocks instead of the scale's."""
-    if name not in FLUX_PRESETS:
-        raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(FLUX_PRESETS)}")
-    if scale not in FLUX_SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(FLUX_SCALES)}")
-    cfg = FLUX_PRESETS[name]
-    if FLUX_SCALES[scale] is not None:
-        d, s_, heads, hd, cin, joint, pooled, axes = FLUX_SCALES[scale]
-        cfg = replace(cfg, num_layers=d, num_single_layers=s_, num_attention_heads=heads, attention_head_dim=hd,
-                      in_channels=cin, joint_attention_dim=joint, pooled_projection_dim=pooled, axes_dims_rope=axes)
-        if cfg.approximator is not None:  # Chroma's approximator is 5/3 of the width wide
-            cfg = replace(cfg, approximator=(cin, heads * hd * 5 // 3, cfg.approximator[2]))
-    if blocks is not None:
-        cfg = replace(cfg, num_layers=int(blocks[0]), num_single_layers=int(blocks[1]))
-    return cfg
-
-
-def preset(name: str, scale: str = "full") -> "ModelConfig | FluxConfig":
-    """A named configuration ("sd15", "sd2", "sdxl", "ssd-1b", "flux-dev", "flux-schnell") at
-    "full", "small" or "tiny" size."""
-    if name in FLUX_PRESETS:
-        return flux_config(name, scale)
+def preset(name: str, scale: str = "full") -> "ModelConfig | Any":
+    """A named configuration ("sd15", "sd2", "sdxl", "ssd-1b", or a preset of a family's synthetic
+    part: "flux-dev", "flux-schnell", "chroma", ...) at "full", "small" or "tiny" size."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(FLUX_PRESETS)}")
+        for part in synthetic_parts():
+            if name in getattr(part, "PRESETS", {}):
+                return part.preset(name, scale)
+        others = [n for part in synthetic_parts() for n in sorted(getattr(part, "PRESETS", {}))]
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + others}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
     return shrink(PRESETS[name], *SCALES[scale])
+
+
+def synthetic_parts() -> list[ModuleType]:
+    """The "synthetic" parts of the registered families (prolora.families.<f>.synthetic) that
+    exist, in registry order. A part offers presets through `PRESETS` and `preset(name, scale)`."""
+    from .. import families
+
+    return [fam.part("synthetic") for fam in families.families()
+            if fam.has("synthetic") and importlib.util.find_spec(fam.parts["synthetic"]) is not None]
 
 
 # UNet2DConditionModel's defaults for every key that shapes a parameter (a preset's `unet` dict
@@ -192,12 +134,14 @@ UNET_DEFAULTS = dict(
     projection_class_embeddings_input_dim=None, time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3,
 )
 
-ConfigLike = Union[ModelConfig, FluxConfig, str]  # a config, or a preset name with an optional ":scale"
+# a config (a ModelConfig, or a family part's config such as FluxConfig), or a preset name with an
+# optional ":scale"
+ConfigLike = Union[ModelConfig, Any, str]
 
 
-def resolve(cfg: ConfigLike) -> "ModelConfig | FluxConfig":
+def resolve(cfg: ConfigLike) -> "ModelConfig | Any":
     """A config as given, or the preset a name such as "sdxl", "sd15:tiny" or "flux-dev:small" names."""
-    if isinstance(cfg, (ModelConfig, FluxConfig)):
+    if not isinstance(cfg, str):
         return cfg
     name, _, scale = cfg.partition(":")
     return preset(name, scale or "full")

@@ -7,21 +7,24 @@ name)), so a LoRA's values do not depend on which other modules it holds.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Iterable, Iterator, Mapping
 
 import torch
 
 from ..checkpoints import BaseModel, WeightRef
+from .. import families
 from ..families import open_model
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
 from .spectra import generator
 
-TARGETS = ("attn", "transformer", "all")  # what a LoRA adapts (see lora_targets, flux_lora_targets)
+TARGETS = ("attn", "transformer", "all")  # what a LoRA adapts (see lora_targets and the families' own)
 _ATTN = (".attn1.", ".attn2.", ".self_attn.")
 
 
@@ -43,9 +46,10 @@ def write_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike, fo
     """
     alpha = rank / 2 if alpha is None else float(alpha)
     with as_model(model) as m:
-        if m.family in ("flux", "chroma"):
-            mods = _flux_modules(m, format, rank, alpha, targets, seed, size, split_qkv, spelling)
-            family = {"ss_base_model_version": "flux1"}
+        part = _synthetic_part(m)
+        if part is not None and hasattr(part, "write_lora_modules"):  # the family writes its own
+            mods, family = part.write_lora_modules(m, format, rank, alpha, targets, seed, size, split_qkv=split_qkv,
+                                                   spelling=spelling, conv=conv)
         else:
             mods = _unet_modules(m, format, rank, alpha, targets, seed, size, conv)
             family = {}
@@ -72,17 +76,6 @@ def lora_targets(modules: Mapping[str, WeightRef], targets: str = "transformer",
         if k3 and not conv:
             continue
         if _chosen(targets, attn=any(a in module for a in _ATTN), transformer=is_te or ".attentions." in module):
-            yield module
-
-
-def flux_lora_targets(modules: Iterable[str], targets: str = "transformer") -> Iterator[str]:
-    """Canonical Flux transformer ids a LoRA of this kind adapts (see write_lora)."""
-    _check_targets(targets)
-    for module in modules:
-        if not module.startswith("transformer."):
-            continue
-        in_block = module.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
-        if _chosen(targets, attn=".attn." in module, transformer=in_block):
             yield module
 
 
@@ -124,6 +117,14 @@ def spelled_pairs(m: BaseModel, modules: Iterable[str], spelling: str, rank: int
     return mods
 
 
+def _synthetic_part(m: BaseModel) -> ModuleType | None:
+    """The synthetic part of `m`'s family (prolora.families.<f>.synthetic), where it has one."""
+    fam = families.of(m)
+    if fam is None or not fam.has("synthetic") or importlib.util.find_spec(fam.parts["synthetic"]) is None:
+        return None
+    return fam.part("synthetic")
+
+
 @contextmanager
 def as_model(model: str | os.PathLike | BaseModel) -> Iterator[BaseModel]:
     """`model` as a BaseModel: opened from its path (and closed after) or used as given."""
@@ -141,38 +142,3 @@ def _unet_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: s
     if spelling is None:
         raise ValueError(f"unknown format {format!r}")
     return spelled_pairs(m, lora_targets(m.weights, targets, conv), spelling, rank, alpha, seed, size)
-
-
-def _flux_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
-                  split_qkv: bool, spelling: str | None) -> dict[str, LoraModule]:
-    """One pair per key the format spells: a fused BFL key (q, k, v [, mlp]) gets one down and an
-    up whose row blocks are the slices' (block-diagonal under split_qkv)."""
-    spelling = spelling or {"kohya": m.kohya_spelling, "peft": "peft", "comfy": "comfy", "xlabs": "xlabs"}.get(format)
-    if spelling is None:
-        raise ValueError(f"format {format!r} has no Flux layout")
-    # key -> [(module, its rows in the fused output or None, the fused output's rows)]
-    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}
-    for module in flux_lora_targets(m.weights, targets):
-        if m.unspellable(module, spelling) is not None:
-            continue
-        fused = m.spell_fused(module, spelling)
-        if fused is None:
-            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
-        else:
-            key, total, rows = fused
-            groups.setdefault(key, []).append((module, rows, total))
-    mods = {}
-    for key, members in groups.items():
-        g = generator("lora", seed, key)
-        total = members[0][2]
-        inp = m.weights[members[0][0]].shape[1]
-        n = len(members) if split_qkv and members[0][1] is not None else 1
-        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
-        up = torch.zeros(total, n * rank)
-        for j, (module, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
-            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
-            for a, b in rows or ((0, total),):
-                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
-        _fit(up, down, alpha / (n * rank), size)
-        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
-    return mods

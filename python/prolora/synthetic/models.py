@@ -1,5 +1,6 @@
 """Synthetic base models on disk: write_model, and the SD-family layouts (a diffusers pipeline
-folder or one single file with LDM/SGM keys); Flux's layouts are in flux.py.
+folder or one single file with LDM/SGM keys); other families' configs write themselves (their
+synthetic parts, e.g. prolora.families.flux.synthetic).
 
 Files are written one tensor at a time (writing.write_tensors), never the whole model in memory.
 A TARGET model is its source plus a fine-tune-like perturbation of each weight (values.Values).
@@ -12,22 +13,17 @@ import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from ..checkpoints import BaseModel
 from ..families import open_model
 from ..families.sd.read import single_file_plan
-from .configs import UNET_DEFAULTS, ConfigLike, FluxConfig, ModelConfig, TextEncoderConfig, resolve
-from .flux import write_flux
+from .configs import UNET_DEFAULTS, ConfigLike, ModelConfig, TextEncoderConfig, resolve
 from .params import Params, model_params
 from .values import Perturbation, Values
 from .writing import WEIGHTS, write_tensors
-
-
-# (base family, target family) pairs where the target is derived from the base with new modules
-DERIVED = {("flux", "chroma")}
 
 
 def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
@@ -36,8 +32,8 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
                 shard_bytes: int = 10 * 2**30, device: str | None = None) -> Path:
     """Write a synthetic base model; returns its path.
 
-    `cfg`: a ModelConfig / FluxConfig or a preset name ("sdxl", "sd15:tiny", "ssd-1b:small",
-    "flux-dev", "flux-schnell:tiny", ...).
+    `cfg`: a ModelConfig, a family part's config (FluxConfig, ...) or a preset name ("sdxl",
+    "sd15:tiny", "ssd-1b:small", "flux-dev", "flux-schnell:tiny", ...).
     `layout`: "diffusers" (a pipeline folder at `path`; Flux: transformer/ in shards of at most
     `shard_bytes`, with an index) or "single-file" (one .safetensors file; Flux: BFL keys), and for
     Flux "single-file-prefixed" (BFL keys under ComfyUI's `model.diffusion_model.`).
@@ -51,15 +47,16 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
     values then differ from the CPU's, the shapes and layout do not.
     """
     cfg = resolve(cfg)
-    layouts = ("diffusers", "single-file") + (("single-file-prefixed",) if isinstance(cfg, FluxConfig) else ())
+    layouts = getattr(cfg, "layouts", ("diffusers", "single-file"))
     if layout not in layouts:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(layouts)}")
     path = Path(path)
     params = model_params(cfg)
     numel = sum(math.prod(s) for plist in params.values() for _, s in plist)
-    with model_values(cfg.family, seed, base, perturbation, device, threads, numel) as (values, meta):
-        if isinstance(cfg, FluxConfig):
-            write_flux(path, cfg, params["transformer"], layout, values, dtype, meta, shard_bytes)
+    with model_values(cfg.family, seed, base, perturbation, device, threads, numel,
+                      derived_from=getattr(cfg, "derived_from", ())) as (values, meta):
+        if not isinstance(cfg, ModelConfig):  # a family part's config writes itself
+            cfg.write(path, params, layout, values, dtype, meta, shard_bytes)
         elif layout == "single-file":
             _write_single_file(path, cfg, params, values, dtype, meta)
         else:
@@ -70,16 +67,17 @@ def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: 
 @contextmanager
 def model_values(family: str, seed: int, base: str | os.PathLike | BaseModel | None,
                  perturbation: Perturbation | float, device: str | None = None, threads: int | None = None,
-                 numel: int = 0, **facts) -> Iterator[tuple[Values, dict[str, str]]]:
+                 numel: int = 0, derived_from: Iterable[str] = (), **facts) -> Iterator[tuple[Values, dict[str, str]]]:
     """(Values, file metadata) for writing one synthetic model of `family`: a source (`base`
-    None) or a target of `base` (a path is opened here and closed after; a base the family is
-    derived from, see DERIVED, lends the weights both have). Runs with `threads` torch threads
-    (None: one below 100M parameters (`numel`), else torch's). `facts` go into the metadata."""
+    None) or a target of `base` (a path is opened here and closed after; a base of a member in
+    `derived_from`, e.g. FLUX.1 for a Chroma config, lends the weights both have and the rest are
+    drawn fresh). Runs with `threads` torch threads (None: one below 100M parameters (`numel`),
+    else torch's). `facts` go into the metadata."""
     p = Perturbation(size=float(perturbation)) if isinstance(perturbation, (int, float)) else perturbation
     with ExitStack() as stack:
         if base is not None and not isinstance(base, BaseModel):
             base = stack.enter_context(open_model(base))
-        derived = base is not None and (base.family, family) in DERIVED
+        derived = base is not None and base.family in tuple(derived_from)
         meta = {"prolora.synthetic": json.dumps({"family": family, **facts, "seed": seed,
                                                  "target_of": base.identity() if base is not None else None,
                                                  "perturbation": asdict(p) if base is not None else None})}

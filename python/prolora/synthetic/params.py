@@ -1,12 +1,15 @@
 """Parameter lists: the (name, shape) of every parameter of a synthetic model, in state_dict order.
 
-They mirror diffusers' UNet2DConditionModel and FluxTransformer2DModel and transformers' CLIP text
-encoders so that a synthetic file is laid out like a real one without importing either library;
-tests/test_synthetic.py and tests/test_flux.py check them against those classes.
+They mirror diffusers' UNet2DConditionModel and transformers' CLIP text encoders so that a
+synthetic file is laid out like a real one without importing either library (tests/test_synthetic.py
+checks them against those classes); the other families' lists are their synthetic parts'
+(e.g. prolora.families.flux.synthetic.flux_params), built with the same `_P` helper.
 """
 from __future__ import annotations
 
-from .configs import UNET_DEFAULTS, FluxConfig, ModelConfig, TextEncoderConfig
+from typing import Any
+
+from .configs import UNET_DEFAULTS, ModelConfig, TextEncoderConfig
 
 Params = list[tuple[str, tuple[int, ...]]]
 
@@ -155,65 +158,11 @@ def clip_params(te: TextEncoderConfig) -> Params:
     return list(p)
 
 
-def flux_params(cfg: FluxConfig) -> Params:
-    """(diffusers name, shape) of every FluxTransformer2DModel (or, for a Chroma config,
-    ChromaTransformer2DModel) parameter, in state_dict order."""
-    h = cfg.hidden
-    mlp = 4 * h
-    hd = cfg.attention_head_dim
-    chroma = cfg.approximator is not None  # no modulation linears, no embedders: the approximator
-    p = _P()
-    if chroma:
-        cin, width, layers = cfg.approximator
-        p.linear("distilled_guidance_layer.in_proj", width, cin)
-        for i in range(layers):
-            p.linear(f"distilled_guidance_layer.layers.{i}.linear_1", width, width)
-            p.linear(f"distilled_guidance_layer.layers.{i}.linear_2", width, width)
-        p += [(f"distilled_guidance_layer.norms.{i}.weight", (width,)) for i in range(layers)]
-        p.linear("distilled_guidance_layer.out_proj", h, width)
-    else:
-        p.linear("time_text_embed.timestep_embedder.linear_1", h, 256)
-        p.linear("time_text_embed.timestep_embedder.linear_2", h, h)
-        if cfg.guidance_embeds:
-            p.linear("time_text_embed.guidance_embedder.linear_1", h, 256)
-            p.linear("time_text_embed.guidance_embedder.linear_2", h, h)
-        p.linear("time_text_embed.text_embedder.linear_1", h, cfg.pooled_projection_dim)
-        p.linear("time_text_embed.text_embedder.linear_2", h, h)
-    p.linear("context_embedder", h, cfg.joint_attention_dim)
-    p.linear("x_embedder", h, cfg.in_channels)
-    for i in range(cfg.num_layers):
-        b = f"transformer_blocks.{i}"
-        if not chroma:
-            p.linear(f"{b}.norm1.linear", 6 * h, h)
-            p.linear(f"{b}.norm1_context.linear", 6 * h, h)
-        p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
-        for x in ("to_q", "to_k", "to_v", "to_out.0"):
-            p.linear(f"{b}.attn.{x}", h, h)
-        p += [(f"{b}.attn.norm_added_q.weight", (hd,)), (f"{b}.attn.norm_added_k.weight", (hd,))]
-        for x in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-            p.linear(f"{b}.attn.{x}", h, h)
-        for ff in ("ff", "ff_context"):
-            p.linear(f"{b}.{ff}.net.0.proj", mlp, h)
-            p.linear(f"{b}.{ff}.net.2", h, mlp)
-    for i in range(cfg.num_single_layers):
-        b = f"single_transformer_blocks.{i}"
-        if not chroma:
-            p.linear(f"{b}.norm.linear", 3 * h, h)
-        p.linear(f"{b}.proj_mlp", mlp, h)
-        p.linear(f"{b}.proj_out", h, h + mlp)
-        p += [(f"{b}.attn.norm_q.weight", (hd,)), (f"{b}.attn.norm_k.weight", (hd,))]
-        for x in ("to_q", "to_k", "to_v"):
-            p.linear(f"{b}.attn.{x}", h, h)
-    if not chroma:
-        p.linear("norm_out.linear", 2 * h, h)
-    p.linear("proj_out", cfg.in_channels, h)
-    return list(p)
-
-
-def model_params(cfg: "ModelConfig | FluxConfig") -> dict[str, Params]:
-    """{component: params}: the UNet and every text encoder, or Flux's transformer."""
-    if isinstance(cfg, FluxConfig):
-        return {"transformer": flux_params(cfg)}
+def model_params(cfg: "ModelConfig | Any") -> dict[str, Params]:
+    """{component: params}: the UNet and every text encoder, or what a family part's config (e.g.
+    FluxConfig) says it holds (its `params()`)."""
+    if not isinstance(cfg, ModelConfig):
+        return cfg.params()
     out = {"unet": unet_params(cfg.unet)}
     out.update({name: clip_params(te) for name, te in cfg.text_encoders.items()})
     return out
