@@ -61,8 +61,10 @@ class Family:
     # member pairs (a, b), a != b, whose layers correspond by name (and by similarity where the
     # block depths differ): transfers between them are allowed
     related: frozenset[tuple[str, str]] = frozenset()
-    # output formats that have a layout for these models, in the order the docs list them
+    # output formats that have a layout for these models, in the order the docs list them, and
+    # narrower lists for members that lack some (Chroma has no XLabs layout)
     formats: tuple[str, ...] = ("kohya", "peft", "comfy")
+    member_formats: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lora_hint: LoraHint | None = None
     metadata_hints: tuple[tuple[str, str], ...] = ()  # (substring of a LoRA's base-model metadata, member)
     pair_refusal: PairRefusal | None = None
@@ -91,8 +93,9 @@ class Family:
     def has(self, kind: str) -> bool:
         return kind in self.parts
 
-    def supports_format(self, fmt: str) -> bool:
-        return fmt in self.formats
+    def supports_format(self, fmt: str, member: str | None = None) -> bool:
+        """Whether output format `fmt` has a layout for this family (for `member`, if given)."""
+        return fmt in self.member_formats.get(member, self.formats)
 
     def relates(self, a: str, b: str) -> bool:
         """True when members `a` and `b` correspond layer by layer (a == b always does)."""

@@ -32,6 +32,7 @@ FAMILY = Family(
     claim_memory=claim_memory,
     related=RELATED,
     formats=("kohya", "peft", "comfy", "xlabs"),
+    member_formats={CHROMA: ("kohya", "peft", "comfy")},  # XLabs LoRAs exist for FLUX.1 only
     lora_hint=lora_hint,
     metadata_hints=METADATA_HINTS,
     lora_metadata=lora_metadata,
