@@ -26,7 +26,6 @@ checks them against the class).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -35,16 +34,15 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from .keys import CLASS, COMPONENT
 from ...formats import write_lora as write_lora_file
 from ...lora import LoraFile, LoraModule
 from ...safetensors_io import save
-from ...synthetic.flux import _write_folder as write_transformer_folder
 from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
 from ...synthetic.models import model_values
 from ...synthetic.params import Params, _P
 from ...synthetic.values import Perturbation, Values
-from ...synthetic.writing import write_tensors
+from ...synthetic.writing import write_tensors, write_transformer_folder
+from .keys import CLASS, COMPONENT
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 
@@ -175,18 +173,17 @@ def write_qwen_model(path: str | os.PathLike, config: QwenConfig | str = "qwen-i
 
 def _write_folder(path: Path, cfg: QwenConfig, params: Params, values: Values, dtype: torch.dtype,
                   meta: dict[str, str], shard_bytes: int) -> None:
-    """A pipeline folder: transformer/ written (config.json, shards, index) by the Flux writer, which
-    lays out any diffusers transformer the same way; model_index.json then names Qwen-Image's parts."""
-    write_transformer_folder(path, cfg, params, values, dtype, meta, shard_bytes)
-    (path / "model_index.json").write_text(json.dumps(
-        {"_class_name": cfg.pipeline, "_diffusers_version": "0.35.0", "transformer": ["diffusers", CLASS],
-         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-         "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
+    """A pipeline folder: transformer/ (config.json, shards, index) and a model_index.json naming
+    Qwen-Image's parts."""
+    write_transformer_folder(path, cfg, params, values, dtype, meta, shard_bytes, index={
+        "_class_name": cfg.pipeline, "_diffusers_version": "0.35.0", "transformer": ["diffusers", CLASS],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"]})
 
 
 # ----------------------------------------------------------------------------- LoRAs
 
-# format -> the spelling each trainer writes (checkpoints.qwen): musubi-tuner kohya `lora_unet_`,
+# format -> the spelling each trainer writes (model.py): musubi-tuner kohya `lora_unet_`,
 # diffusers / ai-toolkit PEFT `transformer.`, ComfyUI `diffusion_model.`
 _SPELLING = {"kohya": "kohya-ldm", "peft": "peft", "comfy": "comfy"}
 

@@ -4,7 +4,7 @@ Layouts: a diffusers folder (transformer/ with config.json, sharded like `save_p
 Wan 2.2 A14B pipeline folder with both experts (transformer/ high-noise, transformer_2/
 low-noise, model_index.json with boundary_ratio), and single files with the original Wan keys,
 bare or under ComfyUI's `model.diffusion_model.` (ComfyUI's split expert files). Original names
-come from the reader's own map (checkpoints.wan.diffusers_to_original), so a synthetic file is
+come from the reader's own map (keys.diffusers_to_original), so a synthetic file is
 read back by the same map that reads real ones; tests/test_wan.py checks the map against
 diffusers' own converter and the parameter list against WanTransformer3DModel.
 
@@ -26,16 +26,15 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from .experts import EXPERTS
-from .keys import COMPONENT, diffusers_to_original
 from ...formats import write_lora as write_lora_file
 from ...lora import LoraFile
-from ...synthetic.flux import _write_folder as write_transformer_folder
 from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
 from ...synthetic.models import model_values
 from ...synthetic.params import Params
 from ...synthetic.values import Perturbation, Values
-from ...synthetic.writing import write_tensors
+from ...synthetic.writing import write_tensors, write_transformer_folder
+from .experts import EXPERTS
+from .keys import COMPONENT, diffusers_to_original
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json
@@ -201,7 +200,7 @@ def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-
 def _write_component(folder: Path, cfg: WanConfig, values: Values, dtype: torch.dtype, meta: dict[str, str],
                      shard_bytes: int) -> Path:
     """config.json and the weights (sharded with an index when more than one file), like
-    save_pretrained, through the Flux writer's folder code (same layout; its model_index.json is
+    save_pretrained, through synthetic.writing's transformer folder (its model_index.json is
     replaced by the caller). transformer_2/ is written as a staging transformer/ and moved."""
     parent = folder.parent if folder.name == COMPONENT else folder.parent / f".{folder.name}.staging"
     write_transformer_folder(parent, cfg, wan_params(cfg), values, dtype, meta, shard_bytes)
