@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 
 import prolora  # noqa: E402
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.cli import main  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.formats import write_lora as write_lora_file  # noqa: E402

@@ -5,6 +5,7 @@ and keeping its rank, so that T + L' changes T's prediction the way the source L
 source S's: (T+L')(x,t,c) ~ T(x,t,c) + (S+L)(x,t,c) - S(x,t,c) on pure-noise latents x, random
 timesteps t and a conditioning c (cond.py). No images, no dataset.
 
+    parts      the family's refine part (prolora.families.<f>.refine): its denoiser and inputs
     denoisers  S and T as diffusers models, from folders or single files
     adapters   LoRA factors hooked into them, switched on and off
     cond       the inputs: latents, timesteps, prompts / tags / random context

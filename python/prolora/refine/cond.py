@@ -10,11 +10,10 @@
   the built-in prompts and `--refine-tokens` tokens, or, when no encoder ships with the bases,
   zero mean, unit scale.
 
-The extra inputs a denoiser needs come with it: SDXL's `text_embeds` (the pooled embedding;
-random or encoded likewise) and `time_ids` (original size, crop, target size of the pixel image the
-latent stands for), Flux's `pooled_projections`, `img_ids`/`txt_ids` and `guidance` (3.5, FLUX.1-dev
-only). Latents are pure Gaussian noise at `--refine-resolution`; timesteps are uniform (UNets:
-integer DDPM steps in [0, 1000); Flux: the flow time in (0, 1]).
+Which encoders a pipeline folder has and how their outputs are combined, the denoiser's forward
+signature, the latents, timesteps and the extra inputs a denoiser needs (a pooled embedding, time
+or position ids, guidance) are its family's: the family's refine part (parts.py) says them.
+Latents are pure Gaussian noise at `--refine-resolution`; timesteps are uniform.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import torch
 
 from ..checkpoints import BaseModel
 from ..errors import InputFileError, OptionError
+from .parts import part_named, part_of, parts
 
 # neutral prompts: no style, varied subjects, so the context covers ordinary use of the model
 NEUTRAL_PROMPTS = (
@@ -37,8 +37,6 @@ NEUTRAL_PROMPTS = (
     "a group of people at a cafe", "a castle on a hill", "a child playing in a park", "a sailing boat on the sea",
     "a plate of food in a restaurant",
 )
-GUIDANCE = 3.5  # FLUX.1-dev's usual distilled guidance
-UNET_STEPS = 1000  # DDPM training steps of SD-family UNets
 
 
 @dataclass
@@ -128,51 +126,36 @@ def _encoder_parts(base: BaseModel) -> list[tuple[str, Path, Path]] | None:
     root = _folder(base)
     if root is None:
         return None
-    if base.family in ("flux",):
-        names = [("clip", "text_encoder", "tokenizer"), ("t5", "text_encoder_2", "tokenizer_2")]
-    elif base.family == "chroma":
-        names = [("t5", "text_encoder", "tokenizer")]
-    elif (root / "text_encoder_2").is_dir():
-        names = [("clip", "text_encoder", "tokenizer"), ("clip2", "text_encoder_2", "tokenizer_2")]
-    else:
-        names = [("clip", "text_encoder", "tokenizer")]
-    parts = [(role, root / e, root / t) for role, e, t in names]
-    if not all((e / "config.json").is_file() and t.is_dir() for _, e, t in parts):
+    found = [(role, root / e, root / t) for role, e, t in part_of(base).text_encoders(base, root)]
+    if not all((e / "config.json").is_file() and t.is_dir() for _, e, t in found):
         return None
-    return parts
+    return found
 
 
 @torch.no_grad()
 def encode(base: BaseModel, prompts: list[str], tokens: int | None, device: str) -> Context:
-    """The base's own encoders on `prompts`, as its pipeline feeds them to the denoiser: SD1/SD2
-    the last hidden state; SDXL both CLIPs' penultimate states concatenated plus the second's
-    projected pooled output; Flux T5's states (`tokens` long) plus CLIP's pooled output; Chroma T5."""
-    parts = _encoder_parts(base)
-    if parts is None:
+    """The base's own encoders on `prompts`, as its pipeline feeds them to the denoiser: each
+    encoder's part of the context (concatenated along channels) and the pooled embedding, as the
+    family's refine part takes them (T5's states are `tokens` long)."""
+    found = _encoder_parts(base)
+    if found is None:
         raise OptionError(f"{base.path}: prompt conditioning needs the base's text encoders and tokenizers "
                           "(a diffusers pipeline folder with text_encoder/ and tokenizer/); use --refine-cond random")
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+    part = part_of(base)
     hidden, pooled = [], None
-    for role, enc_dir, tok_dir in parts:
+    for role, enc_dir, tok_dir in found:
         tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         length = (tokens or 512) if role == "t5" else tok.model_max_length
         ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip2": CLIPTextModelWithProjection}[role]
-        if role == "clip" and base.family not in ("flux", "chroma") and len(parts) == 1:
-            cls = CLIPTextModel
         enc = cls.from_pretrained(enc_dir, local_files_only=True).to(device).eval()
-        out = enc(ids.to(device), output_hidden_states=True)
-        if role == "t5":
-            hidden.append(out.last_hidden_state)
-        elif base.family == "flux":
-            pooled = out.pooler_output
-        elif len(parts) == 1:
-            hidden.append(out.last_hidden_state)
-        else:
-            hidden.append(out.hidden_states[-2])
-            if role == "clip2":
-                pooled = out.text_embeds
+        h, p = part.take(role, enc(ids.to(device), output_hidden_states=True), len(found))
+        if h is not None:
+            hidden.append(h)
+        if p is not None:
+            pooled = p
         del enc
     return Context(hidden=torch.cat(hidden, dim=-1).float().cpu(),
                    pooled=None if pooled is None else pooled.float().cpu())
@@ -194,31 +177,23 @@ def _stats(ctx: Context) -> Context:
 class Signature:
     """What a denoiser's forward takes, read from the diffusers model and its config."""
 
-    kind: str  # "unet" | "flux"
+    kind: str  # the family whose refine part reads and feeds the denoiser (its name)
     channels: int
     context_dim: int
-    pooled_dim: int | None = None  # SDXL text_embeds / Flux pooled_projections width
-    time_ids: bool = False  # SDXL
-    guidance: bool = False  # FLUX.1-dev
+    pooled_dim: int | None = None  # width of a pooled text embedding the forward takes
+    time_ids: bool = False  # the forward takes the pixel image's size and crop
+    guidance: bool = False  # the forward takes a distilled guidance scale
     accepts: frozenset[str] = frozenset()
 
 
 def signature(model: torch.nn.Module) -> Signature:
-    cfg = model.config
+    """What `model`'s forward takes, as the family whose denoiser it is reads it."""
     names = frozenset(inspect.signature(model.forward).parameters)
-    if "sample" in names:  # UNet2DConditionModel
-        pooled = None
-        if cfg.get("addition_embed_type") == "text_time":
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        elif cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
-            raise OptionError(f"refinement does not know the UNet's {cfg.get('addition_embed_type') or 'class'} "
-                              "conditioning")
-        cross = cfg["cross_attention_dim"]
-        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-        return Signature("unet", cfg["in_channels"], int(cross), pooled, pooled is not None, False, names)
-    return Signature("flux", cfg["in_channels"], cfg["joint_attention_dim"],
-                     cfg.get("pooled_projection_dim") if "pooled_projections" in names else None, False,
-                     bool(cfg.get("guidance_embeds")) and "guidance" in names, names)
+    for fam, part in parts():
+        fields = part.signature(model.config, names)
+        if fields is not None:
+            return Signature(fam.name, **fields)
+    raise OptionError(f"refinement does not know the inputs of {type(model).__name__}")
 
 
 class Conditioner:
@@ -230,8 +205,11 @@ class Conditioner:
                 (target.kind, target.channels, target.context_dim, target.pooled_dim):
             raise OptionError("the source and target denoisers take different inputs (latent channels or context "
                               "width differ); refinement needs both to read the same inputs")
-        if resolution < 2 or (source.kind == "flux" and resolution % 2):
-            raise OptionError(f"--refine-resolution {resolution}: must be at least 2 (even for Flux)")
+        self.part = part_named(source.kind)
+        if resolution < 2 or (self.part.EVEN_LATENTS and resolution % 2):
+            evens = " and ".join(p.EVEN_LATENTS for _, p in parts() if p.EVEN_LATENTS)
+            raise OptionError(f"--refine-resolution {resolution}: must be at least 2"
+                              + (f" (even for {evens})" if evens else ""))
         self.sig, self.contexts, self.resolution = source, contexts, resolution
         self.tokens, self.device = tokens, device
 
@@ -262,12 +240,7 @@ class Conditioner:
         if src_ctx.hidden is not None:
             pick = torch.randint(0, len(src_ctx.hidden), (n,), generator=g)
         shared = src_ctx is tgt_ctx
-        if sig.kind == "unet":
-            x = torch.randn(n, sig.channels, r, r, generator=g)
-            t = torch.randint(0, UNET_STEPS, (n,), generator=g)
-        else:
-            x = torch.randn(n, (r // 2) ** 2, sig.channels, generator=g)
-            t = 1.0 - torch.rand(n, generator=g)  # (0, 1]
+        x, t = self.part.noise(sig, n, r, g)
         state = g.get_state()
         hs, ps = self._context(src_ctx, n, g, pick)
         if shared:
@@ -278,29 +251,13 @@ class Conditioner:
         out = Inputs()
         for kw, hidden, pooled, dtype in ((out.source, hs, ps, dtypes[0]), (out.target, ht, pt, dtypes[1])):
             dev = lambda v, d=dtype: v.to(self.device, d)  # noqa: E731
-            if sig.kind == "unet":
-                kw.update(sample=dev(x), timestep=t.to(self.device), encoder_hidden_states=dev(hidden))
-                if sig.time_ids:
-                    size = float(8 * r)
-                    ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(n, 1)
-                    kw["added_cond_kwargs"] = {"text_embeds": dev(pooled), "time_ids": dev(ids)}
-            else:
-                h = r // 2
-                img_ids = torch.zeros(h, h, 3)
-                img_ids[..., 1] = torch.arange(h).view(h, 1)
-                img_ids[..., 2] = torch.arange(h).view(1, h)
-                kw.update(hidden_states=dev(x), encoder_hidden_states=dev(hidden), timestep=dev(t),
-                          img_ids=dev(img_ids.reshape(-1, 3)), txt_ids=dev(torch.zeros(hidden.shape[1], 3)))
-                if sig.pooled_dim and "pooled_projections" in sig.accepts:
-                    kw["pooled_projections"] = dev(pooled)
-                if sig.guidance:
-                    kw["guidance"] = dev(torch.full((n,), GUIDANCE))
+            kw.update(self.part.inputs(sig, x, t, hidden, pooled, r, dev, self.device))
         return out
 
 
 def default_tokens(sig: Signature) -> int:
-    """Context length when none is given: CLIP's 77 for UNets, 256 T5 tokens for Flux."""
-    return 77 if sig.kind == "unet" else 256
+    """Context length when none is given, as the denoiser's family says (e.g. CLIP's 77, 256 T5 tokens)."""
+    return int(part_named(sig.kind).TOKENS)
 
 
 def default_resolution(model: torch.nn.Module) -> int:
