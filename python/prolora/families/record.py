@@ -48,6 +48,19 @@ class BenchPreset:
 
 
 @dataclass(frozen=True)
+class Loader:
+    """How diffusers' pipeline loader (`load_lora_weights` on a state dict) takes a transferred
+    LoRA of this family exactly (prolora.diffusers.load_lora)."""
+
+    format: str = "peft"  # the LoRA format it applies exactly from a state dict
+    alpha_keys: bool = False  # it reads `<module>.alpha` entries of a PEFT state dict as the alphas
+    # expert label -> pipeline component, for pipelines that hold several experts (Wan 2.2 A14B)
+    experts: dict[str, str] = field(default_factory=dict)
+    # load_lora_weights keyword arguments per expert component (e.g. load_into_transformer_2)
+    expert_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: its members (the `BaseModel.family` values its readers give), how its
     models are opened, and the rules the rest of prolora reads (see the module doc)."""
@@ -77,6 +90,8 @@ class Family:
     # modules imported on first use (they need torch-heavy or optional packages): "synthetic"
     # (the model and LoRA writers, presets), "refine" (the denoiser builder and conditioning)
     parts: dict[str, str] = field(default_factory=dict)
+    # how diffusers' pipeline loader takes this family's LoRAs from a state dict
+    loader: Loader = field(default_factory=Loader)
     # `prolora bench --family` choices (preset name -> BenchPreset), in the order --help lists them
     bench: dict[str, BenchPreset] = field(default_factory=dict)
     # True for a package that only recognises architectures to refuse them by name

@@ -17,7 +17,7 @@ block names and is never claimed here (the `unsupported` package refuses it by n
 """
 from __future__ import annotations
 
-from ..record import BenchPreset, Family
+from ..record import BenchPreset, Family, Loader
 from .chroma import CHROMA, FLUX
 from .memory import claim_memory
 from .read import claim_file, claim_folder
@@ -36,6 +36,7 @@ FAMILY = Family(
     lora_hint=lora_hint,
     metadata_hints=METADATA_HINTS,
     lora_metadata=lora_metadata,
+    loader=Loader(alpha_keys=True),  # PEFT with alpha entries: diffusers folds kohya Flux alphas into fp16
     parts={"synthetic": "prolora.families.flux.synthetic", "refine": "prolora.families.flux.refine"},
     bench={FLUX: BenchPreset("bfloat16", "FLUX.1-dev, bf16"),
            CHROMA: BenchPreset("bfloat16", "a FLUX.1-schnell source and a Chroma target derived from it, bf16")},

@@ -55,6 +55,9 @@ class FluxModel(BaseModel):
     _fused: dict[str, FusedHit] | None = field(default=None, repr=False)
     _fused_out: dict[tuple[str, str], tuple[str, int, Rows]] | None = field(default=None, repr=False)
 
+    def pipeline_component(self, component: str) -> str:
+        return self.t5_component if component == T5 else component
+
     @property
     def kohya_spelling(self) -> str:
         """kohya's Flux scripts write BFL names (`lora_unet_double_blocks_0_img_attn_qkv`)."""

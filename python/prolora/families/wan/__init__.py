@@ -16,8 +16,8 @@ unless `--widths lstsq` is asked for. Refine has no Wan denoiser builder (it ref
 """
 from __future__ import annotations
 
-from ..record import Family
-from .experts import experts_of
+from ..record import Family, Loader
+from .experts import EXPERTS, experts_of
 from .memory import claim_memory
 from .pad import pad_musubi_blocks
 from .read import claim_file, claim_folder
@@ -36,5 +36,6 @@ FAMILY = Family(
     pair_refusal=pair_refusal,
     pad_output=pad_musubi_blocks,
     experts=experts_of,
+    loader=Loader(experts=EXPERTS, expert_kwargs={EXPERTS["low_noise"]: {"load_into_transformer_2": True}}),
     parts={"synthetic": "prolora.families.wan.synthetic"},
 )
