@@ -53,8 +53,8 @@ def experts_of(target: PathLike, target_2: PathLike | None = None) -> dict[str, 
 
 
 def _labels() -> list[str]:
-    """Every expert label the families' `experts` hooks give (each hook's `labels`), in order."""
-    return [label for fam in families() if fam.experts is not None for label in getattr(fam.experts, "labels", ())]
+    """Every expert label a family knows (its loader's experts), in order."""
+    return [label for fam in families() for label in fam.loader.experts]
 
 
 def expert_outputs(output: PathLike, lora: PathLike, labels: list[str]) -> dict[str, Path]:

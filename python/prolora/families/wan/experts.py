@@ -60,4 +60,3 @@ def experts_of(target: str | os.PathLike, target_2: str | os.PathLike | None = N
     return pair
 
 
-experts_of.labels = tuple(EXPERTS)  # the labels it gives, for checking a caller's own {label: path}
