@@ -26,7 +26,7 @@ from test_client_flux import load_and_fuse as flux_load_and_fuse  # noqa: E402
 from test_client_flux import models as flux_models  # noqa: E402,F401  (fixture)
 from zoo import build, load_state, save_pipeline, state  # noqa: E402
 
-from prolora.checkpoints import open_model  # noqa: E402
+from prolora.families import open_model  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.formats.parts import canonical_modules  # noqa: E402
 from prolora.jobs.extract import extract  # noqa: E402

@@ -9,9 +9,9 @@ import torch
 import prolora
 from prolora.api import transfer_many
 from prolora.cache import BasisCache
-from prolora.checkpoints import open_model
 from prolora.cli import main
 from prolora.engine import lora_passes
+from prolora.families import open_model
 from prolora.formats import read_lora
 from prolora.ops import truncated_svd
 from prolora.spill import Spill
@@ -188,7 +188,7 @@ def test_finished_layers_are_parked_until_their_lora_is_complete(sdxl_pair, tmp_
     rank = prolora.transfer(*args, tmp_path / "b.safetensors", cache=False, alpha="rank")
     assert len(parked) == 2 * (made - 1) and set(parked) == {torch.float32}
     monkeypatch.setattr(Spill, "put", lambda self, t: pytest.fail("parked"))
-    monkeypatch.setattr("prolora.engine.jobs.JobResult.park", lambda self, *a: None)
+    monkeypatch.setattr("prolora.engine.results.JobResult.park", lambda self, *a: None)
     held = prolora.transfer(*args, tmp_path / "c.safetensors", cache=False)
     assert _tensors(res.output) == _tensors(held.output)
     assert rank.lora.modules.keys() == res.lora.modules.keys()

@@ -23,16 +23,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from prolora.checkpoints import open_model
 from prolora.errors import LoraMismatchError, ModelError, NothingTransferredError, OptionError
+from prolora.families import open_model
 from prolora.formats import read_lora, write_lora
 from prolora.formats.parts import canonical_modules
-from prolora.jobs import RankRule, factor_svd
+from prolora.jobs import RankRule
 from prolora.jobs.bench import write_tuned
 from prolora.jobs.extract import ExtractOptions, extract, extract_many
 from prolora.jobs.merge import merge
 from prolora.jobs.resize import resize
 from prolora.lora import LoraFile, LoraModule
+from prolora.method import factor_svd
 from prolora.ops import phi, truncated_svd
 from prolora.ops.registry import Problem
 from prolora.ops.svd_randomized import check as randomized_check
@@ -285,7 +286,7 @@ def test_extract_skips_identical_layers_and_chooses_energy_ranks(sdxl_pair, tmp_
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_difference_blockwise_equals_the_dense_float32_difference(dtype, monkeypatch):
-    from prolora.jobs import extract as ex
+    from prolora.jobs import difference as ex
 
     monkeypatch.setattr(ex, "_BLOCK_ELEMENTS", 3 * 50)  # blocks of 3 rows: 37 rows end mid-block
     g = torch.Generator().manual_seed(5)

@@ -1,11 +1,14 @@
 """The loader: what a chunk needs from disk, read in a background thread while the previous chunk
-computes. Cached bases where the cache has them, raw weights (read by key with pread) otherwise;
-on a GPU run both land in pinned host memory so that their copy to the device is asynchronous."""
+computes (`read_ahead`, for every pass over models: transfers and extract alike). Cached bases
+where the cache has them, raw weights (read by key with pread) otherwise; on a GPU run both land
+in pinned host memory so that their copy to the device is asynchronous."""
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Generic, Sequence, TypeVar
 
 import torch
 
@@ -27,6 +30,50 @@ def on_device(model: BaseModel, module: str) -> bool:
     ref = model.weights[module]
     held = model.resident.get(ref.file)
     return held is not None and held.get(ref.key).device.type != "cpu"
+
+
+C = TypeVar("C")
+D = TypeVar("D")
+
+
+class read_ahead(Generic[C, D]):
+    """`for chunk, data in read_ahead(chunks, read)`: each chunk with read(chunk), in order, the
+    next chunk read in a background thread while the caller computes the current one (one chunk
+    in flight). Use it in a `with`: leaving cancels a read not yet started and waits for a running
+    one. The iterator keeps no reference to a chunk's data once handed over, so what the caller
+    frees is freed."""
+
+    def __init__(self, chunks: Sequence[C], read: Callable[[C], D], name: str = "prolora-load"):
+        self.chunks, self.read = chunks, read
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.at = 0
+        self.ahead: Future | None = self.pool.submit(read, chunks[0]) if chunks else None
+
+    def __enter__(self) -> "read_ahead[C, D]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ahead is not None:
+            self.ahead.cancel()
+        self.pool.shutdown(wait=True)
+
+    def __iter__(self) -> "read_ahead[C, D]":
+        return self
+
+    def __next__(self) -> tuple[C, D]:
+        if self.ahead is None:
+            raise StopIteration
+        data = self.ahead.result()
+        i = self.at = self.at + 1
+        self.ahead = self.pool.submit(self.read, self.chunks[i]) if i < len(self.chunks) else None
+        return self.chunks[i - 1], data
+
+
+def read_weight(model: BaseModel, module: str, pinned: bool = False) -> torch.Tensor:
+    """A weight as a matrix (out, in * kh * kw) in its stored dtype; in pinned host memory for a
+    GPU run (a weight of a model held in memory may be on the device already: checkpoints.memory)."""
+    W = model.load(module, dtype=None).reshape(model.weights[module].shape[0], -1)
+    return W.pin_memory() if pinned and W.device.type == "cpu" else W
 
 
 @dataclass
@@ -63,13 +110,10 @@ class Loader:
         return min(src.k, *flat_shape(self.target, target))
 
     def read(self, model: BaseModel, module: str) -> torch.Tensor:
-        """The weight as a matrix in its stored dtype (pinned for a GPU run)."""
-        ref = model.weights[module]
-        W = model.load(module, dtype=None)
+        """The weight as a matrix in its stored dtype (pinned for a GPU run), counted."""
+        W = read_weight(model, module, self.pinned)
         self.bytes_read += W.numel() * W.element_size()
-        W = W.reshape(ref.shape[0], -1)
-        # a weight of a model held in memory may be on the device already (checkpoints.memory)
-        return W.pin_memory() if self.pinned and W.device.type == "cpu" else W
+        return W
 
     def cached(self, model: BaseModel, module: str, k) -> Basis | None:
         """The cache's basis of a module with at least the k asked (an int or a chooser)."""

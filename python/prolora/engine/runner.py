@@ -1,17 +1,14 @@
 """The job runner: one pass over the models for a batch of LoRA tasks. Per chunk of modules, in
-model order: the loader's reads (one chunk ahead, in a background thread) -> bases -> each
-module's similarity, formed once for every LoRA on it -> the projection of all its LoRAs, through
-the project_lora backend dispatched for that module -> finished layers parked until their LoRA is
-complete -> on_done(task), which writes the output."""
+model order: the loader's reads (one chunk ahead, in a background thread: loader.read_ahead) ->
+bases -> each module's similarity, formed once for every LoRA on it -> the projection of all its
+LoRAs, through the project_lora backend dispatched for that module -> finished layers parked
+until their LoRA is complete -> on_done(task), which writes the output."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
@@ -22,9 +19,10 @@ from ..options import TransferOptions
 from ..plan import LayerJob
 from ..spill import Spill
 from .bases import BasisProvider
-from .jobs import JobResult, LoraTask, factors, matrix_shape, run_job
-from .memory import current_rss, default_budget, peak_rss, trim_near
+from .loader import read_ahead
+from .memory import budget as host_budget, current_rss, peak_rss, trim_near
 from .planner import chunk_limit, chunk_modules
+from .results import LoraTask, factors, matrix_shape, run_job
 
 Progress = Callable[[int], None]
 
@@ -66,10 +64,6 @@ def _spill_folder(tasks: list[LoraTask]) -> str | None:
     return next((str(t.output.parent) for t in tasks if t.output is not None), None)
 
 
-def host_budget(opts: TransferOptions) -> int:
-    return opts.max_memory if opts.max_memory is not None else default_budget()
-
-
 class Engine:
     """Streams the modules of many LoRA tasks through bases and the method under memory budgets."""
 
@@ -83,7 +77,8 @@ class Engine:
     def chunks(self, modules: list[str]) -> list[list[str]]:
         """Consecutive modules whose working memory fits the budgets (at least one per chunk)."""
         gpu = self.opts.max_gpu_memory if self.opts.device.startswith("cuda") else None
-        return chunk_modules(modules, None, chunk_limit(host_budget(self.opts), current_rss(), gpu), self.source)
+        limit = chunk_limit(host_budget(self.opts.max_memory), current_rss(), gpu)
+        return chunk_modules(modules, None, limit, self.source)
 
     def run(self, tasks: list[LoraTask], on_done: Callable[[LoraTask], None]) -> EngineStats:
         """Process every task; call on_done(task) as soon as each one is complete (or failed)."""
@@ -110,27 +105,19 @@ class Engine:
         seen = (self.cache.hits, self.cache.misses) if self.cache is not None else (0, 0)
         chunks = self.chunks(order)
         self.stats.chunks = len(chunks)
-        budget = host_budget(self.opts)
+        budget = host_budget(self.opts.max_memory)
         project_s = 0.0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-load") as pool, \
+        with read_ahead(chunks, lambda chunk: loader.prefetch(chunk, targets)) as reads, \
                 closing(Spill(_spill_folder(tasks))) as spill:
-            ahead: Future | None = pool.submit(loader.prefetch, chunks[0], targets) if chunks else None
-            for i, chunk in enumerate(chunks):
-                pre = ahead.result()
-                ahead = pool.submit(loader.prefetch, chunks[i + 1], targets) if i + 1 < len(chunks) else None
-                try:
-                    bases = provider.bases(pre)
-                    del pre
-                    t1 = time.perf_counter()
-                    for m in chunk:
-                        src, tgt = bases.pop(m)
-                        self._apply(m, work[m], src, tgt, on_done, spill)
-                    trim_near(budget)  # near the budget: give back the heap's holes
-                    project_s += time.perf_counter() - t1
-                except BaseException:
-                    if ahead is not None:
-                        ahead.cancel()
-                    raise
+            for chunk, pre in reads:
+                bases = provider.bases(pre)
+                del pre
+                t1 = time.perf_counter()
+                for m in chunk:
+                    src, tgt = bases.pop(m)
+                    self._apply(m, work[m], src, tgt, on_done, spill)
+                trim_near(budget)  # near the budget: give back the heap's holes
+                project_s += time.perf_counter() - t1
         self.stats.bytes_read = loader.bytes_read
         self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,
                               "total": time.perf_counter() - t0}
