@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prolora
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.errors import (LoraMismatchError, ModelError, NothingTransferredError, OptionError,
                             OutputPathError)
 from prolora.formats import read_lora, write_lora

@@ -20,8 +20,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E4
 from zoo import FAMILY, SPECS, TE2, canon, write_single_file  # noqa: E402
 from zoo import build as _build, save_pipeline as _save_pipeline, state as _state  # noqa: E402
 
-from prolora.checkpoints import SPELLINGS, open_model  # noqa: E402
-from prolora.checkpoints.model import KOHYA  # noqa: E402
+from prolora.families import open_model  # noqa: E402
+from prolora.families.sd.model import KOHYA, SPELLINGS  # noqa: E402
 from prolora.errors import ModelError, PickleRefusedError, ProloraError  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 

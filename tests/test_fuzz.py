@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.cli import main
 from prolora.errors import ProloraError
 from prolora.formats import read_lora, write_lora

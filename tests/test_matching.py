@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from prolora.matching import assign, split_block
+from prolora.families.sd.rules import block_of as split_block
+from prolora.matching import assign
 
 
 def brute(score):

@@ -76,7 +76,7 @@ def test_similarity_matching_recovers_the_block_correspondence(tmp_path):
     assert all(m["score"] > 0.9 for m in res.report.info["matching"])
     # the output adapts the target's blocks with the LoRA of the matched source blocks
     out = read_lora(res.output)
-    from prolora.checkpoints import open_model
+    from prolora.families import open_model
 
     with open_model(target) as t:
         adapted = {t.resolve(k)[0] for k in out.modules}
@@ -92,7 +92,7 @@ def test_similarity_matching_recovers_the_block_correspondence(tmp_path):
 
 
 def t_name(key, target):
-    from prolora.checkpoints import open_model
+    from prolora.families import open_model
 
     with open_model(target) as t:
         return t.resolve(key)[0]

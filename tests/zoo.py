@@ -81,7 +81,7 @@ def save_pipeline(mods, folder: Path, **kw) -> Path:
 def write_single_file(st, path: Path, components=("unet", "text_encoder", "text_encoder_2"),
                       prefix_override: str | None = None) -> Path:
     """A single .safetensors file laid out by OUR diffusers -> LDM/SGM map."""
-    from prolora.checkpoints.single_file import single_file_plan
+    from prolora.families.sd.read import single_file_plan
     from prolora.safetensors_io import save
 
     params = {c: [(k, tuple(v.shape)) for k, v in st[c].items()] for c in components if c in st}
