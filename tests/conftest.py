@@ -60,3 +60,16 @@ def sd15_pair(tmp_path_factory):
     source, target = write_pair(d / "source", d / "target.safetensors", "sd15:tiny", seed=3)
     return {"dir": d, "source": source, "target": target,
             "kohya": write_lora(source, d / "kohya.safetensors", format="kohya", rank=4, targets="transformer")}
+
+
+@pytest.fixture
+def diffusers_warnings():
+    """The unexpected-keys checks read diffusers' warnings: whatever verbosity an earlier test module
+    left (the client tests silence diffusers), warnings are on for the test, and restored after.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("diffusers_warnings")`."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_warning()
+    yield
+    dlog.set_verbosity(level)

@@ -3,11 +3,11 @@
 Tiny REAL SDXL and SD1.5 models (zoo: diffusers UNet + transformers CLIP, random weights) are a
 BASE, and BASE plus a fine-tune-like change a TUNED, both saved as diffusers folders. A
 full-rank extraction (every layer's rank = min(m, n), so the approximation is exact) is loaded
-with diffusers' own `load_lora_weights` on the BASE pipeline and fused (test_client_diffusers'
-check: every module diffusers adapted holds base + the file's dW, nothing else changed, nothing
+with diffusers' own `load_lora_weights` on the BASE pipeline and fused (the check of
+tests/client_sd.py: every module diffusers adapted holds base + the file's dW, nothing else changed, nothing
 ignored), and the file's dW must be TUNED - BASE to 1e-5 relative (read independently from the two
-folders). Resized and merged LoRAs load the same way. The Flux row uses test_client_flux's tiny
-FluxTransformer2DModel pair.
+folders). Resized and merged LoRAs load the same way. The Flux row uses the Flux client test's tiny
+FluxTransformer2DModel pair (tests/client_flux.py).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_client_diffusers import _perturbed, _quiet, check_with_diffusers  # noqa: E402
-from test_client_flux import load_and_fuse as flux_load_and_fuse  # noqa: E402
-from test_client_flux import models as flux_models  # noqa: E402,F401  (fixture)
+from client_flux import load_and_fuse as flux_load_and_fuse  # noqa: E402
+from client_flux import write_models as write_flux_models  # noqa: E402
+from client_sd import check_with_diffusers, perturbed, quiet  # noqa: E402
 from zoo import build, load_state, save_pipeline, state  # noqa: E402
 
 from prolora.families import open_model  # noqa: E402
@@ -40,16 +40,22 @@ FULL = 100_000  # a rank above every layer's min(m, n): the extraction is exact
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    _quiet()
+    quiet()
     root = tmp_path_factory.mktemp("client_jobs")
     out = {}
     for kind, seed in (("sdxl", 21), ("sd15", 22)):
         mods = build(kind, seed)
         base = save_pipeline(mods, root / kind / "base")
-        tuned = save_pipeline(load_state(kind, _perturbed(state(mods), seed=seed + 1)), root / kind / "tuned")
+        tuned = save_pipeline(load_state(kind, perturbed(state(mods), seed=seed + 1)), root / kind / "tuned")
         # check_with_diffusers loads the LoRA onto entry["target"]: here the BASE
         out[kind] = {"kind": kind, "dir": root / kind, "target": base, "base": base, "tuned": tuned}
     return out
+
+
+@pytest.fixture(scope="module")
+def flux_models(tmp_path_factory):
+    """The Flux client test's tiny FluxTransformer2DModel pair (client_flux.write_models)."""
+    return write_flux_models(tmp_path_factory)
 
 
 def _dense(m) -> torch.Tensor:

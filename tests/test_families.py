@@ -34,27 +34,15 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from safetensors import safe_open  # noqa: E402
-from test_flux import bfl_tensors  # noqa: E402
-from zoo import SDXL_UNET  # noqa: E402
+from zoo import SDXL_UNET, bfl_tensors  # noqa: E402
 
 import prolora  # noqa: E402
 from prolora.families import open_model  # noqa: E402
 from prolora.synthetic import write_lora  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def diffusers_warnings():
-    """The unexpected-keys checks read diffusers' warnings: whatever verbosity an earlier test
-    module left (test_client_flux silences diffusers), warnings are on here, and restored after."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_warning()
-    yield
-    dlog.set_verbosity(level)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the unexpected-keys checks read diffusers' warnings: on here, whatever an earlier module left
+pytestmark = pytest.mark.usefixtures("one_thread", "diffusers_warnings")
 ADAPTER = "prolora_out"
 
 # ----------------------------------------------------------------------------- SDXL kin
@@ -208,7 +196,7 @@ def test_diffusers_loads_the_kin_output_into_the_target_unet(kin, kin_results, n
     target UNet, warns of no unexpected key, and the merged weights equal base + dW computed from
     the file."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from test_client_diffusers import _output_deltas
+    from client_sd import output_deltas
 
     target = kin["targets"][name]
     if fmt == "kohya":
@@ -221,7 +209,7 @@ def test_diffusers_loads_the_kin_output_into_the_target_unet(kin, kin_results, n
                                      tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(),
                                      add_watermarker=False)
     before = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    deltas = _file_deltas(path, target) if fmt == "kohya" else _output_deltas(path, target, {"unet": unet})
+    deltas = _file_deltas(path, target) if fmt == "kohya" else output_deltas(path, target, {"unet": unet})
     assert deltas
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
@@ -287,7 +275,7 @@ CHROMA_LACKS = ("img_mod", "txt_mod", "modulation", "final_layer_adaLN_modulatio
 
 
 def _bfl_file(sd: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path:
-    """A diffusers-named Chroma state dict saved as a BFL single file (test_flux's layout plan)."""
+    """A diffusers-named Chroma state dict saved as a BFL single file (zoo.bfl_tensors: our layout plan)."""
     from prolora.safetensors_io import save
 
     save(path, bfl_tensors(sd, prefix))
@@ -297,8 +285,8 @@ def _bfl_file(sd: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory):
     import transformers
-    from test_flux import TINY
     from transformers import CLIPTextConfig
+    from zoo import FLUX_TINY as TINY
     from zoo import TE1
 
     from prolora.formats import read_lora
@@ -430,8 +418,8 @@ def test_flux_lora_onto_chroma_drops_and_names_what_chroma_lacks(chroma, fmt, la
 
 
 def _chroma_deltas(path: Path) -> dict[str, torch.Tensor]:
-    """{diffusers module: dW} of an output, read with test_client_flux's hand-written BFL table."""
-    from test_client_flux import output_deltas
+    """{diffusers module: dW} of an output, read with client_flux's hand-written BFL table."""
+    from client_flux import output_deltas
 
     ch = diffusers.ChromaTransformer2DModel(**CHROMA)
     return output_deltas(path, {n for n, _ in ch.named_modules()})
@@ -444,7 +432,7 @@ def test_diffusers_chroma_pipeline_loads_the_output(chroma, fmt, tmp_path, caplo
     Like test_client_flux, the kohya input leaves out what diffusers' Flux converter cannot read at
     tiny widths (single-block linear1) or drops (global modules)."""
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from test_client_flux import _kohya_loadable, _without
+    from client_flux import kohya_loadable, without
 
     lora = chroma[fmt]
     if fmt == "kohya":  # CLIP-L (lora_te1_) modules stay in: the transfer drops them; T5 (lora_te3_) goes,
@@ -452,7 +440,7 @@ def test_diffusers_chroma_pipeline_loads_the_output(chroma, fmt, tmp_path, caplo
 
         lora = tmp_path / "in_kohya.safetensors"
         shutil.copy(chroma["kohya"], lora)
-        lora = _without(lora, lambda k: _kohya_loadable(k) or k.startswith("lora_te3_"))
+        lora = without(lora, lambda k: kohya_loadable(k) or k.startswith("lora_te3_"))
     out = tmp_path / f"out_{fmt}.safetensors"
     prolora.transfer(chroma["source"], chroma["target"], lora, out, tau=0.0, cache=False)
     transformer = ChromaTransformer2DModel.from_pretrained(chroma["target"] / "transformer", local_files_only=True)

@@ -17,9 +17,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from zoo import FLUX_H, FLUX_MLP, FLUX_TINY, bfl_tensors  # noqa: E402
+
 import prolora  # noqa: E402
 from prolora.families import open_model  # noqa: E402
-from prolora.families.flux.keys import bfl_file_plan, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
+from prolora.families.flux.keys import bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
 from prolora.errors import LoraMismatchError, ModelError  # noqa: E402
 from prolora.formats import read_lora, summarize, write_lora  # noqa: E402
 from prolora.formats.parts import (assemble_parts, canonical_modules, parse_part_key, part_key,  # noqa: E402
@@ -28,25 +30,9 @@ from prolora.lora import LoraFile, LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 from prolora.synthetic import flux_config, flux_params, write_lora as synth_lora, write_model  # noqa: E402
 
-TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6))
-H, MLP = 32, 128
-
+TINY, H, MLP = FLUX_TINY, FLUX_H, FLUX_MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def bfl_tensors(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """A diffusers Flux state dict in BFL layout, by our plan."""
-    out = {}
-    for e in bfl_file_plan([(k, tuple(v.shape)) for k, v in sd.items()], prefix):
-        t = torch.cat([sd[n] for n in e.sources])
-        if e.swap:
-            a, b = t.chunk(2)
-            t = torch.cat([b, a])
-        out[e.key] = t.contiguous()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
+from zoo import FLUX_TINY as TINY  # noqa: E402
+from zoo import bfl_tensors  # noqa: E402
+
 import prolora  # noqa: E402
 from prolora.families import open_model  # noqa: E402
 from prolora.formats import read_lora, write_lora  # noqa: E402
 from prolora.lora import LoraFile, LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
-from test_flux import TINY, bfl_tensors  # noqa: E402
 
 T5_MODULES = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
               "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")

@@ -32,17 +32,11 @@ from prolora.fake_cuda import FakeCuda  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
 from prolora.safetensors_io import DTYPES, load_all  # noqa: E402
 from prolora.synthetic import make_demo, write_lora, write_model, write_pair  # noqa: E402
+from inmemory_common import (assert_same_weights, changed_keys, one_line, pipeline_weights, quiet,  # noqa: E402
+                             same_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _quiet() -> None:
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
 
 
 def _dtype(folder: Path) -> torch.dtype:
@@ -80,7 +74,7 @@ PIPELINES = {"sdxl": sdxl_pipeline, "flux": flux_pipeline}
 def demo(tmp_path_factory):
     """{kind: {source, target, lora}}: the SDXL demo (kohya LoRA) and a tiny FLUX.1-dev pair with a
     PEFT LoRA (whose alphas live in file metadata only), one basis cache for the module."""
-    _quiet()
+    quiet()
     d = tmp_path_factory.mktemp("inmemory")
     out = {"sdxl": make_demo(d / "sdxl")}
     src, tgt = write_pair(d / "flux_source.safetensors", d / "flux_target", "flux-dev:tiny", seed=5)
@@ -90,32 +84,11 @@ def demo(tmp_path_factory):
     return out
 
 
-def _models(pipe) -> dict[str, torch.nn.Module]:
-    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
-
-
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v.detach().clone() for c, m in _models(pipe).items() for k, v in m.state_dict().items()}
-
-
-def _assert_same_weights(got: dict, want: dict, rel: float) -> None:
-    assert got.keys() == want.keys() and got
-    for k in want:
-        a, b = got[k].double(), want[k].double()
-        err = float((a - b).norm() / b.norm().clamp_min(1e-30))
-        assert err <= rel, f"{k}: relative difference {err:.2e}"
-
-
-def _changed(after: dict, before: dict) -> list[str]:
-    assert after.keys() == before.keys()
-    return [k for k in before if not torch.equal(after[k], before[k])]
-
-
 def _fused(pipe, adapters: list[str]) -> dict[str, torch.Tensor]:
     """The weights after diffusers' fuse_lora and unload_lora_weights (plain names again)."""
     pipe.fuse_lora(adapter_names=adapters)
     pipe.unload_lora_weights()
-    return _weights(pipe)
+    return pipeline_weights(pipe)
 
 
 def _copy_loaded_then_deleted(folder: Path, tmp_path: Path, kind: str):
@@ -137,10 +110,10 @@ def test_load_lora_fuses_what_the_file_transfer_fuses(kind, demo, tmp_path):
     out = tmp_path / "transferred.safetensors"
     by_file = prolora.transfer(d["source"], d["target"], d["lora"], out, cache_dir=cache)
     reference = PIPELINES[kind](d["target"])
-    untouched = _weights(reference)
+    untouched = pipeline_weights(reference)
     reference.load_lora_weights(str(out), adapter_name="x")
     want = _fused(reference, ["x"])
-    assert len(_changed(want, untouched)) >= by_file.report.summary()["transferred"] > 0
+    assert len(changed_keys(want, untouched)) >= by_file.report.summary()["transferred"] > 0
 
     # in memory: the target's folder is gone once the pipeline is loaded
     pipe = _copy_loaded_then_deleted(d["target"], tmp_path, kind)
@@ -152,7 +125,7 @@ def test_load_lora_fuses_what_the_file_transfer_fuses(kind, demo, tmp_path):
     assert report.info["engine"]["bytes_read"] == 0
     # the adapter just loaded is not part of the target: its identity is the files' still
     assert in_memory_model(pipe).identity() == report.info["target_id"]
-    _assert_same_weights(_fused(pipe, ["x"]), want, 1e-6)
+    assert_same_weights(_fused(pipe, ["x"]), want, 1e-6)
 
 
 def test_several_loras_and_set_adapters(demo, tmp_path):
@@ -174,7 +147,7 @@ def test_several_loras_and_set_adapters(demo, tmp_path):
     pipe.set_adapters(["default_0", "default_1"], [0.5, 0.5])
     # two fuses round the fp16 weights twice (~2^-11 relative); a wrong weight would be off by
     # the size of the LoRA's change (~5% of the weight)
-    _assert_same_weights(_fused(pipe, ["default_0", "default_1"]), want, 2e-3)
+    assert_same_weights(_fused(pipe, ["default_0", "default_1"]), want, 2e-3)
 
 
 def test_a_state_dict_lora_and_in_memory_targets_of_transfer(demo, tmp_path):
@@ -235,20 +208,6 @@ def test_fake_cuda_pipeline_weights_never_come_to_the_host(demo):
         assert err < 1e-4, f"{k}: {err:.2e}"
 
 
-def _same_model(memory, files) -> None:
-    """The in-memory model is the file reader's: weights (ids, shapes, dtypes), family, the LoRA
-    key spellings it resolves, BFL places (Flux), the identity, and every weight's values."""
-    assert [(m, r.shape, r.dtype) for m, r in memory.weights.items()] == \
-        [(m, r.shape, r.dtype) for m, r in files.weights.items()]
-    assert memory.family == files.family
-    assert getattr(memory, "ldm_names", None) == getattr(files, "ldm_names", None)  # SD models only
-    assert memory._alias_table() == files._alias_table()
-    assert getattr(memory, "bfl", None) == getattr(files, "bfl", None)
-    assert memory.identity() == files.identity()
-    for m in files.weights:
-        assert torch.equal(memory.load(m, None), files.load(m, None)), m
-
-
 def test_an_sd15_pipeline_is_read_as_its_folder(tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -260,7 +219,7 @@ def test_an_sd15_pipeline_is_read_as_its_folder(tmp_path):
                                    requires_safety_checker=False)
     model = in_memory_model(pipe)
     assert model.family == "sd1" and any(m.startswith("text_encoder.") for m in model.weights)
-    _same_model(model, open_model(folder))
+    same_model(model, open_model(folder))
 
 
 def test_a_flux_pipeline_with_clip_and_t5_is_read_as_its_folder(demo, tmp_path):
@@ -281,7 +240,7 @@ def test_a_flux_pipeline_with_clip_and_t5_is_read_as_its_folder(demo, tmp_path):
                         text_encoder_2=t5, tokenizer_2=None, transformer=flux_pipeline(folder).transformer)
     model = in_memory_model(pipe)
     assert {m.partition(".")[0] for m in model.weights} == {"transformer", "text_encoder", "text_encoder_2"}
-    _same_model(model, open_model(folder))
+    same_model(model, open_model(folder))
 
 
 def test_identity_is_the_weights_whatever_holds_them(tmp_path):
@@ -306,7 +265,7 @@ def test_chroma_is_detected_from_the_module(tmp_path):
                                                            torch_dtype=_dtype(folder))
     model = in_memory_model(transformer)
     assert model.family == "chroma"
-    _same_model(model, open_model(folder / "transformer"))
+    same_model(model, open_model(folder / "transformer"))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -320,17 +279,13 @@ def loaded(demo):
     pipe = sdxl_pipeline(d["target"])
     prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="keep", cache_dir=demo["cache"])
     assert pipe.get_active_adapters() == ["keep"]
-    return pipe, pipe.get_list_adapters(), _weights(pipe)
+    return pipe, pipe.get_list_adapters(), pipeline_weights(pipe)
 
 
 def _unchanged(pipe, adapters, weights) -> None:
     assert pipe.get_list_adapters() == adapters
     assert pipe.get_active_adapters() == sorted({a for names in adapters.values() for a in names})
-    assert _changed(_weights(pipe), weights) == []
-
-
-def _one_line(e: pytest.ExceptionInfo) -> None:
-    assert isinstance(e.value, ProloraError) and "\n" not in str(e.value)
+    assert changed_keys(pipeline_weights(pipe), weights) == []
 
 
 def test_bad_input_leaves_the_pipeline_as_it_was(demo, loaded):
@@ -348,13 +303,13 @@ def test_bad_input_leaves_the_pipeline_as_it_was(demo, loaded):
     for kw, error, pattern in cases:
         with pytest.raises(error) as e:
             prolora.diffusers.load_lora(pipe, cache_dir=cache, **kw)
-        _one_line(e)
+        one_line(e)
         if pattern:
             assert re.search(pattern, str(e.value), re.I), str(e.value)
         _unchanged(pipe, adapters, weights)
     with pytest.raises(ModelError) as e:
         prolora.diffusers.load_lora(object(), sdxl["lora"], source=sdxl["source"])
-    _one_line(e)
+    one_line(e)
 
 
 def test_a_pipeline_without_the_loras_modules(demo, tmp_path):
@@ -368,10 +323,10 @@ def test_a_pipeline_without_the_loras_modules(demo, tmp_path):
     base = sdxl_pipeline(d["target"])
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=base.unet, scheduler=base.scheduler)
-    before = _weights(pipe)
+    before = pipeline_weights(pipe)
     with pytest.raises(LoraMismatchError, match="no counterpart in the target") as e:
         prolora.diffusers.load_lora(pipe, te_only, source=d["source"], cache_dir=cache)
-    _one_line(e)
+    one_line(e)
     _unchanged(pipe, {}, before)
 
 
@@ -389,7 +344,7 @@ def test_a_failure_inside_diffusers_removes_the_half_loaded_adapter(demo, loaded
     monkeypatch.setattr(pipe, "load_lora_weights", fails_after_loading)
     with pytest.raises(LoraMismatchError, match="simulated failure") as e:
         prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="new", cache_dir=demo["cache"])
-    _one_line(e)
+    one_line(e)
     _unchanged(pipe, adapters, weights)
 
 

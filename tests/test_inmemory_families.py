@@ -35,7 +35,8 @@ from prolora.experts import transfer_experts  # noqa: E402
 from prolora.options import TransferOptions  # noqa: E402
 from prolora.families.qwen_image.synthetic import write_qwen_lora, write_qwen_model  # noqa: E402
 from prolora.families.wan.synthetic import write_wan22_experts, write_wan_lora, write_wan_model  # noqa: E402
-from test_inmemory import _assert_same_weights, _changed, _one_line, _quiet, _same_model, _weights  # noqa: E402
+from inmemory_common import (assert_same_weights, changed_keys, one_line, pipeline_weights, quiet,  # noqa: E402
+                             same_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F32 = torch.float32
@@ -71,7 +72,7 @@ def fam(tmp_path_factory):
     """{kind: {source, target, lora}}: Qwen-Image -> Qwen-Image-Edit (musubi kohya LoRA on every
     linear), Wan 2.1 (a ComfyUI single file) -> a Wan 2.1 fine-tune folder and -> a Wan 2.2 A14B
     folder with both experts (diffusers PEFT LoRA); one basis cache for the module."""
-    _quiet()
+    quiet()
     d = tmp_path_factory.mktemp("inmemory_families")
     qsrc = write_qwen_model(d / "qwen-image", "qwen-image:tiny", dtype=F32, seed=1)
     qtgt = write_qwen_model(d / "qwen-image-edit", "qwen-image-edit:tiny", dtype=F32, seed=1, base=qsrc,
@@ -93,7 +94,7 @@ def _fused(pipe, adapters: list[str]) -> dict[str, torch.Tensor]:
     components = [c for c in ("transformer", "transformer_2") if getattr(pipe, c, None) is not None]
     pipe.fuse_lora(components=components, adapter_names=adapters)
     pipe.unload_lora_weights()
-    return _weights(pipe)
+    return pipeline_weights(pipe)
 
 
 def _by_files(kind: str, d: dict, cache: str, out_dir: Path) -> dict:
@@ -116,12 +117,12 @@ def test_load_lora_fuses_what_the_file_transfer_fuses(kind, fam, tmp_path):
     again.mkdir()
     files = _by_files(kind, d, cache, again)
     reference = PIPELINES[kind](d["target"])
-    untouched = _weights(reference)
+    untouched = pipeline_weights(reference)
     for label, (_, out, _) in files.items():
         kw = {"load_into_transformer_2": True} if label == "low_noise" else {}
         reference.load_lora_weights(str(out), adapter_name="x", **kw)
     want = _fused(reference, ["x"])
-    changed = _changed(want, untouched)
+    changed = changed_keys(want, untouched)
     assert len(changed) >= sum(r.report.summary()["transferred"] for r, _, _ in files.values()) > 0
     if kind == "wan22":  # both experts adapted
         assert {k.partition(".")[0] for k in changed} == {"transformer", "transformer_2"}
@@ -142,7 +143,7 @@ def test_load_lora_fuses_what_the_file_transfer_fuses(kind, fam, tmp_path):
         assert report.info["engine"]["bytes_read"] == 0
     expected = {"transformer", "transformer_2"} if kind == "wan22" else {"transformer"}
     assert {c for c, names in pipe.get_list_adapters().items() if "x" in names} == expected
-    _assert_same_weights(_fused(pipe, ["x"]), want, 1e-6)
+    assert_same_weights(_fused(pipe, ["x"]), want, 1e-6)
 
 
 @pytest.mark.parametrize("kind", ["qwen", "wan21", "wan22"])
@@ -153,30 +154,30 @@ def test_the_pipeline_is_read_as_its_folder(kind, fam):
     d = fam[kind]
     pipe = PIPELINES[kind](d["target"])
     model = in_memory_model(pipe)
-    _same_model(model, open_model(d["target"]))
+    same_model(model, open_model(d["target"]))
     if kind == "qwen":
         assert (model.family, model.variant) == ("qwen-image", "edit")
-        _same_model(in_memory_model((pipe.transformer.state_dict(), pipe.transformer.config)),
+        same_model(in_memory_model((pipe.transformer.state_dict(), pipe.transformer.config)),
                     open_model(d["target"] / "transformer"))
     else:
         assert model.family == "wan"
     if kind == "wan22":
         assert model.experts == {"high_noise": "transformer", "low_noise": "transformer_2"}
         assert model.facts["boundary_ratio"] == 0.875
-        _same_model(in_memory_model(pipe.transformer_2), open_model(d["target"] / "transformer_2"))
+        same_model(in_memory_model(pipe.transformer_2), open_model(d["target"] / "transformer_2"))
         with pytest.raises(ProloraError, match="pipe.transformer_2") as e:  # no single target: one per expert
             prolora.transfer(d["source"], pipe, d["lora"], cache_dir=fam["cache"])
-        _one_line(e)
+        one_line(e)
 
 
 def _state(pipe) -> tuple[dict, dict]:
-    return pipe.get_list_adapters(), _weights(pipe)
+    return pipe.get_list_adapters(), pipeline_weights(pipe)
 
 
 def _unchanged(pipe, before: tuple[dict, dict]) -> None:
     adapters, weights = before
     assert pipe.get_list_adapters() == adapters
-    assert _changed(_weights(pipe), weights) == []
+    assert changed_keys(pipeline_weights(pipe), weights) == []
 
 
 @pytest.mark.parametrize("kind", ["qwen", "wan21", "wan22"])
@@ -195,7 +196,7 @@ def test_bad_input_leaves_the_pipeline_as_it_was(kind, fam):
     for kw, error, pattern in cases:
         with pytest.raises(error, match=pattern) as e:
             prolora.diffusers.load_lora(pipe, cache_dir=cache, **kw)
-        _one_line(e)
+        one_line(e)
         _unchanged(pipe, before)
 
 
@@ -219,7 +220,7 @@ def test_a_failure_on_the_second_expert_removes_the_adapter_from_both(fam, monke
     monkeypatch.setattr(pipe, "load_lora_weights", fails_on_transformer_2)
     with pytest.raises(LoraMismatchError, match="simulated failure") as e:
         prolora.diffusers.load_lora(pipe, d["lora"], source=d["source"], adapter_name="new", cache_dir=fam["cache"])
-    _one_line(e)
+    one_line(e)
     _unchanged(pipe, before)
 
 
@@ -228,7 +229,7 @@ def test_a_qwen_image_21_module_is_refused_in_one_line():
     state = {"txt_in.text_norm.weight": torch.ones(4), "img_in.weight": torch.zeros(4, 4)}
     with pytest.raises(ModelError, match="Qwen-Image-2.1") as e:
         in_memory_model((state, {}))
-    _one_line(e)
+    one_line(e)
 
 
 def _deltas(pipe, adapter: str) -> dict[str, torch.Tensor]:

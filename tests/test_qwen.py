@@ -33,8 +33,6 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from safetensors import safe_open  # noqa: E402
-from test_client_diffusers import _peft_value  # noqa: E402
-from test_client_flux import _perturbed  # noqa: E402
 
 import prolora  # noqa: E402
 from prolora.families import open_model  # noqa: E402
@@ -43,9 +41,11 @@ from prolora.formats import read_lora  # noqa: E402
 from prolora.lora import LoraModule  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 from prolora.families.qwen_image.synthetic import qwen_config, qwen_params, write_qwen_lora, write_qwen_model  # noqa: E402
-from zoo import lora_pairs  # noqa: E402
+from client_flux import perturbed  # noqa: E402
+from zoo import lora_pairs, peft_value  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the unexpected-keys checks read diffusers' warnings: on here, whatever an earlier module left
+pytestmark = pytest.mark.usefixtures("one_thread", "diffusers_warnings")
 ADAPTER = "prolora_out"
 CFG = qwen_config("tiny")  # 2 blocks, 2 heads of 16 = width 32, MLP 128, joint 24
 H = CFG.hidden
@@ -60,17 +60,6 @@ FORMATS = {"kohya": ("kohya", None, False), "peft": ("peft", None, False), "peft
 # from the peft-bare file in the fixture)
 ALL_FORMATS = [*FORMATS, "diffsynth"]
 TE_KEYS = ("lora_te_model_layers_0_self_attn_q_proj", "lora_te_model_layers_0_mlp_down_proj")
-
-
-@pytest.fixture(autouse=True)
-def diffusers_warnings():
-    """The unexpected-keys checks read diffusers' warnings: on here whatever an earlier module left."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_warning()
-    yield
-    dlog.set_verbosity(level)
 
 
 def _pipeline_folder(model, folder: Path, pipeline: str) -> Path:
@@ -106,7 +95,7 @@ def qwen(tmp_path_factory):
     heavy = {k: v for k, v in sd.items() if k.startswith(HEAVY)}
     light = {k: v for k, v in sd.items() if k not in heavy}
     edit = diffusers.QwenImageTransformer2DModel(**CFG.model_config()).eval()
-    edit.load_state_dict({**_perturbed(light, size=0.03, seed=11), **_perturbed(heavy, size=0.8, seed=12)},
+    edit.load_state_dict({**perturbed(light, size=0.03, seed=11), **perturbed(heavy, size=0.8, seed=12)},
                          strict=True)
     esd = {k: v.detach().clone() for k, v in edit.state_dict().items()}
     _pipeline_folder(edit, d / "qwen-image-edit", "QwenImageEditPipeline")
@@ -162,9 +151,9 @@ def file_deltas(path: Path) -> dict[str, torch.Tensor]:
         assert name in names, stem
         if "lora_adapter_metadata" in meta:
             comp = "transformer" if stem.startswith("transformer.") else ""
-            r = _peft_value(cfg[comp], "r", "rank_pattern", name)
+            r = peft_value(cfg[comp], "r", "rank_pattern", name)
             assert r == down.shape[0], stem
-            scale = _peft_value(cfg[comp], "lora_alpha", "alpha_pattern", name) / r
+            scale = peft_value(cfg[comp], "lora_alpha", "alpha_pattern", name) / r
         else:
             alpha = tensors.get(stem + ".alpha")
             scale = 1.0 if alpha is None else float(alpha) / down.shape[0]

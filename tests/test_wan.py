@@ -38,8 +38,7 @@ from prolora.options import TransferOptions  # noqa: E402
 from prolora.safetensors_io import save  # noqa: E402
 from prolora.families.wan.synthetic import (wan_config, wan_params, write_wan22_experts, write_wan_lora,  # noqa: E402
                                    write_wan_model)
-from test_client_diffusers import _peft_value, _read  # noqa: E402
-from zoo import lora_pairs  # noqa: E402
+from zoo import lora_pairs, peft_value, read_tensors  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADAPTER = "prolora_out"
@@ -104,12 +103,12 @@ def loras(models):
     out = {f: write_wan_lora(src, d / f"{f}.safetensors", f, rank=4, seed=i)
            for i, f in enumerate(("peft", "kohya", "comfy"))}
     # DiffSynth-Studio / some ComfyUI savers: the same names with lora_A / lora_B
-    tensors, meta = _read(out["comfy"])
+    tensors, meta = read_tensors(out["comfy"])
     save(d / "comfy_ab.safetensors", {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
                                       for k, v in tensors.items()}, meta)
     out["comfy_ab"] = d / "comfy_ab.safetensors"
     # a model-level diffusers file (save_lora_adapter): no `transformer.` prefix; written back with it
-    tensors, meta = _read(out["peft"])
+    tensors, meta = read_tensors(out["peft"])
     save(d / "peft_bare.safetensors", {k.removeprefix("transformer."): v for k, v in tensors.items()},
          {"lora_adapter_metadata": json.dumps({k.removeprefix("transformer."): v for k, v in
                                                json.loads(meta["lora_adapter_metadata"]).items()})})
@@ -154,9 +153,9 @@ def test_readers_and_families(models, tmp_path):
     bare = open_model(write_wan_model(tmp_path / "bare.safetensors", layout="single-file"))
     assert bare.family == "wan" and set(bare.weights) == set(src.weights)
     # a single file with diffusers' own names (as diffusers-format single files are shared)
-    tensors, _ = _read(next((models["target"] / "transformer").glob("*.safetensors")))
+    tensors, _ = read_tensors(next((models["target"] / "transformer").glob("*.safetensors")))
     for shard in sorted((models["target"] / "transformer").glob("*.safetensors"))[1:]:
-        tensors.update(_read(shard)[0])
+        tensors.update(read_tensors(shard)[0])
     save(tmp_path / "diffusers_keys.safetensors", tensors)
     named = open_model(tmp_path / "diffusers_keys.safetensors")
     assert named.family == "wan" and set(named.weights) == set(src.weights)
@@ -180,14 +179,14 @@ def test_readers_and_families(models, tmp_path):
 def output_deltas(path: Path) -> dict[str, torch.Tensor]:
     """{diffusers module: dW (float64)} of an output file, from its tensors, alphas or
     lora_adapter_metadata, and this file's own key table."""
-    tensors, meta = _read(path)
+    tensors, meta = read_tensors(path)
     cfg = {k.partition(".")[2]: v for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
     out = {}
     for stem, down, up in lora_pairs(tensors):
         if stem.startswith("transformer."):
             name = stem[len("transformer."):]
-            r = _peft_value(cfg, "r", "rank_pattern", name)
-            out[name] = _peft_value(cfg, "lora_alpha", "alpha_pattern", name) / r * (up @ down)
+            r = peft_value(cfg, "r", "rank_pattern", name)
+            out[name] = peft_value(cfg, "lora_alpha", "alpha_pattern", name) / r * (up @ down)
             continue
         alpha = tensors.get(stem + ".alpha")
         dw = (1.0 if alpha is None else float(alpha) / down.shape[0]) * (up @ down)
@@ -263,8 +262,8 @@ def test_one_lora_in_one_output_per_expert_each_loads_into_its_expert(models, lo
         assert len(got["adapted"]) == s["transferred"]
         assert got["worst"] < 1e-5, got["worst"]
     # the two experts differ, so their outputs do
-    a, _ = _read(files["high_noise"])
-    b, _ = _read(files["low_noise"])
+    a, _ = read_tensors(files["high_noise"])
+    b, _ = read_tensors(files["low_noise"])
     assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -291,7 +290,7 @@ def test_dropped_modules_are_named_and_absent_from_the_output(models, loras, tmp
     res = transfer(models["source"], shallow, loras["comfy"], out, cache=False, tau=0.0)
     dropped = [r for r in res.report.layers if not r.transferred]
     assert dropped and all(".blocks.2." in r.module and "has 2 blocks" in r.reason for r in dropped)
-    assert not any(k.startswith("diffusion_model.blocks.2.") for k in _read(out)[0])
+    assert not any(k.startswith("diffusion_model.blocks.2.") for k in read_tensors(out)[0])
 
 
 def test_ti2v_target_is_refused_with_the_reason(models, loras, tmp_path, capsys):
@@ -328,7 +327,7 @@ def test_musubi_output_with_gaps_is_padded_so_diffusers_loads_it(models, loras, 
     out = tmp_path / "o.safetensors"
     res = transfer(models["source"], models["target"] / "transformer", gappy, out, cache=False)
     assert any("zero-delta" in w for w in res.report.warnings)
-    tensors, _ = _read(out)
+    tensors, _ = read_tensors(out)
     assert not tensors["lora_unet_blocks_0_self_attn_q.lora_up.weight"].any()
     assert not tensors["lora_unet_blocks_1_self_attn_q.lora_up.weight"].any()
     got = load_and_fuse(models["target"], out, "transformer")
@@ -383,8 +382,8 @@ def test_unprefixed_peft_file_transfers_like_the_prefixed_one(models, loras, tmp
     """Same modules, same alpha (from the unprefixed lora_adapter_metadata): the same output."""
     outs = [transfer(models["source"], models["target"] / "transformer", loras[f], tmp_path / f"{f}.safetensors",
                      cache=False).output for f in ("peft", "peft_bare")]
-    a, meta_a = _read(outs[0])
-    b, meta_b = _read(outs[1])
+    a, meta_a = read_tensors(outs[0])
+    b, meta_b = read_tensors(outs[1])
     assert set(a) == set(b) and all(k.startswith("transformer.") for k in b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(meta_a["lora_adapter_metadata"]) == json.loads(meta_b["lora_adapter_metadata"])
@@ -398,13 +397,13 @@ def test_wan21_i2v_lora_on_a_wan22_i2v_expert_drops_the_image_cross_attention(tm
     tgt = write_wan_model(tmp_path / "i2v22", replace(i2v, image_dim=None, added_kv_proj_dim=None), base=src)
     assert open_model(src).facts["variant"] == "I2V" and open_model(tgt).facts["image_cross_attention"] is False
     lora = write_wan_lora(src, tmp_path / "i2v.safetensors", "kohya")
-    assert any("k_img" in k for k in _read(lora)[0])
+    assert any("k_img" in k for k in read_tensors(lora)[0])
     res = transfer(src, tgt, lora, tmp_path / "o.safetensors", cache=False)
     dropped = [r for r in res.report.layers if not r.transferred]
     assert sorted(r.module for r in dropped) == sorted(f"transformer.blocks.{i}.attn2.add_{x}_proj"
                                                        for i in range(3) for x in "kv")
     assert all("no image cross-attention" in r.reason for r in dropped)
-    assert not any("_img" in k for k in _read(tmp_path / "o.safetensors")[0])
+    assert not any("_img" in k for k in read_tensors(tmp_path / "o.safetensors")[0])
 
 
 def test_expert_output_names(models, loras, tmp_path):
