@@ -115,7 +115,7 @@ sys.exit(0 if not torch.cuda.is_available() or (n.has_cuda() and not n.cuda_unav
 step backends 60 "$PY" -m prolora.cli backends
 
 # ---- tests --------------------------------------------------------------------------------------
-step tests 150 "$PY" -m pytest tests/test_kernels_triton.py tests/test_backends_native.py tests/test_native.py \
+step tests 150 "$PY" -m pytest tests/ops/test_kernels_triton.py tests/ops/test_backends_native.py tests/ops/test_native.py \
   -m "not slow" -q -p no:cacheprovider -rs --junitxml="$RES/tests.xml"
 
 # ---- cold transfers with --device cuda: default dispatch vs torch-only, in the same run ----------

@@ -302,7 +302,7 @@ def test_eigh_non_contiguous(dtype):
 
 # ---- the CUDA schedule without a GPU ------------------------------------------------------------
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")

@@ -18,7 +18,7 @@ from prolora.lora import LoraFile, LoraModule
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "python")
+    src = str(Path(__file__).resolve().parents[2] / "python")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "prolora.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300)

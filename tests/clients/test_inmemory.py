@@ -36,7 +36,7 @@ from inmemory_common import (assert_same_weights, changed_keys, one_line, pipeli
                              same_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _dtype(folder: Path) -> torch.dtype:

@@ -408,7 +408,7 @@ def test_cli_on_mutated_files_never_shows_a_traceback(seeds, sdxl_pair, tmp_path
          "--lora-dir", str(tmp_path / "loras"), "-o", str(tmp_path / "batch"), "--method", "copy", "--no-cache",
          "-q"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")})
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "python")})
     assert r.returncode == (2 if transfers_failed else 0)
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     lines = r.stderr.strip().splitlines()
