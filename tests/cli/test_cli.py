@@ -1,5 +1,6 @@
-"""The command line: normal runs in process, error cases as real subprocesses (one line, exit 2,
-no traceback, no output file)."""
+"""The command line (cli/): normal runs in process (demo, transfer, a batch, similarity, inspect,
+cache, backends, bench), error cases as real subprocesses (one line, exit 2, no traceback, no
+output file), odd file names in errors, --debug."""
 from __future__ import annotations
 
 import json
@@ -10,18 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import cli, env, one_line_error, run_cli
 
+from prolora.cache import BasisCache
 from prolora.cli import main
+from prolora.families import open_model
 from prolora.formats import read_lora, write_lora
 from prolora.lora import LoraFile, LoraModule
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2] / "python")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "prolora.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 def test_demo(tmp_path, capsys):
@@ -148,3 +144,42 @@ def test_bench_without_cache_runs_cold_only(tmp_path, capsys):
     assert res["accuracy"]["rel_error_merged_dw"] < 1e-3 and res["accuracy"]["same_gate_decisions"]
     assert res["targets"]["cold_over_floor"] > 0 and all(r["phi_left_vs_f64"] > 0.999 for r in res["shapes"])
     assert "fast, cold, no cache written" in capsys.readouterr().out
+
+
+def test_cli_batch_cache_and_backends(sdxl_pair, tmp_path, capsys):
+    cache_dir = str(tmp_path / "c")
+    assert main(["cache", "build", str(sdxl_pair["source"]), "--layers", "attn1", "--cache-dir", cache_dir, "-q"]) == 0
+    assert main(["cache", "ls", "--cache-dir", cache_dir]) == 0
+    listing = capsys.readouterr().out
+    with open_model(sdxl_pair["source"]) as m:
+        assert m.identity()[:16] in listing and "source" in listing
+    out = tmp_path / "o"
+    assert main(["transfer", str(sdxl_pair["source"]), str(sdxl_pair["target"]), str(sdxl_pair["kohya"]),
+                 str(sdxl_pair["peft"]), "-o", str(out), "--cache-dir", cache_dir, "--report",
+                 str(tmp_path / "r.json"), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kohya.safetensors", "peft.safetensors"]
+    assert "2 written, 0 failed" in capsys.readouterr().out
+    assert main(["cache", "rm", "--cache-dir", cache_dir]) == 0
+    assert BasisCache(cache_dir).models() == []
+    assert main(["backends"]) == 0
+    text = capsys.readouterr().out
+    assert "gram" in text and "reference" in text
+    assert torch.cuda.is_available() or "no CUDA device" in text
+
+
+def test_odd_names_in_errors_stay_one_line(small, tmp_path, capsys):
+    """A file name with a newline still gives a one-line error; one with bytes that are not UTF-8
+    gives one from a real process (no UnicodeEncodeError on the way out)."""
+    bad = tmp_path / "two\nlines.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    code, _, err = cli(capsys, "inspect", bad)
+    assert code == 2
+    one_line_error(err, "two lines.safetensors", "not JSON")
+    raw = os.fsencode(tmp_path) + b"/caf\xe9 \xff.safetensors"  # latin-1 bytes in a UTF-8 world
+    with open(raw, "wb") as f:
+        f.write(b"\x80\x02junk")
+    r = subprocess.run([sys.executable, "-m", "prolora.cli", "inspect", raw], capture_output=True, env=env(),
+                       timeout=300)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and "Traceback" not in err and "never unpickles" in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,9 +1,15 @@
-"""Header validation, lazy reads and the atomic streaming writer."""
+"""Header validation, lazy reads and the atomic streaming writer; damaged files and pickles given to
+the command line, as a LoRA and as a base model: one line that names the file (and the tensor),
+exit 2, no output; a pickle is never unpickled."""
 import json
+import os
+import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from faults import cli, files_in, header_and_data, one_line_error, write_raw
 from safetensors.torch import load_file, save_file
 
 from prolora.errors import CorruptFileError, InputFileError, PickleRefusedError
@@ -117,3 +123,162 @@ def test_writer_leaves_nothing_when_the_disk_is_full(tmp_path, monkeypatch):
         save(tmp_path / "o.safetensors", {"a": torch.ones(4)})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- damaged files through the command line
+
+
+CORRUPTIONS = ["truncated", "header_beyond_file", "absurd_header", "not_json", "overlap", "out_of_range",
+               "hole", "unknown_dtype", "shape_mismatch", "dtype_mismatch", "trailing_bytes", "bad_metadata"]
+
+
+def corrupt(src: Path, dst: Path, how: str, sparse: bool) -> tuple[Path, str, str | None]:
+    """A damaged copy of safetensors file `src`: (path, expected message part, key it must name).
+    `sparse`: write the data section as zeros without I/O (base models; only headers matter)."""
+    header, data = header_and_data(src)
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    data_out: bytes | int = len(data) if sparse else data
+    first, (last_key, last) = entries[0], entries[-1]
+    key = None
+    if how == "truncated":
+        size = 8 + len(json.dumps(header, separators=(",", ":"))) + len(data) // 2
+        write_raw(dst, header, data_out)
+        os.truncate(dst, size)
+        return dst, "truncated", None  # names the first tensor past the cut
+    if how == "header_beyond_file":
+        n = len(json.dumps(header, separators=(",", ":")).encode())
+        return write_raw(dst, header, 0, length=n + 1000), "runs past the end", None
+    if how == "absurd_header":
+        return write_raw(dst, header, data_out, length=2**62), "exceeds the", None
+    if how == "not_json":
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return write_raw(dst, b"{\x00" + raw[2:], data_out), "not JSON", None
+    if how == "overlap":  # the last tensor claims the bytes of the first (either may be named)
+        last["data_offsets"] = [first[1]["data_offsets"][0], first[1]["data_offsets"][0] + last["data_offsets"][1]
+                                - last["data_offsets"][0]]
+        expect = "overlaps the data of another tensor"
+    elif how == "out_of_range":
+        key = last_key
+        size = last["data_offsets"][1] - last["data_offsets"][0]
+        last["data_offsets"] = [len(data) + 8, len(data) + 8 + size]
+        expect = "data ends at byte"
+    elif how == "hole":  # a tensor removed from the header: its bytes become a hole
+        del header[entries[len(entries) // 2][0]]
+        key = entries[len(entries) // 2 + 1][0]
+        expect = "hole"
+    elif how == "unknown_dtype":
+        key, expect = first[0], "unknown dtype"
+        first[1]["dtype"] = "F12"
+    elif how == "shape_mismatch":
+        key, expect = first[0], "needs"
+        first[1]["shape"] = [first[1]["shape"][0] + 1, *first[1]["shape"][1:]] if first[1]["shape"] else [2]
+    elif how == "dtype_mismatch":
+        key, expect = first[0], "needs"
+        first[1]["dtype"] = {"F16": "F32", "BF16": "F32", "F32": "F64"}[first[1]["dtype"]]
+    elif how == "trailing_bytes":
+        write_raw(dst, header, data + b"\0" * 16 if not sparse else len(data) + 16)
+        return dst, "tensors cover", None
+    elif how == "bad_metadata":
+        header["__metadata__"] = {"a": 1}
+        expect = "__metadata__"
+    else:
+        raise AssertionError(how)
+    return write_raw(dst, header, data_out), expect, key
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("role", ["lora", "source"])
+def test_corrupt_safetensors_one_line_error_no_output(small, tmp_path, capsys, role, how):
+    src, tgt, lora = small["source"], small["target"], small["lora"]
+    victim = lora if role == "lora" else src
+    bad, expect, key = corrupt(Path(victim), tmp_path / f"bad {how}.safetensors", how, sparse=role != "lora")
+    if role == "lora":
+        lora = bad
+    else:
+        src = bad
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = cli(capsys, "transfer", src, tgt, lora, "-o", out / "o.safetensors", "-q", "--no-cache")
+    assert code == 2
+    line = one_line_error(err, str(bad), expect)
+    if key is not None:
+        assert f"'{key}'" in line
+    assert files_in(out) == []
+
+
+def test_header_size_is_bounded_before_reading(tmp_path):
+    """What is read before the header is trusted is bounded: a header length past the limit is
+    refused without reading it even when the file really is that long (a sparse 4 GiB file), and
+    a header just under the limit costs at most about the limit in memory."""
+    import tracemalloc
+
+    from prolora.errors import CorruptFileError
+    from prolora.safetensors_io import MAX_HEADER_BYTES
+
+    def sparse(name: str, length: int, size: int) -> Path:
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.write(struct.pack("<Q", length))
+            f.truncate(size)  # sparse: no disk space used
+        return p
+
+    cases = [(sparse("huge.safetensors", 4 * 2**30, 4 * 2**30 + 8), "exceeds", 1 << 20),
+             (sparse("big.safetensors", MAX_HEADER_BYTES, MAX_HEADER_BYTES + 8), "not JSON", 2.5 * MAX_HEADER_BYTES)]
+    for path, expect, bound in cases:
+        tracemalloc.start()
+        try:
+            with pytest.raises(CorruptFileError, match=expect):
+                read_header(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < bound, (path.name, peak)
+
+
+class _Payload:
+    """Unpickling this creates the folder `marker`: proof of code execution at load time."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_pickled_files_are_refused_and_never_unpickled(small, tmp_path, capsys):
+    marker = tmp_path / "UNPICKLED"
+    payload = pickle.dumps(_Payload(str(marker)), protocol=2)
+    # the payload is live: loading it (here, on purpose) runs code
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(str(probe)), protocol=2))
+    assert probe.is_dir()
+
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    files = {}
+    for name in ("model.ckpt", "model.pt", "model.bin", "model.pth", "lora.pt"):
+        files[name] = pickles / name
+        files[name].write_bytes(payload)
+    torch.save({"w": _Payload(str(marker))}, pickles / "zip.safetensors")  # zip container, wrong suffix
+    files["zip.safetensors"] = pickles / "zip.safetensors"
+    files["raw.safetensors"] = pickles / "raw.safetensors"  # raw pickle, wrong suffix
+    files["raw.safetensors"].write_bytes(payload)
+    pipe = tmp_path / "pickled_pipeline"  # a diffusers folder with .bin weights only
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "unet" / "config.json").write_text("{}")
+    (pipe / "unet" / "diffusion_pytorch_model.bin").write_bytes(payload)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = [("source", p) for p in files.values()] + [("lora", p) for p in files.values()] + [("source", pipe)]
+    for role, p in runs:
+        src, lora = (p, small["lora"]) if role == "source" else (small["source"], p)
+        code, _, err = cli(capsys, "transfer", src, small["target"], lora, "-o", out / "o.safetensors", "--no-cache")
+        assert code == 2, (role, p)
+        one_line_error(err, str(p if p != pipe else pipe / "unet"), "never unpickles")
+    for p in files.values():
+        code, _, err = cli(capsys, "inspect", p)
+        assert code == 2
+        one_line_error(err, str(p), "never unpickles")
+    assert not marker.exists() and files_in(out) == []
