@@ -8,8 +8,8 @@ them as files, folders and modules held in memory (diffusers' own class of the m
 folder's `component`), writes every LoRA of `loras` (prolora.synthetic.write_lora) on the
 source, reads each back, resolves it to canonical modules and writes it again, transfers it onto
 the target, and loads the output with diffusers' own pipeline of the target's member holding the
-target's denoiser. `loader_gaps` names what diffusers cannot load and why (the suite marks those
-cases xfail with the reason, strictly: a gap diffusers closes shows as a failure to update).
+target's denoiser. `loader_gaps` names what diffusers cannot load and why (the suite checks that it
+still fails there and reports xfail with the reason; a gap diffusers closes shows as a failure).
 """
 from __future__ import annotations
 
