@@ -15,6 +15,7 @@ prolora.synthetic re-exports) and `CONFORMANCE` (tests/families/test_conformance
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -280,6 +281,29 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
 # ----------------------------------------------------------------------------- conformance
 
 _LINEAR1 = "its kohya / ComfyUI converter splits single_blocks.*.linear1 at FLUX.1's widths only (assert)"
+# `prolora bench`: (source preset, target preset) of each bench preset (Chroma is derived from
+# FLUX.1-schnell), and what its LoRAs adapt: attention, MLP and output projections of every double
+# and single block (what Flux LoRA trainers adapt by default), as PEFT (split q/k/v, as ai-toolkit
+# and diffusers write them); q, k, v and the MLP input are row slices of BFL's fused weights
+BENCH_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
+BENCH_LORA = ("peft", re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|"
+                                 r"add_k_proj|add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
+                                 r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$"))
+
+
+def bench_pair(name: str, width: float, depth: float) -> tuple[FluxConfig, FluxConfig]:
+    """(source, target) configs of bench preset `name`: width 1 is the real 3072, anything less
+    the small preset (384); depth scales both block counts."""
+    scale = "full" if width >= 1.0 else "small"
+
+    def at_depth(preset_name: str) -> FluxConfig:
+        base = flux_config(preset_name, scale)
+        return flux_config(preset_name, scale, blocks=(max(1, round(base.num_layers * depth)),
+                                                       max(1, round(base.num_single_layers * depth))))
+    src, tgt = BENCH_PAIRS[name]
+    return at_depth(src), at_depth(tgt)
+
+
 CONFORMANCE = Conformance(
     pairs=(("flux-dev:tiny", "flux-dev:tiny"), ("flux-schnell:tiny", "chroma:tiny")),
     layouts=("diffusers", "single-file", "single-file-prefixed"),

@@ -33,6 +33,7 @@ What prolora.synthetic asks of this part (no family named there): `PRESETS` ("qw
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -272,6 +273,20 @@ def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **
 
 
 # ----------------------------------------------------------------------------- conformance
+
+# `prolora bench`: Qwen-Image -> Qwen-Image-Edit (the same layout); its LoRAs adapt the attention
+# and MLP projections of both streams of every block, as PEFT (diffusers' and ai-toolkit's layout)
+BENCH_LORA = ("peft", re.compile(r"^transformer\.transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|"
+                                 r"add_k_proj|add_v_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$"))
+
+
+def bench_pair(name: str, width: float, depth: float) -> tuple[QwenConfig, QwenConfig]:
+    """(source, target) configs: Qwen-Image and Qwen-Image-Edit at full width (width 1) or the
+    small preset, with `depth` of the 60 blocks."""
+    blocks = max(1, round(qwen_config("full").num_layers * depth))
+    scale = "full" if width >= 1.0 else "small"
+    return qwen_config(scale, blocks=blocks), qwen_config(scale, blocks=blocks, edit=True)
+
 
 CONFORMANCE = Conformance(
     pairs=(("qwen-image:tiny", "qwen-image-edit:tiny"),),

@@ -14,6 +14,7 @@ re-exports) and `CONFORMANCE` (tests/families/test_conformance.py).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -218,6 +219,19 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
 
 
 # ----------------------------------------------------------------------------- conformance
+
+# `prolora bench`: the pair a bench preset builds at a width / depth scale, and what its LoRAs adapt
+# (kohya, as kohya's own scripts write SD LoRAs: every transformer-block linear)
+BENCH_LORA = ("kohya", re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|"
+                                  r"ff\.net\.(0\.proj|2))$"))
+
+
+def bench_pair(name: str, width: float, depth: float) -> tuple[ModelConfig, ModelConfig]:
+    """(source, target) configs of bench preset `name`: the same SD config (the target is written
+    as a perturbed copy of the source)."""
+    cfg = shrink(preset(name), width, depth)
+    return cfg, cfg
+
 
 _XL = "StableDiffusionXLPipeline"
 CONFORMANCE = Conformance(
