@@ -553,7 +553,7 @@ def test_flux1_markers_are_required_and_enough(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the full experiment
-# `PYTHONPATH=python python tests/test_flux.py [h]` reruns the measurement quoted in
+# `PYTHONPATH=python:tests python tests/families/test_flux.py [h]` reruns the measurement quoted in
 # families/flux/model.py (h = 384: ~1 min on 2 cores; not part of the suite).
 
 
