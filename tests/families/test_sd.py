@@ -1,4 +1,4 @@
-"""The SD family (families/sd/: SD1.5, SD2, SDXL, SSD-1B) against REAL diffusers / transformers models
+"""The SD family (families/sd/) against REAL diffusers / transformers models of SD1.5, SDXL and SSD-1B
 (tiny configs of each, tests/zoo.py): every layout read (pipeline folders, single LDM/SGM files,
 shards, fp16 variants, bare UNets), every weight present with its shape and value, the LoRA key
 spellings both ways (kohya LDM / diffusers, PEFT, ComfyUI), identity, and one-line errors.
