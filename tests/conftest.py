@@ -29,6 +29,19 @@ os.environ["PROLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="prolora-test-cache-")
 atexit.register(shutil.rmtree, os.environ["PROLORA_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every test runs with one torch thread unless it asks for more: the tests' matrices are tiny,
+    where one thread is faster, and two threads per process on a 2-core machine shared with other
+    work stall each other (test_api's slowest tests took 10-25x longer with torch's default)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: one torch thread is faster, and 20-30x faster than two on a busy 2-core box.
