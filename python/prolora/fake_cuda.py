@@ -113,6 +113,7 @@ class Ledger:
     sync_reasons: Counter = field(default_factory=Counter)  # compute thread, by reason
     async_copies: int = 0  # non-blocking copies between host and device
     host_compute: list[str] = field(default_factory=list)  # heavy host linear algebra: "op shapes"
+    host_compute_bytes: list[int] = field(default_factory=list)  # each one's largest host operand
     marks: list[tuple[str, int]] = field(default_factory=list)  # (label, peak since the last mark)
     _storages: dict[int, list[int]] = field(default_factory=dict)  # data_ptr -> [nbytes, wrappers]
     _since_mark: int = 0
@@ -373,6 +374,7 @@ class _Dispatch(TorchDispatchMode):
             big = [t for t in host_big if t.numel() * t.element_size() > fake.heavy_bytes]
             if big:
                 led.host_compute.append(f"{name} " + " ".join(str(tuple(t.shape)) for t in big))
+                led.host_compute_bytes.append(max(t.numel() * t.element_size() for t in big))
         if on_device and name in _SYNCS:
             fake.sync(name)
         out = func(*args2, **kwargs2)

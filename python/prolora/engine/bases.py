@@ -39,6 +39,7 @@ class BasisProvider:
         self.writer = writer
         self.seconds = {"basis": 0.0}
         self.backends: set[str] = set()  # the truncated_svd backends that ran
+        self.batches = 0  # truncated_svd calls
         if cache is not None:
             for m in (source, target):
                 cache.register(m.identity(), m.name, m.family)
@@ -70,6 +71,7 @@ class BasisProvider:
                               batch=len(names))
             backend = truncated_svd.choose(problem, override_for(truncated_svd, self.opts.backends)).backend
             self.backends.add(backend.name)
+            self.batches += 1
             # weights are on the compute device already (uploaded by the loader) on a GPU run
             stack = torch.stack([weights[m].to(self.device) for m in names])
             bases = backend.fn(stack, [ks[m] for m in names], dtype=self.dtype)

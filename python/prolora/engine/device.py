@@ -8,6 +8,12 @@ compute stream.
 - Down: cache entries and finished factors are copied into pinned host memory on a second
   stream after the compute stream's work so far (`download`); the host reads them only after an
   event says they arrived (`mark`, then the event's synchronize: one wait for many copies).
+- Host waits on the compute thread are few and counted (the fake device counts them in tests,
+  `benchmarks/gpu_transfer.py` with torch's sync debug mode on a GPU): per chunk one read of
+  every module's similarity figures and one wait for the finished factors; per basis batch (one
+  shape of one model in a chunk) the eigensolver's error check and one copy of the spectra and
+  energies (k is chosen on the host); per compressed LoRA layer the core SVD's error check and
+  one read of its two energies. `host_waits` is that bound.
 - Worker threads (the loader, the cache writer) run through `in_worker`, which enters whatever
   `WORKER_CONTEXTS` holds: nothing on a real GPU; the fake CUDA device (prolora.fake_cuda) puts
   its thread-local modes there so that it sees those threads too.
@@ -26,6 +32,11 @@ WORKER_CONTEXTS: list[Callable[[], ContextManager]] = []
 
 SLOT_BYTES = 32 << 20  # one pinned staging buffer: weights larger than this go up in pieces
 MIN_SLOTS = 2
+
+
+def host_waits(chunks: int, basis_batches: int, compressed_layers: int) -> int:
+    """The most host synchronizations the compute thread of a GPU run makes (module docstring)."""
+    return 2 * chunks + 2 * basis_batches + 2 * compressed_layers
 
 
 def in_worker(fn: Callable) -> Callable:

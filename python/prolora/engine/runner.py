@@ -41,6 +41,7 @@ class EngineStats:
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
+    basis_batches: int = 0  # truncated_svd calls (one per shape of each model in a chunk)
     backends: dict[str, str] = field(default_factory=dict)  # op -> the backends that ran it
     matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
     passes: int = 0
@@ -55,6 +56,7 @@ class EngineStats:
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.cache_hits += other.cache_hits
         self.cache_misses += other.cache_misses
+        self.basis_batches += other.basis_batches
         self.backends = self.backends or other.backends
         self.passes += 1
 
@@ -151,6 +153,7 @@ class Engine:
                 if writer is not None:
                     writer.pool.shutdown(wait=True)
         self.stats.bytes_read = loader.bytes_read
+        self.stats.basis_batches = provider.batches
         self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,
                               "total": time.perf_counter() - t0}
         self.stats.backends = {"truncated_svd": ",".join(sorted(provider.backends)),
