@@ -135,7 +135,7 @@ if ((!DRY)); then
 fi
 
 # ---- a. eigh ------------------------------------------------------------------------------------
-if ((DRY)); then EIGH=(--device cpu --sizes 64,96 --batch 4,4 --budget 8); else EIGH=(--budget 27); fi
+if ((DRY)); then EIGH=(--device cpu --sizes 64,96 --batch 4,4 --budget 8); else EIGH=(--budget 20); fi
 step eigh "${STEP_BUDGETS[0]}" "$PY" -m benchmarks.gpu_eigh "${EIGH[@]}" --json "$RES/eigh.json"
 
 # ---- the native module with its CUDA launchers, in the background (tests and kernels use it) -----

@@ -75,3 +75,21 @@ def test_keys_are_classes_and_a_launch_records_what_it_runs():
     assert ran == dry and {key[0] for key in ran} == {"tn", "expand"}
     ref = torch.cat([Ut @ Ut.T @ Us @ Us.T @ B[0], B[0] - Us @ Us.T @ B[0] - Ut @ Ut.T @ (B[0] - Us @ Us.T @ B[0])], 1)
     assert torch.allclose(up[0], ref, atol=1e-5)
+
+
+def test_an_older_triton_leaves_out_the_configuration_it_spills_in(monkeypatch):
+    """Pinned to the GPU machines' Triton 3.6: there the 64 x 64 x 16 FMA tile spills registers
+    for a float16 x bfloat16 pair (AOT check for sm_90), so such launches leave it out; 3.9 keeps
+    it, and no other pair or tile changes."""
+    from prolora.kernels import tn
+
+    fp16, bf16 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1)
+    tile = tn._SPILLS_BEFORE_3_9
+    mixed = {"UPCAST": True, "a_ptr": fp16, "x_ptr": bf16}
+    for before, kept in ((False, True), (True, False)):
+        monkeypatch.setattr(tn, "_triton_before_3_9", lambda before=before: before)
+        assert tn.tn_keeps(tile, mixed) is kept
+        assert tn.tn_keeps(tile, {"UPCAST": True, "a_ptr": f32, "x_ptr": bf16})
+        assert tn.tn_keeps(tile, {"UPCAST": True, "a_ptr": "*bf16", "x_ptr": "*fp16"}) is kept
+        assert all(tn.tn_keeps(c, mixed) for c in tn._TN_FMA if c != tile)
