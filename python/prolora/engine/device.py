@@ -134,18 +134,17 @@ class DeviceIO:
         ev.record(self.copy)
         return ev
 
-    @staticmethod
-    def wait(event) -> None:
+    def wait(self, event) -> None:
         """The compute stream waits for `event` (no host synchronization)."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     # -- down --------------------------------------------------------------------------------------
     def download(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Pinned host copies of device tensors, copied on the back stream after the compute
         stream's work so far. They hold their values only once an event recorded after them
         (`mark`) has completed."""
-        self.back.wait_stream(torch.cuda.current_stream())
+        self.back.wait_stream(torch.cuda.current_stream(self.device))
         out = []
         with torch.cuda.stream(self.back):
             for t in tensors:
