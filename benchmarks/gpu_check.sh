@@ -5,13 +5,13 @@
 # writes its JSON the moment it ends:
 #   a. eigh      30 s  the symmetric eigensolver, GPU (one call, a batch, streams) vs the host's
 #                      cores, and the slot for issue 26's new solver      -> eigh.json
-#   b. tests     60 s  the GPU-marked tests only (-m gpu), a time limit per test; the native
+#   b. tests     90 s  the GPU-marked tests only (-m gpu), a time limit per test; the native
 #                      module builds in the background meanwhile, its tests run once it is built
 #                                                                      -> tests.json
 #   c. kernels   90 s  kernel benchmarks against torch, the winners table -> bench.json, gpu_winners.json
-#   d. sdxl     150 s  full-size SDXL-shaped pair generated on the GPU: a cold transfer with the
+#   d. sdxl     135 s  full-size SDXL-shaped pair generated on the GPU: a cold transfer with the
 #                      cache on, then torch-only and the winners table   -> transfer_sdxl.json
-#   e. flux      90 s  the SDXL pair and its cache deleted and df checked, then a Flux-shaped pair
+#   e. flux      75 s  the SDXL pair and its cache deleted and df checked, then a Flux-shaped pair
 #                      at reduced depth                                   -> transfer_flux.json
 # plus gpu_check.json (the plan and every step's status, rewritten after each step) and
 # gpu_check.log: 8 files. Outputs are compared through r x r products (no m x n matrix).
@@ -24,7 +24,8 @@
 #   --dry-run  prints the one plan line, then runs every step on the CPU at toy sizes (the check
 #              of this script on a machine without a GPU); its log is in the results folder.
 #   PYTHON=... the interpreter (default: .venv/bin/python if present, else python3).
-#   PROLORA_GPU_WORK=DIR where the generated pairs go (default /tmp/prolora-gpu-check).
+#   PROLORA_GPU_WORK=DIR where the generated pairs go (default: prolora-gpu-check on the roomiest of
+#              /tmp, /var/tmp and the checkout's parent).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,7 +42,7 @@ else PY=python3
 fi
 
 STEP_NAMES=(eigh tests kernels sdxl flux)
-STEP_BUDGETS=(30 60 90 150 90)
+STEP_BUDGETS=(30 90 90 135 75)
 FILES=(gpu_check.json gpu_check.log eigh.json tests.json bench.json gpu_winners.json transfer_sdxl.json
        transfer_flux.json)
 TOTAL=0
@@ -57,8 +58,15 @@ fi
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
 SCRATCH=$(mktemp -d -t prolora-gpu-scratch.XXXXXX)
-WORK=${PROLORA_GPU_WORK:-/tmp/prolora-gpu-check}
-if ((DRY)) && [[ -z ${PROLORA_GPU_WORK:-} ]]; then WORK=$SCRATCH/work; fi
+if [[ -z ${PROLORA_GPU_WORK:-} ]]; then  # the generated pairs (13.5 GB + 13 GB of bases for SDXL): the roomiest disk
+  best=/tmp
+  for d in /tmp /var/tmp "$ROOT/.."; do
+    if [[ -w $d ]] && (($(df -Pk "$d" | awk 'NR==2 {print $4}') > $(df -Pk "$best" | awk 'NR==2 {print $4}'))); then best=$d; fi
+  done
+  PROLORA_GPU_WORK=$(cd "$best" && pwd)/prolora-gpu-check
+fi
+WORK=$PROLORA_GPU_WORK
+if ((DRY)); then WORK=$SCRATCH/work; fi
 mkdir -p "$WORK"
 if ((DRY)); then
   exec 4>&2 >"$RES/gpu_check.log" 2>&1  # the plan line alone on stdout; fd 4: a failure's one line
@@ -158,12 +166,12 @@ fi
 # ---- b. the GPU-marked tests only ---------------------------------------------------------------
 gpu_tests() {
   local end=$(($(date +%s) + $1))
-  PROLORA_TEST_TIMEOUT=45 "$PY" -m pytest -p benchmarks.step_timeout -p no:cacheprovider -m gpu -q -rs \
+  PROLORA_TEST_TIMEOUT=75 "$PY" -m pytest -p benchmarks.step_timeout -p no:cacheprovider -m gpu -q -rs \
     tests/test_kernels_triton.py tests/test_gpu_engine.py --junitxml="$SCRATCH/tests_triton_engine.xml"
   while [[ ! -f $BUILD_DONE ]] && (($(date +%s) < end - 20)); do sleep 2; done
   tail -3 "$SCRATCH/build.log" 2>/dev/null
   if [[ -f $BUILD_DONE ]]; then
-    PROLORA_TEST_TIMEOUT=45 timeout $((end - $(date +%s))) "$PY" -m pytest -p benchmarks.step_timeout \
+    PROLORA_TEST_TIMEOUT=75 timeout $((end - $(date +%s))) "$PY" -m pytest -p benchmarks.step_timeout \
       -p no:cacheprovider -m gpu -q -rs tests/test_native.py tests/test_backends_native.py \
       --junitxml="$SCRATCH/tests_native.xml"
   else
@@ -187,9 +195,11 @@ kernel_bench() {
   fams=("truncated_svd" "project_lora or subspace_phi" "small_svd")
   if ((DRY)); then mark="not gpu"; timer=(--benchmark-timer time.process_time)
     fams=("small_svd_cpu and 256-12" "project_lora_cpu and torch"); fi
-  local files=()
+  local files=() shares=(45 40 15) i=0 total=$1
   for fam in "${fams[@]}"; do
-    local tag=${fam%% *} left=$((end - $(date +%s) - 10))
+    local tag=${fam%% *} left=$((end - $(date +%s) - 10)) mine=$((total * ${shares[i]} / 100))
+    i=$((i + 1))
+    if ((i < ${#fams[@]} && mine < left)); then left=$mine; fi  # the last family takes what is left
     if ((left < 10)); then echo "bench $tag: no time left"; continue; fi
     PROLORA_TEST_TIMEOUT=60 timeout "$left" "$PY" -m pytest benchmarks/bench_kernels.py -p benchmarks.step_timeout \
       -p no:cacheprovider -m "$mark" -k "$fam" -q --benchmark-enable ${timer[@]+"${timer[@]}"} \
