@@ -154,7 +154,12 @@ def test_fake_cuda_cache_on_transfers_stay_on_the_device(kind, runs):
     for label in ("cold", "warm"):
         res, led = r[label]
         check_on_device(res, led)
-        assert res.report.info["engine"]["chunks"] > 1
+        eng = res.report.info["engine"]
+        assert eng["chunks"] > 1
+        # every upload and every download of factors or cache entries is asynchronous (pinned
+        # memory, side streams); the only blocking copies are the spectra, one per basis batch
+        assert led.async_copies > 0 and led.sync_reasons["blocking host-to-device copy"] == 0
+        assert led.sync_reasons["blocking device-to-host copy"] == eng["basis_batches"]
         _close(_merged(res.output), _merged(cpu.output), 1e-4)
         assert [x.transferred for x in res.report.layers] == [x.transferred for x in cpu.report.layers]
     warm = r["warm"][0].report.info["engine"]
