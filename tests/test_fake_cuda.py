@@ -118,6 +118,8 @@ def test_fake_cuda_refuses_what_cuda_refuses():
         assert fc.ledger.host_compute == ["mm (8, 8) (8, 8)"]
         with pytest.raises(UnpinnedCopy):
             torch.randn(4).to("cuda", non_blocking=True)
+        with pytest.raises(UnpinnedCopy):
+            torch.randn(4).to(x, non_blocking=True)  # .to(a device tensor) alike
         z = torch.randn(4).pin_memory().to("cuda", non_blocking=True)
         assert z.is_cuda and fc.ledger.async_copies == 1 and fc.ledger.syncs == 3
         with pytest.raises(UnpinnedCopy):

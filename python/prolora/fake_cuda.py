@@ -257,6 +257,9 @@ class _Functions(TorchFunctionMode):
             rest = list(args[1:])
             if dev is None and rest and isinstance(rest[0], (str, torch.device)):
                 dev = rest.pop(0)
+            elif dev is None and rest and isinstance(rest[0], torch.Tensor):  # .to(other): its device and dtype
+                other = rest.pop(0)
+                dev, rest = other.device, [other.dtype, *rest]
             to_cuda = func is torch.Tensor.cuda or _is_cuda_device(dev)
             dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
             if to_cuda and isinstance(args[0], FakeCudaTensor):
@@ -317,7 +320,7 @@ class _Dispatch(TorchDispatchMode):
                 pending = fake.clocks.tick()
             else:
                 fake.sync("blocking device-to-host copy")
-        elif on_device and host_big:  # host -> device
+        elif (on_device or to_device) and host_big:  # host -> device
             for t in host_big:
                 _upload_check(fake, t, nb, name)
             led.h2d_bytes += sum(t.numel() * t.element_size() for t in host_big)

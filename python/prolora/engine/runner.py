@@ -22,9 +22,8 @@ from ..options import TransferOptions
 from ..plan import LayerJob
 from ..spill import Spill
 from .bases import BasisProvider
-from .device import in_worker
+from .device import in_worker, pending_bytes
 from .jobs import JobResult, LoraTask, factors, matrix_shape, run_job
-from .device import pending_bytes
 from .memory import current_rss, default_budget, peak_rss, trim_near
 from .planner import chunk_limit, chunk_modules
 from .writer import writer_for
@@ -150,8 +149,8 @@ class Engine:
                     ahead.cancel()
                 raise
             finally:
-                if writer is not None:
-                    writer.pool.shutdown(wait=True)
+                if writer is not None:  # failed: stop the writer, keep the first error
+                    writer.abandon()
         self.stats.bytes_read = loader.bytes_read
         self.stats.basis_batches = provider.batches
         self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,

@@ -59,6 +59,12 @@ class CacheWriter:
             self.pool.shutdown(wait=True)
 
 
+    def abandon(self) -> None:
+        """After a failure: let the entries in flight finish (they are complete and correct), raise nothing."""
+        self.pool.shutdown(wait=True)
+        self.inflight.clear()
+
+
 def writer_for(cache: BasisCache | None, io: DeviceIO | None, limit: int) -> CacheWriter | None:
     """A CacheWriter on a GPU run with a cache; None otherwise (entries are stored in place)."""
     if cache is None or io is None or not torch.cuda.is_available():
