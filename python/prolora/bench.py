@@ -282,7 +282,7 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
     device bytes the planner budgets for them (both weights in their stored dtype and in
     float32, Gram matrix and eigensolver workspace, both bases), plus the LoRAs' factors. The
     planner keeps each chunk within --max-gpu-memory / 1.5 (the next chunk's weights are in
-    flight); the fake-CUDA tests (tests/test_fake_cuda.py) run the real engine on small shapes and
+    flight); the fake-CUDA tests (tests/engine/test_fake_cuda.py) run the real engine on small shapes and
     check that the live device bytes stay within --max-gpu-memory."""
     from .engine.planner import chunk_limit, chunk_modules, module_bytes
     from .options import parse_size
