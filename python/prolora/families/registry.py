@@ -19,6 +19,7 @@ PACKAGES = (
     "wan",
     "qwen_image",
     "sd",
+    "z_image",
     "unsupported",
 )
 

@@ -26,7 +26,6 @@ KNOWN: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
      ("joint_blocks.0.context_block.adaLN_modulation.1.bias",)),
     ("a HiDream-I1 transformer", ("HiDreamImageTransformer2DModel",),
      ("double_stream_blocks.0.block.adaLN_modulation.1.bias",)),
-    ("a Z-Image transformer", ("ZImageTransformer2DModel",), ()),
     ("a Lumina 2 transformer", ("Lumina2Transformer2DModel",), ("cap_embedder.0.weight",)),
     ("an LTX-2 transformer", ("LTX2VideoTransformer3DModel",),
      ("av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight",)),
