@@ -17,8 +17,6 @@ from ..record import Family
 
 # (title, diffusers class names, single-file marker keys without ComfyUI's `model.diffusion_model.`)
 KNOWN: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("a FLUX.2 transformer", ("Flux2Transformer2DModel",),
-     ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight")),
     ("a FLUX.3 transformer", ("Flux3Transformer2DModel",), ("early_stream_modulations.image.lin.weight",)),
     ("a Qwen-Image 2.1 transformer", ("QwenImage21Transformer2DModel",), ("txt_in.text_norm.weight",)),
     ("a Krea 2 transformer", ("Krea2Transformer2DModel",), ("txtfusion.projector.weight",)),
