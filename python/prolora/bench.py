@@ -125,12 +125,28 @@ def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int, fmt
     the family's trainers write (its synthetic part's BENCH_LORA: kohya for UNet models, PEFT with
     split q/k/v for the transformer families)."""
     g = torch.Generator().manual_seed(seed)
+    spelling = "peft" if fmt == "peft" else model.kohya_spelling
     mods = {}
+    fused: dict[str, list[str]] = {}  # a key that adapts several modules (slices of one fused weight)
     for name in modules:
+        hit = model.spell_fused(name, spelling)
+        if hit is not None:
+            fused.setdefault(hit[0], []).append(name)
+            mods.setdefault(hit[0], None)
+            continue
         out, inp = model.weights[name].shape[:2]
-        key = model.spell(name, "peft" if fmt == "peft" else model.kohya_spelling)
+        key = model.spell(name, spelling)
         down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
         up = torch.randn(out, rank, generator=g) * (0.1 / math.sqrt(rank))
+        mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
+    for key, names in fused.items():  # one down; up rows on each slice's rows (zero elsewhere)
+        total = model.spell_fused(names[0], spelling)[1]
+        inp = model.weights[names[0]].shape[1]
+        down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, rank)
+        for name in names:
+            for a, b in model.spell_fused(name, spelling)[2]:
+                up[a:b] = torch.randn(b - a, rank, generator=g) * (0.1 / math.sqrt(rank))
         mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
     write_lora(path, LoraFile(fmt, mods, {"ss_network_dim": str(rank)}, torch.float16), fmt)
 
@@ -290,9 +306,13 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
 
     pattern = _lora_pattern(cfg)
     model_cfg = _model_config(cfg)
-    components = model_params(model_cfg)
-    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
-              for name, shape in params if name.endswith(".weight")}
+    part = bench_part(cfg.family)
+    if hasattr(part, "module_shapes"):  # canonical ids that are not parameters (slices of fused weights)
+        shapes = part.module_shapes(model_cfg)
+    else:
+        components = model_params(model_cfg)
+        shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
+                  for name, shape in params if name.endswith(".weight")}
     modules = [m for m in shapes if pattern.match(m)]
     itemsize = torch.finfo(cfg.dtype).bits // 8
     need = {m: module_bytes(shapes[m], itemsize, 2) + cfg.loras * cfg.rank * sum(shapes[m][:2]) * 4

@@ -353,3 +353,55 @@ def test_a_fused_lora_comes_back_on_its_own_model(pair, tmp_path):
     a, b = file_deltas(pair["loras"]["peft"]), file_deltas(out)
     for m in ("single_transformer_blocks.2.attn.to_qkv_mlp_proj", "transformer_blocks.1.ff.linear_in"):
         assert float((a[m] - b[m]).norm() / a[m].norm()) < 1e-3, m
+
+
+def test_slices_are_the_unit_a_reparametrised_model_keeps(pair, tmp_path):
+    """q x2, k x0.5 (QK RMSNorm undoes them) and the SwiGLU up rows x2 with the MLP columns of
+    to_out / linear_out x0.5 leave diffusers' forward unchanged. Per-slice bases see the same
+    subspaces (phi 1.000 on every slice of to_qkv_mlp_proj and linear_in) and those modules come
+    back with the same dW. The single blocks' to_out is read whole (its attention and MLP parts are
+    column blocks, keys.py): its subspaces move (phi below 1), the limit docs/formats.md names."""
+    sd = {k: v.double() for k, v in pair["state"].items()}
+    re_sd = dict(sd)
+    for i in range(CFG.num_single_layers):
+        b = f"single_transformer_blocks.{i}.attn"
+        w = sd[f"{b}.to_qkv_mlp_proj.weight"].clone()
+        w[:H] *= 2
+        w[H:2 * H] *= 0.5
+        w[3 * H + M:] *= 2
+        re_sd[f"{b}.to_qkv_mlp_proj.weight"] = w
+        o = sd[f"{b}.to_out.weight"].clone()
+        o[:, H:] *= 0.5
+        re_sd[f"{b}.to_out.weight"] = o
+    for i in range(CFG.num_layers):
+        for ff in ("ff", "ff_context"):
+            w = sd[f"transformer_blocks.{i}.{ff}.linear_in.weight"].clone()
+            w[M:] *= 2
+            re_sd[f"transformer_blocks.{i}.{ff}.linear_in.weight"] = w
+            re_sd[f"transformer_blocks.{i}.{ff}.linear_out.weight"] = sd[f"transformer_blocks.{i}.{ff}.linear_out.weight"] * 0.5
+    models = []
+    for state in (sd, re_sd):
+        m = diffusers.Flux2Transformer2DModel(**pair["kw"]).double().eval()
+        m.load_state_dict(state, strict=True)
+        models.append(m)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, CFG.in_channels, generator=g, dtype=torch.float64)
+    ctx = torch.randn(1, 6, CFG.joint_attention_dim, generator=g, dtype=torch.float64)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.zeros(1), torch.arange(4.), torch.arange(4.),
+                                         indexing="ij"), -1).reshape(-1, 4)
+    txt_ids = torch.cat([torch.zeros(6, 3), torch.arange(6.)[:, None]], 1)
+    with torch.no_grad():
+        outs = [m(x, ctx, torch.tensor([0.5], dtype=torch.float64), img_ids, txt_ids).sample for m in models]
+    assert float((outs[0] - outs[1]).norm() / outs[0].norm()) < 1e-6  # RMSNorm's eps aside, the same model
+    models[1].float().save_pretrained(tmp_path / "re" / "transformer")
+    (tmp_path / "re" / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
+    out = tmp_path / "re.safetensors"
+    res = prolora.transfer(pair["source"], tmp_path / "re", pair["loras"]["peft"], out, method="prolora-full")
+    assert all(r.transferred for r in res.report.layers), res.report.table()
+    whole_cols = [r for r in res.report.layers if r.module.startswith("transformer.single_") and r.module.endswith(".to_out")]
+    assert len(whole_cols) == CFG.num_single_layers and all(min(r.phi_left, r.phi_right) < 0.99 for r in whole_cols)
+    assert all(min(r.phi_left, r.phi_right) > 0.9999 for r in res.report.layers if r not in whole_cols), \
+        res.report.table()
+    a, b = file_deltas(pair["loras"]["peft"]), file_deltas(out)
+    kept = [m for m in a if not (m.startswith("single_") and m.endswith(".to_out"))]
+    assert max(float((a[m] - b[m]).norm() / a[m].norm()) for m in kept) < 1e-3

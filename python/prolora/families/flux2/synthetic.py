@@ -325,6 +325,18 @@ BENCH_LORA = ("peft", re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn
                                  r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj\.\w+|to_out))$"))
 
 
+def module_shapes(cfg: Flux2Config) -> dict[str, tuple[int, ...]]:
+    """{canonical id: weight shape} of a model of `cfg`, without a file (the bench's dry-run
+    plan): the fused weights' slices are modules of their own (keys.py)."""
+    shapes = dict(flux2_params(cfg))
+    out = {}
+    for p in places(Structure(cfg.hidden, cfg.mlp, cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds)):
+        inner = shapes[f"{p.dif}.weight"][1:]
+        rows = p.dif_rows or ((0, shapes[f"{p.dif}.weight"][0]),)
+        out[f"{COMPONENT}.{p.path}"] = (sum(b - a for a, b in rows), *inner)
+    return out
+
+
 def bench_pair(name: str, width: float, depth: float) -> tuple[Flux2Config, Flux2Config]:
     """(source, target): [klein] 4B base and distilled at full width (width 1, 3072) or the small
     preset, `depth` of the 5 double and 20 single blocks."""
