@@ -1,4 +1,4 @@
-"""On a real GPU (`-m gpu`; benchmarks/gpu_check.sh runs it): what tests/test_fake_cuda.py
+"""On a real GPU (`-m gpu`; benchmarks/gpu_check.sh runs it): what tests/engine/test_fake_cuda.py
 checks on the fake device, on the device itself. Cold and warm --device cuda transfers with the
 cache on, under a small --max-gpu-memory, give the CPU path's result (streams and events out of
 order would not), read no weight when warm, and stay within the budget (plus the solvers'

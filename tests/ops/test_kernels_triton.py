@@ -14,7 +14,7 @@ accumulated in half precision, or lost a tile, would be off by orders of magnitu
 bfloat16 under the interpreter: Triton's emulated bfloat16 tl.dot is wrong (docs/performance.md,
 "Triton's interpreter and bfloat16"), so bfloat16 pairs are upcast there (exactly what the tensor cores compute:
 bfloat16 products are exact in float32); the bfloat16 loads, masks and stores run as on a GPU,
-the bfloat16 tensor-core dot is compiled by tests/test_kernels_aot.py and run by the GPU tests.
+the bfloat16 tensor-core dot is compiled by tests/ops/test_kernels_aot.py and run by the GPU tests.
 """
 from __future__ import annotations
 
