@@ -145,6 +145,23 @@ def text_encoders(base: BaseModel, root: Path) -> list[tuple[str, str, str]]:
     return [("clip", "text_encoder", "tokenizer")]
 
 
+def encoder_components(base: BaseModel) -> list[tuple[str, bool]]:
+    """(component, drop the last layer) of the encoders a single file may embed, in context order:
+    CLIP-L / OpenCLIP-H (`cond_stage_model.*`, SDXL's `conditioner.embedders.0`) and SDXL's
+    OpenCLIP-G (`conditioner.embedders.1`). SD2.x files store OpenCLIP-H's 24 layers and read its
+    penultimate one, as diffusers' converter does (a 23-layer encoder): the last layer is dropped."""
+    layers = {m.split(".")[3] for m in base.weights if m.startswith("text_encoder.text_model.encoder.layers.")}
+    ref = next((r for m, r in base.weights.items() if m.startswith("text_encoder.")), None)
+    penultimate = ref is not None and ".resblocks." in ref.key and len(layers) == 24 and \
+        not any(m.startswith("text_encoder_2.") for m in base.weights)
+    return [("text_encoder", penultimate), ("text_encoder_2", False)]
+
+
+def context_width(encoders: list[tuple[str, int]]) -> int:
+    """Context width the encoders [(role, hidden)] give: every CLIP's states, concatenated."""
+    return sum(h for _, h in encoders)
+
+
 def take(role: str, out, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(context part, pooled) of one encoder's output: SD1/SD2 the last hidden state; SDXL each
     CLIP's penultimate state, and the second's projected pooled output."""
