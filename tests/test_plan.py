@@ -25,7 +25,7 @@ def test_a_lora_of_another_family_is_refused_naming_both(sdxl_pair, tmp_path):
         with pytest.raises(LoraMismatchError) as e:
             build_plan(lora, src, tgt)
     msg = str(e.value)
-    assert "a flux LoRA (Flux block names)" in msg and "is sdxl" in msg and "\n" not in msg
+    assert "a flux LoRA (metadata ss_base_model_version=flux1)" in msg and "is sdxl" in msg and "\n" not in msg
 
 
 def test_a_lora_of_the_right_family_plans_every_module(sdxl_pair):
@@ -69,7 +69,7 @@ def test_lora_for_another_family(sdxl_pair, sd15_pair, tmp_path, capsys):
     code, _, err = cli(capsys, "transfer", sd15_pair["source"], sd15_pair["target"], sdxl_pair["kohya"], "-o",
                        tmp_path / "o.safetensors", "--no-cache")
     assert code == 2
-    one_line_error(err, str(sdxl_pair["kohya"]), "modules exist in source model", "another model")
+    one_line_error(err, str(sdxl_pair["kohya"]), "a sdxl LoRA (second text encoder)", "source model source is sd1")
     assert files_in(tmp_path) == []
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 @pytest.mark.parametrize("what", ["lora_as_base", "empty_folder", "folder_of_text", "vae_like"])
 def test_base_that_is_not_a_base_model(small, tmp_path, capsys, what):
     if what == "lora_as_base":
-        base, expect = small["lora"], "no UNet keys"
+        base, expect = small["lora"], "a LoRA, not a base model"
     elif what == "empty_folder":
         base, expect = tmp_path / "empty", "without model weights"
         base.mkdir()
@@ -22,7 +22,7 @@ def test_base_that_is_not_a_base_model(small, tmp_path, capsys, what):
         (base / "model_index.json").write_text("{}")
         (base / "unet" / "README.txt").write_text("hello")
     else:
-        base, expect = tmp_path / "vae.safetensors", "no UNet keys"
+        base, expect = tmp_path / "vae.safetensors", "a VAE, not a diffusion model"
         save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, base)
     code, _, err = cli(capsys, "transfer", base, small["target"], small["lora"], "-o", tmp_path / "o.safetensors")
     assert code == 2
