@@ -1,5 +1,5 @@
 """The (name, shape) of every UNet2DConditionModel parameter of a synthetic SD model, in state_dict
-order, without importing diffusers (tests/test_synthetic.py checks the lists against the class).
+order, without importing diffusers (tests/families/test_synthetic.py checks the lists against the class).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Wan 2.2 A14B pipeline folder with both experts (transformer/ high-noise, transfo
 low-noise, model_index.json with boundary_ratio), and single files with the original Wan keys,
 bare or under ComfyUI's `model.diffusion_model.` (ComfyUI's split expert files). Original names
 come from the reader's own map (keys.diffusers_to_original), so a synthetic file is
-read back by the same map that reads real ones; tests/test_wan.py checks the map against
+read back by the same map that reads real ones; tests/families/test_wan.py checks the map against
 diffusers' own converter and the parameter list against WanTransformer3DModel.
 
 Presets (diffusers config fields; published sizes):
