@@ -405,3 +405,22 @@ def test_slices_are_the_unit_a_reparametrised_model_keeps(pair, tmp_path):
     a, b = file_deltas(pair["loras"]["peft"]), file_deltas(out)
     kept = [m for m in a if not (m.startswith("single_") and m.endswith(".to_out"))]
     assert max(float((a[m] - b[m]).norm() / a[m].norm()) for m in kept) < 1e-3
+
+
+def test_load_lora_onto_a_klein_pipeline_in_memory(pair, caplog):
+    """prolora.diffusers.load_lora onto a Flux2KleinPipeline held in memory (its transformer read as
+    the target, `is_distilled` as the variant): the adapter loads with no complaint and is the
+    transfer's dW on every block linear."""
+    import prolora.diffusers
+
+    transformer = diffusers.Flux2Transformer2DModel.from_pretrained(pair["target"] / "transformer", local_files_only=True)
+    pipe = diffusers.Flux2KleinPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                        text_encoder=None, tokenizer=None, transformer=transformer, is_distilled=True)
+    assert in_memory_model(pipe).variant == "klein"
+    with caplog.at_level(logging.WARNING):
+        report = prolora.diffusers.load_lora(pipe, pair["loras"]["kohya"], source=pair["single"], adapter_name="x",
+                                             cache=False)
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    assert all(r.transferred for r in report.layers)
+    adapted = [n for n, layer in transformer.named_modules() if hasattr(layer, "lora_A") and "x" in layer.lora_A]
+    assert len(adapted) == BLOCK_LINEARS
