@@ -200,7 +200,9 @@ def assign_roles(encoders: list[Encoder]) -> list[Encoder]:
 
 
 def _clip_heads(hidden: int) -> int:
-    return hidden // 64 if hidden >= 512 and hidden % 64 == 0 else max(1, hidden // 32)
+    """64-wide heads at the published widths (CLIP-L 768, OpenCLIP-H 1024, -G 1280), else the
+    shrunken synthetic encoders' 32-wide heads."""
+    return hidden // 64 if hidden in (768, 1024, 1280) else max(1, hidden // 32)
 
 
 def _clip_act(enc: Encoder) -> str:
