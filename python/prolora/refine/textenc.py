@@ -225,7 +225,7 @@ def _tensor(f, key: str, scales: dict) -> torch.Tensor:
 def _state(enc: Encoder, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{transformers name: tensor} of a file-held encoder, as `dtype`."""
     f = enc.source._file(enc.path) if enc.source is not None else SafetensorsFile(enc.path)
-    header: Header = f.header if hasattr(f, "header") else read_header(enc.path)
+    header: Header = enc.source.headers[enc.path] if enc.source is not None else f.header
     keys = [k for k in header.tensors if k.startswith(enc.prefix)]
     scales = {k: k for k in keys if k.endswith(".scale_weight")}
     state: dict[str, torch.Tensor] = {}
