@@ -3,7 +3,8 @@ files they hold, or a one-line refusal; stated random context reported as stated
 
 - no text encoder anywhere: `--refine N` alone refuses in one line (exit 2, nothing written),
   naming what it looked for and the three ways to give one; `--refine-cond random` without a token
-  count likewise; stated random context runs and the report gives its token count and scale;
+  count likewise; stated random context runs and the report gives its token count and scale, and
+  the held-out check at the family's token count too (the stated count cannot be verified);
 - an SDXL single-file pair whose files embed CLIP-L and OpenCLIP-G (as users have them) refines
   with those encoders by default and the report names them; the context is the embedded weights'
   output: equal to transformers' own encoders built from a pipeline folder holding the same
@@ -83,6 +84,9 @@ def test_no_encoder_refuses_or_runs_as_stated(single, capsys):
     assert c["kind"] == "random" and "1 tokens, unit scale" in c["context"] and c["source"] == "none"
     assert "cannot reveal a wrong --refine-tokens" in c["held_out"]
     assert "refine: conditioning random: random Gaussian context, 1 tokens, unit scale" in text
+    probes = json.loads((d / "bare.json").read_text())["refine"]["probes"]
+    assert list(probes) == ["77 tokens"] and len(probes["77 tokens"]) == 2  # the family's count, as a probe
+    assert "the same check at other token counts" in text
 
 
 def test_single_file_pair_refines_with_its_embedded_encoders(single, capsys):

@@ -70,6 +70,9 @@ def report_lines(stats: RefineStats | dict, top: int = 5) -> list[str]:
               f"curve (per tenth) {' '.join(f'{x:.3g}' for x in s['curve'])}",
               f"refine: held-out delta-matching error {s['error_before']:.4f} before -> {s['error_after']:.4f} after "
               f"(||(T+L') - [T + (S+L) - S]||^2 / ||(S+L) - S||^2){verdict}"]
+    if s.get("probes"):
+        lines.append("refine: the same check at other token counts (random context; the model's count is the one "
+                     "stated): " + ", ".join(f"{k} {b:.4f} -> {a:.4f}" for k, (b, a) in s["probes"].items()))
     moved = sorted(s["modules"].items(), key=lambda kv: -kv[1])[:top]
     if moved and s.get("kept", True):
         lines.append("refine: most changed modules (relative dW change): "

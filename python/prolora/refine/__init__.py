@@ -90,7 +90,11 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
     refined = Adapter(t_model, transferred.modules, place_t, device, trainable=True)
     if getattr(t_model, "_supports_gradient_checkpointing", False):
         t_model.enable_gradient_checkpointing()
-    stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts, heldout=held)
+    probes = {}  # without an encoder the token count is the user's word: show the error at other counts too
+    if plan.encoders[0] is None:
+        probes = {f"{n} token{'s' * (n > 1)}": Conditioner(sig_s, sig_t, held_ctx, resolution, n, device)
+                  for n in sorted({1, default_tokens(sig_s)} - {tokens})}
+    stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts, heldout=held, probes=probes)
     after = refined.factors()
     stats.settings = opts.describe(plan.kind, tokens, resolution)
     stats.conditioning = {"kind": plan.kind, **plan.info}

@@ -94,6 +94,7 @@ class RefineStats:
     conditioning: dict[str, str] = field(default_factory=dict)  # what conditioned it and from where
     kept: bool = True  # the refined factors were kept (False: the held-out error did not fall beyond its noise)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: build, encode, held_out, steps
+    probes: dict[str, list[float]] = field(default_factory=dict)  # other context shapes: [before, after]
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -172,9 +173,10 @@ def relative_groups(start: list[torch.Tensor], params: list[torch.nn.Parameter],
 
 
 def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=None,
-          heldout: Conditioner | None = None) -> RefineStats:
+          heldout: Conditioner | None = None, probes: dict[str, Conditioner] | None = None) -> RefineStats:
     """Run `opts.steps` Adam steps on the refined adapter's factors; returns the stats. The
-    held-out error is measured on `heldout`'s inputs (default: other draws from `cond`)."""
+    held-out error is measured on `heldout`'s inputs (default: other draws from `cond`), and
+    before and after on each of `probes` (reported only: stats.probes)."""
     t0 = time.perf_counter()
     params = [p for p in pair.refined.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
@@ -184,6 +186,9 @@ def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=No
     holdout = [(heldout or cond).batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
     err0, ref = held_out_terms(pair, holdout)
     before = float(err0.sum() / ref.sum().clamp_min(1e-30))
+    probed = {k: [c.batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
+              for k, c in (probes or {}).items()}
+    shape = {k: [held_out_error(pair, b)] for k, b in probed.items()}
     t_held = time.perf_counter() - t0
     opt = torch.optim.Adam(relative_groups(start, params, opts.lr))
     losses: list[float] = []
@@ -202,11 +207,13 @@ def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=No
     t_steps = time.perf_counter()
     err1 = held_out_terms(pair, holdout)[0] if opts.steps else err0
     after = float(err1.sum() / ref.sum().clamp_min(1e-30))
+    for k, b in probed.items():
+        shape[k].append(held_out_error(pair, b))
     t_held += time.perf_counter() - t_steps
     tenth = max(1, len(losses) // 10)
     curve = [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 6) for i in range(0, len(losses), tenth)]
     total = time.perf_counter() - t0
     return RefineStats(opts.steps, losses[0] if losses else 0.0, losses[-1] if losses else 0.0,
                        min(losses) if losses else 0.0, before, after, round(total, 3), curve,
-                       kept=improved(err0, err1, ref),
+                       kept=improved(err0, err1, ref), probes={k: [round(v, 6) for v in x] for k, x in shape.items()},
                        timings={"held_out": round(t_held, 3), "steps": round(total - t_held, 3)})
