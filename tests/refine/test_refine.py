@@ -345,12 +345,12 @@ def test_interrupted_refinement_leaves_no_output(sdxl, monkeypatch):
     calls = {"n": 0}
     real = pr.train
 
-    def interrupted(pair, cond, opts, interrupt_check=None, heldout=None):
+    def interrupted(pair, cond, opts, interrupt_check=None, heldout=None, probes=None):
         def check():
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
-        return real(pair, cond, opts, check, heldout)
+        return real(pair, cond, opts, check, heldout, probes)
 
     monkeypatch.setattr(pr, "train", interrupted)
     out = sdxl["dir"] / "interrupted.safetensors"
