@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import ProloraError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {"transfer", "transfer_many", "similarity", "inspect", "compare", "TransferOptions", "TransferResult",
         "SimilarityResult", "BatchResult", "CompareResult"}

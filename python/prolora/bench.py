@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from . import families
+from .errors import OptionError
 from .families import open_model
 from .formats import read_lora, write_lora
 from .lora import LoraFile, LoraModule
@@ -32,22 +34,9 @@ from .method import KMode
 from .ops import phi, truncated_svd
 from .safetensors_io import atomic_path
 
-BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
-# Flux: attention, MLP and output projections of every double and single block (what Flux LoRA
-# trainers adapt by default); q, k, v and the MLP input are row slices of BFL's fused weights
-FLUX_LINEAR = re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
-                         r"add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
-                         r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$")
-# Qwen-Image: attention and MLP projections of both streams of every block
-QWEN_LINEAR = re.compile(r"^transformer\.transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
-                         r"add_v_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$")
-# bench families of the Flux layout: (source preset, target preset); Chroma is derived from schnell
-FLUX_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
-
-
 @dataclass
 class BenchConfig:
-    family: str = "sdxl"
+    family: str = ""  # a bench preset of a family record (Family.bench); "" for the default one
     width: float = 1.0  # channel scale (1.0: real layer shapes)
     depth: float = 1.0  # transformer-block scale (1.0: every block)
     folder: Path = Path("prolora-bench")
@@ -89,13 +78,28 @@ def _median_time(fn, repeats: int) -> float:
 # ----------------------------------------------------------------------------- inputs
 
 
+def bench_part(name: str):
+    """The synthetic part of the family that offers bench preset `name` (Family.bench); "" is the
+    default preset. It gives bench_pair(name, width, depth) and BENCH_LORA (format, modules)."""
+    for fam in families.families():
+        if name in fam.bench or (not name and any(p.default for p in fam.bench.values())):
+            return fam.part("synthetic")
+    raise OptionError(f"no family offers the bench preset {name!r}; see `prolora bench --help`")
+
+
+def default_preset() -> str:
+    """The bench preset marked default in the family records."""
+    return next(n for fam in families.families() for n, p in fam.bench.items() if p.default)
+
+
 def prepare(cfg: BenchConfig) -> dict[str, Path]:
     """Source and target checkpoints (single-file) and the LoRAs; reused when already there."""
-    from .synthetic import write_model, write_qwen_model
+    from .synthetic import write_model
 
+    cfg.family = cfg.family or default_preset()
     cfg.folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
-    write = write_qwen_model if cfg.family == "qwen-image" else write_model
+    write = write_model
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
@@ -105,28 +109,44 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
         write(tgt, _model_config(cfg, target=True), layout="single-file", dtype=cfg.dtype, seed=0, base=src,
               device=cfg.device)
     loras = []
+    fmt, pattern = bench_part(cfg.family).BENCH_LORA
     with open_model(src) as m:
-        modules = [name for name in m.weights if _lora_pattern(cfg).match(name)]
+        modules = [name for name in m.weights if pattern.match(name)]
         for i in range(max(cfg.loras, 1)):
             p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
             if not p.exists():
-                _write_lora(m, modules, p, cfg.rank, seed=i)
+                _write_lora(m, modules, p, cfg.rank, seed=i, fmt=fmt)
             loras.append(p)
     return {"source": src, "target": tgt, "loras": loras, "modules": modules}
 
 
-def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> None:
-    """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2): kohya for UNet
-    models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for the transformer families
-    (Flux, Chroma, Qwen-Image)."""
+def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int, fmt: str) -> None:
+    """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2), in the format
+    the family's trainers write (its synthetic part's BENCH_LORA: kohya for UNet models, PEFT with
+    split q/k/v for the transformer families)."""
     g = torch.Generator().manual_seed(seed)
+    spelling = "peft" if fmt == "peft" else model.kohya_spelling
     mods = {}
-    fmt = "kohya" if model.family in ("sd1", "sd2", "sdxl", "ssd-1b") else "peft"
+    fused: dict[str, list[str]] = {}  # a key that adapts several modules (slices of one fused weight)
     for name in modules:
+        hit = model.spell_fused(name, spelling)
+        if hit is not None:
+            fused.setdefault(hit[0], []).append(name)
+            mods.setdefault(hit[0], None)
+            continue
         out, inp = model.weights[name].shape[:2]
-        key = model.spell(name, "peft" if fmt == "peft" else model.kohya_spelling)
+        key = model.spell(name, spelling)
         down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
         up = torch.randn(out, rank, generator=g) * (0.1 / math.sqrt(rank))
+        mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
+    for key, names in fused.items():  # one down; up rows on each slice's rows (zero elsewhere)
+        total = model.spell_fused(names[0], spelling)[1]
+        inp = model.weights[names[0]].shape[1]
+        down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, rank)
+        for name in names:
+            for a, b in model.spell_fused(name, spelling)[2]:
+                up[a:b] = torch.randn(b - a, rank, generator=g) * (0.1 / math.sqrt(rank))
         mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
     write_lora(path, LoraFile(fmt, mods, {"ss_network_dim": str(rank)}, torch.float16), fmt)
 
@@ -261,26 +281,15 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _lora_pattern(cfg: BenchConfig) -> re.Pattern:
-    """Which of the source's modules the bench's LoRAs adapt."""
-    return QWEN_LINEAR if cfg.family == "qwen-image" else FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR
+    """Which of the source's modules the bench's LoRAs adapt (the family part's BENCH_LORA)."""
+    return bench_part(cfg.family).BENCH_LORA[1]
 
 
 def _model_config(cfg: BenchConfig, target: bool = False):
     """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1):
-    the source's, or with `target` the target's (another family only for a derived pair such as
-    FLUX.1-schnell -> Chroma)."""
-    from .synthetic import flux_config, preset, qwen_config, shrink
-
-    if cfg.family == "qwen-image":  # Qwen-Image -> Qwen-Image-Edit (the same layout)
-        blocks = max(1, round(qwen_config("full").num_layers * cfg.depth))
-        return qwen_config("full" if cfg.width >= 1.0 else "small", blocks=blocks, edit=target)
-    if cfg.family in FLUX_PAIRS:  # width 1 is the real 3072, anything less the small preset (384)
-        name = FLUX_PAIRS[cfg.family][1 if target else 0]
-        scale = "full" if cfg.width >= 1.0 else "small"
-        base = flux_config(name, scale)
-        return flux_config(name, scale, blocks=(max(1, round(base.num_layers * cfg.depth)),
-                                                max(1, round(base.num_single_layers * cfg.depth))))
-    return shrink(preset(cfg.family), cfg.width, cfg.depth)
+    the source's, or with `target` the target's (another member only for a derived pair such as
+    FLUX.1-schnell -> Chroma), from the family part's bench_pair."""
+    return bench_part(cfg.family).bench_pair(cfg.family or default_preset(), cfg.width, cfg.depth)[int(target)]
 
 
 def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
@@ -289,17 +298,21 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
     device bytes the planner budgets for them (both weights in their stored dtype and in
     float32, Gram matrix and eigensolver workspace, both bases), plus the LoRAs' factors. The
     planner keeps each chunk within --max-gpu-memory / 1.5 (the next chunk's weights are in
-    flight); the fake-CUDA tests (tests/test_fake_cuda.py) run the real engine on small shapes and
+    flight); the fake-CUDA tests (tests/engine/test_fake_cuda.py) run the real engine on small shapes and
     check that the live device bytes stay within --max-gpu-memory."""
     from .engine.planner import chunk_limit, chunk_modules, module_bytes
     from .options import parse_size
-    from .synthetic import model_params, qwen_params
+    from .synthetic import model_params
 
     pattern = _lora_pattern(cfg)
     model_cfg = _model_config(cfg)
-    components = {"transformer": qwen_params(model_cfg)} if cfg.family == "qwen-image" else model_params(model_cfg)
-    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
-              for name, shape in params if name.endswith(".weight")}
+    part = bench_part(cfg.family)
+    if hasattr(part, "module_shapes"):  # canonical ids that are not parameters (slices of fused weights)
+        shapes = part.module_shapes(model_cfg)
+    else:
+        components = model_params(model_cfg)
+        shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
+                  for name, shape in params if name.endswith(".weight")}
     modules = [m for m in shapes if pattern.match(m)]
     itemsize = torch.finfo(cfg.dtype).bits // 8
     need = {m: module_bytes(shapes[m], itemsize, 2) + cfg.loras * cfg.rank * sum(shapes[m][:2]) * 4

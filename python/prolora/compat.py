@@ -45,14 +45,16 @@ def pad_text_encoders(modules: dict[str, LoraModule], fmt: str, model: BaseModel
             continue
         neighbour = next(k for k in modules if (model.resolve(k) or ("",))[0].startswith(f"{encoder}.{layer}."))
         key = model.spell(module, model.resolve(neighbour)[1])
-        rank, alpha, dtype = _common(modules.values())
+        rank, alpha, dtype = common_factors(modules.values())
         out, inp = ref.shape[0], ref.shape[1]
         modules[key] = LoraModule(key, torch.zeros(rank, inp, dtype=dtype), torch.zeros(out, rank, dtype=dtype), alpha)
         warnings.append(f"added a zero-delta {module} so that diffusers loads the {encoder} LoRA completely")
     return warnings
 
 
-def _common(mods) -> tuple[int, float | None, torch.dtype]:
+def common_factors(mods) -> tuple[int, float | None, torch.dtype]:
+    """The rank, alpha and dtype most of `mods` (LoraModules) have: what a zero-delta module added
+    beside them takes."""
     mods = list(mods)
     rank = Counter(m.rank for m in mods).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in mods).most_common(1)[0][0]

@@ -31,10 +31,9 @@ import torch
 
 from .api import transfer
 from .checkpoints import BaseModel
-from .checkpoints.flux import T5, FluxModel
+from . import families
 from .families import in_memory_model
-from .checkpoints.qwen import QwenModel
-from .checkpoints.wan import EXPERTS, WanModel
+from .families.record import Loader
 from .errors import LoraMismatchError, ModelError, OptionError, ProloraError
 from .formats import peft
 from .formats.detect import FORMAT_MODULES
@@ -104,19 +103,27 @@ def _components(report: Report, target: BaseModel, expert: str | None = None) ->
     out = set()
     for r in report.layers:
         if r.transferred and r.module:
-            comp = r.module.partition(".")[0]
-            if comp == T5 and getattr(target, "t5_component", T5) != T5:
-                comp = target.t5_component
-            out.add(expert or comp)
+            out.add(expert or target.pipeline_component(r.module.partition(".")[0]))
     return out
 
 
 def _experts(pipe: Any) -> dict[str, str] | None:
-    """{expert label: pipeline component} for a pipeline holding both Wan 2.2 A14B experts, else None."""
+    """{expert label: pipeline component} for a pipeline holding every expert a family's loader
+    names (both Wan 2.2 A14B experts), else None."""
     comps = getattr(pipe, "components", {})
-    if all(isinstance(comps.get(c), torch.nn.Module) for c in EXPERTS.values()):
-        return dict(EXPERTS)
+    for fam in families.families():
+        experts = fam.loader.experts
+        if experts and all(isinstance(comps.get(c), torch.nn.Module) for c in experts.values()):
+            return dict(experts)
     return None
+
+
+def _expert_kwargs(comp: str | None) -> dict:
+    """load_lora_weights' keyword arguments for an expert component (e.g. load_into_transformer_2)."""
+    for fam in families.families():
+        if comp in fam.loader.expert_kwargs:
+            return dict(fam.loader.expert_kwargs[comp])
+    return {}
 
 
 def _device(target: BaseModel) -> str:
@@ -165,7 +172,7 @@ def load_lora(pipe: Any, lora: PathLike | LoraFile | Mapping[str, torch.Tensor],
     before = _adapters(pipe)
     try:
         for label, comp, target, result, state in loads:
-            kw = {"load_into_transformer_2": True} if comp == EXPERTS["low_noise"] else {}
+            kw = _expert_kwargs(comp)
             pipe.load_lora_weights(state, adapter_name=name, **kw)
             after = _adapters(pipe)
             missed = sorted(c for c in _components(result.report, target, comp) if name not in after.get(c, set()))
@@ -193,15 +200,15 @@ def _transferred(source: PathLike | BaseModel, target: BaseModel, lora: PathLike
     """The transfer onto `target` and its output as the state dict the pipeline's loader takes;
     a LoRA of which nothing transferred is refused (`expert`: named in the message)."""
     options.setdefault("device", _device(target))
-    # the format diffusers applies exactly from a state dict: kohya (alphas as tensors) for UNet
-    # pipelines; PEFT with alpha entries for Flux-family ones (diffusers folds kohya Flux alphas
-    # into fp16 factors); PEFT, scale folded, for the others
-    flux = isinstance(target, FluxModel)
-    options.setdefault("format", "peft" if isinstance(target, (FluxModel, QwenModel, WanModel)) else "kohya")
+    # the format diffusers applies exactly from a state dict, as the family's record says: kohya
+    # (alphas as tensors) for UNet pipelines; PEFT with alpha entries for Flux-family ones (diffusers
+    # folds kohya Flux alphas into fp16 factors); PEFT, scale folded, for the others
+    loader = fam.loader if (fam := families.of(target)) is not None else Loader()
+    options.setdefault("format", loader.format)
     result = transfer(source, target, lora, **options)
     if result.lora is None or not result.lora.modules:
         why = ", ".join(f"{n} {reason}" for reason, n in result.report.summary()["skipped_by_reason"].items())
         onto = f"the {expert.replace('_', '-')} expert of {target.name}" if expert else target.name
         raise LoraMismatchError(f"no layer of the LoRA was transferred onto {onto} (skipped: {why or 'none'}); "
                                 "nothing loaded")
-    return result, diffusers_state_dict(result.lora, alpha_keys=flux)
+    return result, diffusers_state_dict(result.lora, alpha_keys=loader.alpha_keys)

@@ -2,9 +2,9 @@
 transformer of Wan 2.1's layout): one transfer per expert, one output and one report each.
 
 The target is either a Wan 2.2 A14B diffusers folder holding both experts (transformer/ is the
-high-noise one, transformer_2/ the low-noise one: checkpoints.wan.expert_targets) or two models
-given separately, e.g. ComfyUI's split files (`--target-2`: TARGET is then the high-noise expert
-and the second the low-noise one).
+high-noise one, transformer_2/ the low-noise one) or two models given separately, e.g. ComfyUI's
+split files (`--target-2`: TARGET is then the high-noise expert and the second the low-noise one).
+Which targets hold experts, and their labels, is the families' to say (`Family.experts`).
 
 Output naming: OUT `style.safetensors` -> `style.high_noise.safetensors` and
 `style.low_noise.safetensors` beside it; OUT an existing folder -> `<folder>/<LoRA stem>.<expert>.safetensors`.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints.wan import EXPERTS, expert_label, expert_targets
 from .errors import OptionError, OutputPathError
+from .families import families
 from .options import TransferOptions
 from .safetensors_io import atomic_path
 
@@ -37,22 +37,24 @@ class ExpertsResult:
 
 
 def experts_of(target: PathLike, target_2: PathLike | None = None) -> dict[str, Path] | None:
-    """{expert label: model path} when `target` is a folder holding both Wan 2.2 experts or
-    `target_2` is given (TARGET high-noise, TARGET_2 low-noise); None for an ordinary target."""
+    """{expert label: model path} when a family's `experts` hook says `target` holds several
+    experts (a Wan 2.2 A14B folder) or takes `target_2` as the second (TARGET high-noise, TARGET_2
+    low-noise); None for an ordinary target."""
     if not isinstance(target, (str, os.PathLike)):
         return None  # a model held in memory (api.transfer) is one model
-    if target_2 is None:
-        return expert_targets(target)
-    if expert_targets(target) is not None:
-        raise OptionError(f"{target} holds both Wan 2.2 experts already; give no second target")
-    pair = {"high_noise": Path(target), "low_noise": Path(target_2)}
-    for label, path in pair.items():
-        named = expert_label(path)
-        if named is not None and named != label:
-            raise OptionError(f"{path} is named as the {named.replace('_', '-')} expert but was given as the "
-                              f"{label.replace('_', '-')} one: TARGET is the high-noise expert, the second target "
-                              "the low-noise expert")
-    return pair
+    for fam in families():
+        if fam.experts is not None:
+            found = fam.experts(target, target_2)
+            if found is not None:
+                return found
+    if target_2 is not None:
+        raise OptionError(f"a second target was given, but no model family splits {target} into experts")
+    return None
+
+
+def _labels() -> list[str]:
+    """Every expert label a family knows (its loader's experts), in order."""
+    return [label for fam in families() for label in fam.loader.experts]
 
 
 def expert_outputs(output: PathLike, lora: PathLike, labels: list[str]) -> dict[str, Path]:
@@ -72,11 +74,13 @@ def transfer_experts(source: PathLike, experts: dict[str, PathLike], lora: PathL
                      progress=None) -> ExpertsResult:
     """Move `lora` (trained on `source`) onto each expert; write `<OUT>.<expert>.safetensors`
     per expert and, with `report`, one JSON whose `experts` section holds each expert's report."""
-    from .api import resolve_output, resolve_report_path, transfer
+    from .outputs import resolve_output, resolve_report_path
+    from .transfers import transfer
 
-    unknown = set(experts) - set(EXPERTS)
+    known = _labels()
+    unknown = set(experts) - set(known)
     if unknown:
-        raise OptionError(f"unknown expert label(s) {sorted(unknown)}; expected {sorted(EXPERTS)}")
+        raise OptionError(f"unknown expert label(s) {sorted(unknown)}; expected {sorted(known)}")
     inputs = [source, *experts.values(), lora]
     outs = expert_outputs(output, lora, list(experts))
     for out in outs.values():
@@ -99,7 +103,8 @@ def transfer_experts_many(source: PathLike, experts: dict[str, PathLike], loras:
     engine), `<output_dir>/<LoRA stem>.<expert>.safetensors` for each; a LoRA that fails is
     recorded in that expert's BatchResult.failures and the others go on. `report`: one JSON with
     a section per expert (its results and failures)."""
-    from .api import resolve_output, resolve_report_path, run_batch
+    from .outputs import resolve_output, resolve_report_path
+    from .transfers import run_batch
 
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,8 @@ def similarity_experts(source: PathLike, experts: dict[str, PathLike], *, json_p
                        **kwargs: Any) -> dict[str, Any]:
     """api.similarity of `source` against each expert: {label: SimilarityResult}; with
     `json_path`, one JSON whose `experts` section holds each expert's report."""
-    from .api import resolve_report_path, similarity
+    from .outputs import resolve_report_path
+    from .subspaces import similarity
 
     if json_path:
         resolve_report_path(json_path, [source, *experts.values()])

@@ -95,6 +95,49 @@ class RankSpec:
         return str(self.value) if self.kind == "fixed" else self.kind
 
 
+@dataclass
+class FactorSVD:
+    """The thin SVD of up @ down from the factors alone: up = Q1 R1, down^T = Q2 R2, and the SVD
+    Uc diag(S) Vh of the small core R1 R2^T, so up @ down = (Q1 Uc) diag(S) (Q2 Vh^T)^T exactly.
+    Cost O((m + n) r^2 + r^3), never a dense m x n matrix."""
+
+    Q1: torch.Tensor
+    Uc: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    Q2: torch.Tensor
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.Q1 @ self.Uc
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.Q2 @ self.Vh.T
+
+    def split(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors (up (m, k), down (k, n)) of the best rank-k approximation: sqrt of the
+        singular values on each side, so that neither side's values dwarf the other's in float16."""
+        root = self.S[:k].sqrt()
+        return (self.Q1 @ self.Uc[:, :k]) * root, root[:, None] * (self.Vh[:k] @ self.Q2.T)
+
+    def retained(self, k: int) -> float:
+        """The share of the Frobenius energy the top k singular values keep, in [0, 1] (1 for zero)."""
+        sq = self.S.double() ** 2
+        total, kept = torch.stack([sq.sum(), sq[:k].sum()]).tolist()  # one read (a GPU waits once)
+        return kept / total if total > 0.0 else 1.0
+
+
+def factor_svd(up: torch.Tensor, down: torch.Tensor, override: str | None = None) -> FactorSVD:
+    """FactorSVD of up (m, r) @ down (r, n), in their dtype; the core's SVD is the small_svd op's,
+    dispatched on the core (native Jacobi where it wins), or the `override` backend."""
+    Q1, R1 = torch.linalg.qr(up)
+    Q2, R2 = torch.linalg.qr(down.T)
+    core = R1 @ R2.T  # r x r at most
+    Uc, Sc, Vch = small_svd.choose(problem_for(core), override).backend.fn(core)
+    return FactorSVD(Q1, Uc, Sc, Vch, Q2)
+
+
 def compress(up: torch.Tensor, down: torch.Tensor, rank: int,
              override: str | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of up @ down (QR of each side, SVD of the small core).
@@ -102,16 +145,9 @@ def compress(up: torch.Tensor, down: torch.Tensor, rank: int,
     Returns balanced factors (sqrt of the singular values on each side) and the retained share
     of the Frobenius energy, in [0, 1]. `override` forces the small_svd backend of the core.
     """
-    Q1, R1 = torch.linalg.qr(up)
-    Q2, R2 = torch.linalg.qr(down.T)
-    core = R1 @ R2.T  # 2r x 2r at most: the small solver dispatch picks (native Jacobi where it wins)
-    Uc, Sc, Vch = small_svd.choose(problem_for(core), override).backend.fn(core)
-    total = float((Sc.double() ** 2).sum())
-    kept = float((Sc[:rank].double() ** 2).sum())
-    root = Sc[:rank].sqrt()
-    new_up = (Q1 @ Uc[:, :rank]) * root
-    new_down = root[:, None] * (Vch[:rank] @ Q2.T)
-    return new_up, new_down, (kept / total if total > 0.0 else 1.0)
+    f = factor_svd(up, down, override)
+    new_up, new_down = f.split(rank)
+    return new_up, new_down, f.retained(rank)
 
 
 @dataclass
@@ -135,12 +171,22 @@ class Similarity:
 
 
 def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
-    m, n = shape
-    k = src.k
-    Ml, Mr = tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)
-    pl, pr = (float((M.double() ** 2).sum() / k) if k else 1.0 for M in (Ml, Mr))
-    return Similarity({"phi_left": pl, "phi_right": pr,
-                       "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr))
+    return similarity_many([(src, tgt, shape)])[0]
+
+
+def similarity_many(items: list[tuple[Basis, Basis, tuple[int, int]]]) -> list[Similarity]:
+    """similarity(src, tgt, shape) of many modules, their figures read in one go: on a GPU the
+    host waits once for all of them instead of twice per module."""
+    crosses = [(tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)) for src, tgt, _ in items]
+    sums = [(M.double() ** 2).sum() / src.k for (src, _, _), pair in zip(items, crosses) if src.k for M in pair]
+    values = iter(torch.stack(sums).tolist() if sums else [])
+    out = []
+    for (src, _, (m, n)), (Ml, Mr) in zip(items, crosses):
+        k = src.k
+        pl, pr = (next(values), next(values)) if k else (1.0, 1.0)
+        out.append(Similarity({"phi_left": pl, "phi_right": pr, "phi_null_left": phi_null(pl, m, k),
+                               "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr)))
+    return out
 
 
 def similarities(pairs: dict[str, tuple[Basis, Basis]], shapes: dict[str, tuple[int, int]],

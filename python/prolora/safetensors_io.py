@@ -180,6 +180,13 @@ def read_bytes(fd: int, path: Path, name: str, offset: int, nbytes: int, corrupt
     """`nbytes` bytes at absolute `offset` of an open file, by pread into a fresh uint8 tensor;
     a short file raises corrupt(what) (the caller's one-line error for its format)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
+    pread_into(fd, path, name, offset, buf, corrupt)
+    return buf
+
+
+def pread_into(fd: int, path: Path, name: str, offset: int, buf: torch.Tensor, corrupt) -> None:
+    """Fill the contiguous uint8 host tensor `buf` from absolute `offset` of an open file."""
+    nbytes = buf.numel()
     view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
     done = 0
     while done < nbytes:
@@ -190,7 +197,6 @@ def read_bytes(fd: int, path: Path, name: str, offset: int, nbytes: int, corrupt
         if n == 0:
             raise corrupt(f"file ends inside the data of key '{name}' (truncated?)")
         done += n
-    return buf
 
 
 class SafetensorsFile:
@@ -225,10 +231,23 @@ class SafetensorsFile:
             raise InputFileError(f"{self.path}: no tensor named '{name}'") from None
 
     def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._pread(name, offset, buf)
+        return buf
+
+    def read_into(self, name: str, offset: int, out: torch.Tensor) -> None:
+        """Bytes offset.. of tensor `name`'s data into `out`, a contiguous uint8 host tensor
+        (e.g. a pinned buffer: the one copy between the file and the device)."""
+        info = self.info(name)
+        if offset < 0 or offset + out.numel() > info.nbytes:
+            raise InputFileError(f"{self.path}: bytes {offset}..{offset + out.numel()} out of range for '{name}'")
+        self._pread(name, info.start + offset, out)
+
+    def _pread(self, name: str, offset: int, buf: torch.Tensor) -> None:
         if self._fd is None:
             raise InputFileError(f"{self.path}: file already closed")
-        return read_bytes(self._fd, self.path, name, self.header.data_start + offset, nbytes,
-                          lambda what: _corrupt(self.path, what))
+        pread_into(self._fd, self.path, name, self.header.data_start + offset, buf,
+                   lambda what: _corrupt(self.path, what))
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in its stored dtype."""

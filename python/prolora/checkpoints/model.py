@@ -151,6 +151,11 @@ class BaseModel:
         """Why `module` has no name in `spelling` (the output then drops it), or None."""
         return None
 
+    def pipeline_component(self, component: str) -> str:
+        """The diffusers pipeline attribute that holds canonical `component` (where a family
+        stores it under another name, e.g. Chroma's T5 in text_encoder)."""
+        return component
+
     def missing_hint(self, module: str) -> str | None:
         """Why this model may lack `module` (said when a source module has no counterpart here)."""
         return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 
+from ..errors import OptionError
+
 
 def peak_rss() -> int:
     """Peak resident set size of this process, in bytes."""
@@ -30,6 +32,18 @@ def default_budget() -> int:
     except OSError:
         pass
     return budget
+
+
+def budget(max_memory: int | None) -> int:
+    """The host budget a run works under: --max-memory when given, else default_budget()."""
+    return int(max_memory) if max_memory is not None else default_budget()
+
+
+def check_fits(largest: int, budget: int, what: str = "the largest layer") -> None:
+    """Refuse, before anything is computed, a budget below what one unit of work needs."""
+    if largest > budget:
+        raise OptionError(f"--max-memory {budget / 2**30:.2f} GiB is below what {what} needs "
+                          f"({largest / 2**30:.2f} GiB); raise it")
 
 
 def _libc():

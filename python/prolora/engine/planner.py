@@ -1,6 +1,7 @@
 """The chunk and pass planner: which modules compute together (a chunk, sized to the host and
 device budgets) and which LoRAs of a batch share a pass over the models (their inputs stay
-resident for the pass). Pure arithmetic over shapes and sizes: it reads nothing."""
+resident for the pass); for extract, which layers' differences compute together. Pure
+arithmetic over shapes and sizes: it reads nothing."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,11 @@ T = TypeVar("T")
 
 # the chunk computing plus the next one's raw weights in flight share the budget
 IN_FLIGHT = 1.5
+# an extract pass: a chunk of differences takes at most this share of the budget (the chunk
+# computing, the next one's raw weights in flight, and the heap's slack between them)
+DIFFERENCE_SHARE = 4
+# bytes per element of a stored weight, by its dtype's name (safetensors' and torch's spellings)
+ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def module_bytes(shape: tuple[int, ...], raw_itemsize: int, weights: int) -> int:
@@ -55,13 +61,33 @@ def chunk_modules(modules: list[str], need: Mapping[str, int] | None, limit: flo
     return consecutive(modules, (lambda m: need[m]) if need is not None else (lambda m: module_need(model, m)), limit)
 
 
+def raw_itemsize(model: BaseModel) -> int:
+    """The largest item size among a model's stored weights (4 where the dtype is unknown)."""
+    return max((ITEMSIZE.get(r.dtype, 4) for r in model.weights.values()), default=4)
+
+
+def difference_bytes(shape: tuple[int, ...], raw_itemsizes: int) -> int:
+    """Working memory for one layer's difference (extract): the raw weights of every checkpoint
+    read (`raw_itemsizes`: their item sizes summed), the float32 difference in the SVD's batch
+    and the SVD's working copy."""
+    return shape[0] * math.prod(shape[1:]) * (raw_itemsizes + 8)
+
+
+def difference_chunks(items: Sequence[T], size: Callable[[T], int], budget: int) -> list[list[T]]:
+    """Consecutive layers of an extract pass whose difference_bytes add up to at most a
+    DIFFERENCE_SHARE of the budget (at least one layer per chunk)."""
+    return consecutive(items, size, max(budget // DIFFERENCE_SHARE, 1))
+
+
 def chunk_limit(host_budget: int, host_resident: int, device_budget: int | None) -> float:
-    """Bytes one chunk may take: what the host budget leaves over what is resident, and the
-    device budget when computing on a GPU, each shared with the next chunk in flight."""
-    limits = [max(host_budget - host_resident, 0) / IN_FLIGHT]
+    """Bytes one chunk may take, shared with the next chunk in flight: on the CPU what the host
+    budget leaves over what is resident; on a GPU (`device_budget` given) the device budget
+    alone. A GPU chunk lives on the device: its weights pass through a bounded pinned staging
+    ring (engine/device.py) and its results come back a layer at a time, so the chunk's size
+    costs the host nothing and the host budget does not bound it."""
     if device_budget is not None:
-        limits.append(device_budget / IN_FLIGHT)
-    return min(limits)
+        return device_budget / IN_FLIGHT
+    return max(host_budget - host_resident, 0) / IN_FLIGHT
 
 
 def lora_passes(sizes: list[int], spare: int) -> list[list[int]]:

@@ -7,10 +7,10 @@ outside this folder names a family. See docs/architecture.md, "Adding a family".
 """
 from __future__ import annotations
 
-from .opening import in_memory_model, is_in_memory, looks_like, open_model
+from .opening import in_memory_model, is_in_memory, looks_like, model_of, open_model
 from .record import Family
 from .registry import PACKAGES, families, get, members, of, register
 from .rules import check_pair, guess_lora, pad_output, related
 
 __all__ = ["Family", "PACKAGES", "check_pair", "families", "get", "guess_lora", "in_memory_model", "is_in_memory",
-           "looks_like", "members", "of", "open_model", "pad_output", "register", "related"]
+           "looks_like", "members", "model_of", "of", "open_model", "pad_output", "register", "related"]

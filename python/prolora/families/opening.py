@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..safetensors_io import Header
 from ..tensor_files import read_header  # safetensors or GGUF, by the file's magic
 from .registry import families
 
-__all__ = ["open_model", "in_memory_model", "is_in_memory", "looks_like"]
+__all__ = ["open_model", "in_memory_model", "is_in_memory", "looks_like", "model_of"]
 
 
 def open_model(path: str | os.PathLike) -> BaseModel:
@@ -74,8 +75,9 @@ def looks_like(header: Header) -> str:
     keys = list(header.tensors)
     if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_up.weight", ".lora_B.weight")) for k in keys):
         return "a LoRA, not a base model (pass it as LORA)"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in keys) and \
-            not any("diffusion_model" in k for k in keys):
+    vae = ("encoder.conv_in.", "decoder.conv_in.", "encoder.down.", "decoder.up.", "encoder.down_blocks.",
+           "decoder.up_blocks.", "first_stage_model.")
+    if any(k.startswith(vae) for k in keys) and not any("diffusion_model" in k for k in keys):
         return "a VAE, not a diffusion model"
     if any(".SelfAttention." in k or k.startswith(("text_model.", "encoder.block.")) for k in keys):
         return "a text encoder by itself, not a diffusion model"
@@ -96,3 +98,13 @@ def _folder_looks_like(p: Path) -> str:
                     + ", ".join(f.title for f in families() if not f.refuses) + ")")
     return ("folder without model weights (expected model_index.json with unet/ or transformer/, or "
             "config.json with *.safetensors)")
+
+
+def model_of(x: Any, stack: ExitStack) -> BaseModel:
+    """A BaseModel for a path, a BaseModel, or weights held in memory (a diffusers pipeline, a
+    model module, (state_dict, config): checkpoints.memory)."""
+    if isinstance(x, BaseModel):
+        return x
+    if is_in_memory(x):
+        return in_memory_model(x)
+    return stack.enter_context(open_model(x))

@@ -39,6 +39,28 @@ FORMATS = ("kohya", "peft", "comfy", "diffusers-old", "xlabs")
 
 
 @dataclass(frozen=True)
+class BenchPreset:
+    """One `prolora bench --family NAME` choice: a synthetic source/target pair of the family."""
+
+    dtype: str = "float16"  # the pair's stored dtype (a torch dtype's name)
+    help: str | None = None  # what `prolora bench --help` says of it, where the name alone does not tell
+    default: bool = False  # the choice without --family (one preset of all families)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How diffusers' pipeline loader (`load_lora_weights` on a state dict) takes a transferred
+    LoRA of this family exactly (prolora.diffusers.load_lora)."""
+
+    format: str = "peft"  # the LoRA format it applies exactly from a state dict
+    alpha_keys: bool = False  # it reads `<module>.alpha` entries of a PEFT state dict as the alphas
+    # expert label -> pipeline component, for pipelines that hold several experts (Wan 2.2 A14B)
+    experts: dict[str, str] = field(default_factory=dict)
+    # load_lora_weights keyword arguments per expert component (e.g. load_into_transformer_2)
+    expert_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: its members (the `BaseModel.family` values its readers give), how its
     models are opened, and the rules the rest of prolora reads (see the module doc)."""
@@ -52,13 +74,13 @@ class Family:
     # member pairs (a, b), a != b, whose layers correspond by name (and by similarity where the
     # block depths differ): transfers between them are allowed
     related: frozenset[tuple[str, str]] = frozenset()
-    # output formats that have a layout for these models, in the order the docs list them
+    # output formats that have a layout for these models, in the order the docs list them, and
+    # narrower lists for members that lack some (Chroma has no XLabs layout)
     formats: tuple[str, ...] = ("kohya", "peft", "comfy")
+    member_formats: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lora_hint: LoraHint | None = None
     metadata_hints: tuple[tuple[str, str], ...] = ()  # (substring of a LoRA's base-model metadata, member)
     pair_refusal: PairRefusal | None = None
-    # (output format, model) -> why that format's output for this model must be refused, or None
-    format_refusal: Callable[[str, "BaseModel"], "str | None"] | None = None
     pad_output: PadOutput | None = None
     block_of: BlockOf | None = None
     # what a LoRA extracted from these models says of its base (modelspec / kohya ss_* metadata)
@@ -68,6 +90,10 @@ class Family:
     # modules imported on first use (they need torch-heavy or optional packages): "synthetic"
     # (the model and LoRA writers, presets), "refine" (the denoiser builder and conditioning)
     parts: dict[str, str] = field(default_factory=dict)
+    # how diffusers' pipeline loader takes this family's LoRAs from a state dict
+    loader: Loader = field(default_factory=Loader)
+    # `prolora bench --family` choices (preset name -> BenchPreset), in the order --help lists them
+    bench: dict[str, BenchPreset] = field(default_factory=dict)
     # True for a package that only recognises architectures to refuse them by name
     refuses: bool = False
 
@@ -82,8 +108,9 @@ class Family:
     def has(self, kind: str) -> bool:
         return kind in self.parts
 
-    def supports_format(self, fmt: str) -> bool:
-        return fmt in self.formats
+    def supports_format(self, fmt: str, member: str | None = None) -> bool:
+        """Whether output format `fmt` has a layout for this family (for `member`, if given)."""
+        return fmt in self.member_formats.get(member, self.formats)
 
     def relates(self, a: str, b: str) -> bool:
         """True when members `a` and `b` correspond layer by layer (a == b always does)."""

@@ -3,7 +3,6 @@ which output formats a model has, what a LoRA is for, what a loader needs added 
 from __future__ import annotations
 
 from ..errors import ModelError
-from .record import FORMATS
 from .registry import families, get, of
 
 
@@ -19,28 +18,40 @@ def related(a: str, b: str) -> bool:
 def check_pair(source, target, widths: str = "refuse") -> None:
     """Raise ModelError when a transfer between these two models must not run: families whose
     layers do not correspond, or a family's own rule (e.g. Wan models of other widths)."""
+    fams = {id(f): f for f in (of(source), of(target)) if f is not None}.values()
     if not related(source.family, target.family):
+        # a family may say why it cannot pair with another (FLUX.2 with FLUX.1: unrelated architectures)
+        for fam in fams:
+            why = fam.pair_refusal(source, target, widths) if fam.pair_refusal is not None else None
+            if why is not None:
+                raise ModelError(why)
         raise ModelError(f"source {source.name} is {source.family} but target {target.name} is {target.family}: "
                          "cross-family transfer is not supported")
-    for fam in {id(f): f for f in (of(source), of(target)) if f is not None}.values():
+    for fam in fams:
         if fam.pair_refusal is not None:
             why = fam.pair_refusal(source, target, widths)
             if why is not None:
                 raise ModelError(why)
 
 
+# formats that exist for a few families only: (name in messages, which models have it, alternatives)
+_NARROW = {
+    "xlabs": ("XLabs", "Flux", "write kohya, comfy or peft"),
+    "diffusers-old": ("old diffusers", "UNet models", "choose peft, kohya{xlabs} (--format)"),
+}
+
+
 def check_format(fmt: str, model) -> None:
-    """Raise ModelError if output format `fmt` has no layout for `model`'s family."""
+    """Raise ModelError if output format `fmt` has no layout for `model`'s family member."""
     fam = of(model)
-    if fam is not None and fam.supports_format(fmt) and fam.format_refusal is not None:
-        why = fam.format_refusal(fmt, model)
-        if why is not None:
-            raise ModelError(why)
-    if fam is None or fam.supports_format(fmt):
+    if fam is None or fam.supports_format(fmt, model.family):
         return
-    have = [f for f in FORMATS if fam.supports_format(f)]
-    raise ModelError(f"the {fmt} LoRA format has no layout for {model.name} ({model.family}); write "
-                     f"{', '.join(have[:-1])} or {have[-1]} (--format)")
+    label, who, alternatives = _NARROW.get(fmt, (fmt, "other families", "choose another (--format)"))
+    xlabs = ", comfy or xlabs" if fam.supports_format("xlabs", model.family) else " or comfy"
+    alternatives = alternatives.format(xlabs=xlabs)
+    if not alternatives.endswith("(--format)"):
+        alternatives += " (--format)"
+    raise ModelError(f"the {label} LoRA format exists for {who} only; {model.name} is {model.family}: {alternatives}")
 
 
 def pad_output(modules: dict, fmt: str, model) -> list[str]:

@@ -114,34 +114,6 @@ def check_pair(path: Path | str | None, module: str, down: torch.Tensor, up: tor
             raise InvalidLoraError(f"{path}: '{key}' contains NaN or Inf values")
 
 
-def build_modules(col: Collector, conversion=None) -> dict[str, LoraModule]:
-    """Validate collected parts and turn them into LoraModules; adapters other than a plain pair
-    (LoKr, LoHa, Tucker, full differences, DoRA) through formats.adapters, converted to a LoRA by
-    `conversion` (a lowrank.Conversion; default bound when None)."""
-    path = col.path
-    out: dict[str, LoraModule] = {}
-    for module, t in col.modules.items():
-        if not set(t) <= {DOWN, UP, ALPHA, BIAS}:
-            from . import adapters
-            from .lowrank import Conversion
-
-            out[module] = adapters.build(path, module, t, conversion or Conversion())
-            continue
-        if DOWN not in t or UP not in t:
-            have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
-            missing = " and ".join(r for r in (DOWN, UP) if r not in t)
-            raise InvalidLoraError(
-                f"{path}: '{have_key}' has no matching {missing} weight (module '{module}'); a LoRA module "
-                "needs both its down and up weights"
-            )
-        (down_key, down), (up_key, up) = t[DOWN], t[UP]
-        bias_key, bias = t.get(BIAS, ("", None))
-        check_pair(path, module, down, up, down_key, up_key, bias, bias_key)
-        alpha = alpha_value(path, t[ALPHA][0], t[ALPHA][1]) if ALPHA in t else None
-        out[module] = LoraModule(key=module, down=down, up=up, alpha=alpha, bias=bias)
-    return out
-
-
 def common_dtype(modules: Iterable[LoraModule]) -> torch.dtype:
     """The dtype of the up/down tensors (the most common one if they differ)."""
     counts = Counter()

@@ -3,7 +3,7 @@
 Flux stores q, k and v of an attention (and, in single blocks, the MLP input too) as one fused
 weight (`img_attn.qkv` [3h, h], `linear1` [3h + mlp, h]); kohya, ComfyUI and XLabs LoRAs adapt
 the fused weight with one module, diffusers/PEFT LoRAs adapt q, k, v and proj_mlp separately.
-prolora transfers each logical slice on its own (see checkpoints.flux), so:
+prolora transfers each logical slice on its own (see families/flux/model.py), so:
 
 - reading: `split_module` cuts a fused LoRA module into one module per slice: the slice's rows of
   up, the shared down. Columns of up that are zero on those rows are dropped with their down rows

@@ -1,11 +1,11 @@
-"""Low-rank factor math shared by resize and merge: the SVD of dW = up @ down computed from the
-factors alone (QR of each side, SVD of the small core), never from a dense m x n matrix, and the
-rank rules of sd-scripts' resize (`sv_ratio`, `sv_fro`, `sv_cumulative`), reimplemented from
-their meaning.
+"""What extract, resize and merge share beyond the method's factor SVD: the rank rules of
+sd-scripts' resize (`sv_ratio`, `sv_fro`, `sv_cumulative`), reimplemented from their meaning, and
+the one-alpha convention of their outputs (`uniform_alpha`).
 
-For up (m x r) and down (r x n): up = Qu Ru, down^T = Qd Rd, so dW = Qu (Ru Rd^T) Qd^T and the
-SVD of the r x r core Ru Rd^T = Uc Sc Vc^T gives dW = (Qu Uc) Sc (Qd Vc)^T exactly. Cost
-O((m + n) r^2 + r^3) instead of O(m n min(m, n)).
+The SVD of dW = up @ down from the factors alone (QR of each side, SVD of the small core, never a
+dense m x n matrix) is method.factor_svd, the same as a transfer's compression; the factor jobs
+run the core's SVD on small_svd's reference backend (EXACT: LAPACK in float64), exact on the
+small cores they see and the same numbers whatever the machine's fastest backend.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OptionError
+from ..ops import small_svd
 
+EXACT = small_svd.reference.name  # the core SVD's backend for resize and merge (float64 LAPACK)
 RULES = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")
 
 
@@ -92,44 +94,6 @@ def _first_at_least(frac: torch.Tensor, f: float) -> int:
     """The smallest k (1-based) with frac[k-1] >= f, tolerating round-off at the top (frac[-1] ~ 1)."""
     hit = torch.nonzero(frac >= f - 1e-12 * max(1.0, f)).flatten()
     return int(hit[0]) + 1 if hit.numel() else int(frac.numel())
-
-
-@dataclass
-class FactorSVD:
-    """dW = U diag(S) V^T from low-rank factors: U (m, r'), S (r',), V (n, r'), r' <= r."""
-
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-
-    @property
-    def energy(self) -> float:
-        return float((self.S.double() ** 2).sum())
-
-
-def factor_svd(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> FactorSVD:
-    """The thin SVD of up @ down (up (m, r), down (r, n)) through QR of each side and an SVD of
-    the r x r core (float64 by default: the factors are small, so exactness is cheap)."""
-    up = up.to(dtype)
-    down = down.to(dtype)
-    Qu, Ru = torch.linalg.qr(up, mode="reduced")  # (m, r'), (r', r)
-    Qd, Rd = torch.linalg.qr(down.T, mode="reduced")  # (n, r''), (r'', r)
-    core = Ru @ Rd.T
-    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    return FactorSVD(Qu @ Uc, S, Qd @ Vch.T)
-
-
-def split_factors(f: FactorSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up (m, k), down (k, n)) with up @ down the rank-k truncation of f, sqrt(S) on each side
-    (balanced factors: neither side's values dwarf the other's in float16)."""
-    s = f.S[:k].clamp_min(0).sqrt()
-    return f.U[:, :k] * s, (f.V[:, :k] * s).T
-
-
-def retained(S: torch.Tensor, k: int) -> float:
-    """Fraction of ||dW||_F^2 kept by the top-k singular values (1.0 for a zero dW)."""
-    total = float((S.double() ** 2).sum())
-    return 1.0 if total == 0.0 else float((S[:k].double() ** 2).sum()) / total
 
 
 def uniform_alpha(modules: dict, alpha: float | None = None) -> dict:

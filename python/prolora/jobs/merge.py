@@ -3,8 +3,8 @@ rank through the factors (never a dense m x n matrix).
 
 Per module the weighted factors are concatenated, up = [w_1 s_1 up_1, ..., w_n s_n up_n] and
 down = [down_1; ...; down_n] (s_i the module's alpha / rank), so that up @ down is the weighted
-sum exactly; its SVD comes from the factors (QR of each side, SVD of the small core, see
-factors.py) and the best rank-N approximation is kept. Where N is at least the summed rank (or
+sum exactly; its SVD comes from the factors (method.factor_svd: QR of each side, SVD of the small
+core) and the best rank-N approximation is kept. Where N is at least the summed rank (or
 not given), the concatenated factors are written as they are: exact. Merged modules carry one
 alpha (--rank, else the most common rank; factors.uniform_alpha).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoints import BaseModel
 from ..families import open_model
 from ..errors import LoraMismatchError, ModelError, OptionError, OutputPathError
@@ -30,8 +30,9 @@ from ..formats import read_lora, write_lora
 from ..formats.adapters import refuse_base_dependent
 from ..formats.parts import canonical_modules
 from ..lora import FORMATS, LoraFile, LoraModule
-from .factors import factor_svd, retained, split_factors, uniform_alpha
+from ..method import factor_svd
 from ..plan import format_spelling, out_key
+from .factors import EXACT, uniform_alpha
 
 
 @dataclass
@@ -69,8 +70,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def merge_modules(parts: list[tuple[float, LoraModule]], rank: int | None, key: str,
-                  dtype: torch.dtype) -> tuple[LoraModule, int, float]:
-    """(merged module, summed rank, retained energy) of sum_i w_i * dW_i for `parts` (w_i, module)."""
+                  dtype: torch.dtype, svd: str | None = EXACT) -> tuple[LoraModule, int, float]:
+    """(merged module, summed rank, retained energy) of sum_i w_i * dW_i for `parts` (w_i, module);
+    recompressed in float64, the core's SVD on the small_svd backend `svd` (None: dispatched)."""
     first = parts[0][1]
     shapes = {(m.out_features, tuple(m.down.shape[1:])) for _, m in parts}
     if len(shapes) != 1:
@@ -82,10 +84,10 @@ def merge_modules(parts: list[tuple[float, LoraModule]], rank: int | None, key: 
     if rank is None or rank >= total:
         up, down, k, kept = ups, downs, total, 1.0
     else:
-        f = factor_svd(ups, downs)
+        f = factor_svd(ups, downs, svd)
         k = max(1, min(rank, int(f.S.numel())))
-        up, down = split_factors(f, k)
-        kept = retained(f.S, k)
+        up, down = f.split(k)
+        kept = f.retained(k)
     if first.is_conv:
         up = up.reshape(up.shape[0], k, 1, 1)
         down = down.reshape((k,) + tuple(first.down.shape[1:]))

@@ -1,6 +1,7 @@
 """`prolora resize`: change the rank of every module of a LoRA, by a fixed rank or by one of
 sd-scripts' dynamic rules (sv_ratio, sv_fro, sv_cumulative; see factors.RankRule), working on
-the factors only (QR of each side and an SVD of the small core; never a dense m x n matrix).
+the factors only (method.factor_svd: QR of each side and an SVD of the small core; never a dense
+m x n matrix).
 
 A module of scale s (alpha / rank) written at new rank k gets alpha s * k and factors whose
 product is the truncated dW / s, so diffusers, kohya and ComfyUI apply exactly the best rank-k
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import OutputPathError
 from ..formats import read_lora, write_lora
 from ..formats.adapters import refuse_base_dependent
 from ..lora import LoraFile, LoraModule
-from .factors import RankRule, factor_svd, retained, split_factors, uniform_alpha
+from ..method import factor_svd
+from .factors import EXACT, RankRule, uniform_alpha
 
 
 @dataclass
@@ -75,16 +77,17 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def resize_module(m: LoraModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, ModuleResize]:
-    """The module at the rank `rule` picks, and its report line. dW = scale * up @ down."""
-    up, down = _flat(m.up), _flat(m.down)
-    f = factor_svd(up, down)
+def resize_module(m: LoraModule, rule: RankRule, dtype: torch.dtype | None = None,
+                  svd: str | None = EXACT) -> tuple[LoraModule, ModuleResize]:
+    """The module at the rank `rule` picks, and its report line. dW = scale * up @ down. The
+    factor SVD runs in float64, its core on the small_svd backend `svd` (None: dispatched)."""
+    f = factor_svd(_flat(m.up).double(), _flat(m.down).double(), svd)
     k = rule.choose(f.S)
-    kept = retained(f.S, k)
+    kept = f.retained(k)
     info = ModuleResize(m.key, m.rank, k, kept, kept ** 0.5, k == m.rank)
     if k == m.rank:  # nothing truncated: the input's own factors are the exact answer
         return m, info
-    new_up, new_down = split_factors(f, k)  # product = up @ down truncated: dW / scale
+    new_up, new_down = f.split(k)  # product = up @ down truncated: dW / scale
     out_dtype = dtype or m.up.dtype
     if m.is_conv:
         new_down = new_down.reshape((k,) + tuple(m.down.shape[1:]))

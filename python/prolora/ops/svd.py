@@ -127,13 +127,19 @@ def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
 
 
 def _gram_batched(Wb: torch.Tensor, ks: list[KSpec]) -> list[Basis]:
+    """The whole batch in one product and one eigensolver call; the spectra and energies come
+    to the host in one copy (k is chosen there), so the device waits once per batch, not per
+    matrix. The bases keep their spectra on the host (only the host reads them)."""
     wide = Wb.shape[1] <= Wb.shape[2]
     G = Wb @ Wb.mT if wide else Wb.mT @ Wb
-    energies = G.diagonal(dim1=-2, dim2=-1).double().sum(-1).tolist()
+    energy = G.diagonal(dim1=-2, dim2=-1).double().sum(-1)
     evals, evecs = torch.linalg.eigh(G)
     del G
     S_all = evals.flip(-1).clamp_min(0).sqrt()
-    return [_finish(Wb[i], S_all[i], evecs[i], ks[i], energies[i], wide) for i in range(Wb.shape[0])]
+    host = torch.cat([energy[:, None], S_all.double()], dim=1).cpu()
+    energies, S_host = host[:, 0].tolist(), host[:, 1:].to(S_all.dtype)
+    return [_finish(Wb[i], S_all[i], evecs[i], resolve_k(ks[i], S_host[i], energies[i]), energies[i], wide,
+                    S_host[i]) for i in range(Wb.shape[0])]
 
 
 def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
@@ -146,11 +152,14 @@ def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
     return _finish(W, evals.flip(-1).clamp_min(0).sqrt(), evecs, k, energy, wide)
 
 
-def _finish(W: torch.Tensor, S: torch.Tensor, evecs: torch.Tensor, k: KSpec, energy: float, wide: bool) -> Basis:
-    """Keep the top-k eigenvectors (ascending order from eigh) and recover the other side."""
+def _finish(W: torch.Tensor, S: torch.Tensor, evecs: torch.Tensor, k: KSpec, energy: float, wide: bool,
+            keep: torch.Tensor | None = None) -> Basis:
+    """Keep the top-k eigenvectors (ascending order from eigh) and recover the other side.
+    `keep`: the spectrum the basis holds, when not S itself (S's copy on the host)."""
     kk = resolve_k(k, S, energy)
     Q = evecs[:, evecs.shape[1] - kk:].flip(-1)
     inv = torch.where(S[:kk] > 0, 1.0 / S[:kk], torch.zeros_like(S[:kk]))
+    S = S if keep is None else keep
     if wide:
         return Basis(Q, S, (W.T @ Q) * inv, energy)
     return Basis((W @ Q) * inv, S, Q, energy)

@@ -1,20 +1,22 @@
 """Data-free inputs for the refinement: latent noise, timesteps and a conditioning context.
 
-`--refine-cond` chooses the context:
+`--refine-cond` chooses the context (conditioning.py finds the encoders and builds the pools):
 
 - `prompts`: a built-in set of neutral prompts, `prompts:FILE` one prompt per line of FILE, and
-  `tags` prompts drawn from a kohya LoRA's `ss_tag_frequency` metadata; all three are encoded by
-  the base model's own text encoders and tokenizers (a diffusers pipeline folder that ships them),
-  each model through its own when both have them, else both through the one that does;
-- `random`: Gaussian context with the per-channel mean and spread of those encoders' outputs on
-  the built-in prompts and `--refine-tokens` tokens, or, when no encoder ships with the bases,
-  zero mean, unit scale.
+  `tags` prompts drawn from a kohya LoRA's `ss_tag_frequency` metadata; encoded by the base
+  models' own text encoders (a pipeline folder's, those a single file embeds, or `--text-encoder
+  FILE`), each model through its own when both have them, else both through the one that does;
+  without a tokenizer (textenc.py, tokens.py), random token ids go through the real encoders;
+- `random`: Gaussian context with the per-channel mean and spread of those encoders' outputs, or,
+  when there is no encoder, zero mean and unit scale at the stated `--refine-tokens`.
 
-The extra inputs a denoiser needs come with it: SDXL's `text_embeds` (the pooled embedding;
-random or encoded likewise) and `time_ids` (original size, crop, target size of the pixel image the
-latent stands for), Flux's `pooled_projections`, `img_ids`/`txt_ids` and `guidance` (3.5, FLUX.1-dev
-only). Latents are pure Gaussian noise at `--refine-resolution`; timesteps are uniform (UNets:
-integer DDPM steps in [0, 1000); Flux: the flow time in (0, 1]).
+The held-out check draws from other contexts of the kind the model really sees: HELDOUT_PROMPTS
+(or other random ids) through the encoders where there are encoders.
+
+Which encoders a model has and how their outputs are combined, the denoiser's forward
+signature, the latents, timesteps and the extra inputs a denoiser needs (a pooled embedding, time
+or position ids, guidance) are its family's: the family's refine part (parts.py) says them.
+Latents are pure Gaussian noise at `--refine-resolution`; timesteps are uniform.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel
 from ..errors import InputFileError, OptionError
+from .parts import part_named, parts
 
 # neutral prompts: no style, varied subjects, so the context covers ordinary use of the model
 NEUTRAL_PROMPTS = (
@@ -37,8 +39,12 @@ NEUTRAL_PROMPTS = (
     "a group of people at a cafe", "a castle on a hill", "a child playing in a park", "a sailing boat on the sea",
     "a plate of food in a restaurant",
 )
-GUIDANCE = 3.5  # FLUX.1-dev's usual distilled guidance
-UNET_STEPS = 1000  # DDPM training steps of SD-family UNets
+# prompts of the same kind that no refinement trains on: the held-out check's contexts
+HELDOUT_PROMPTS = (
+    "a bicycle leaning against a brick wall", "a young man smiling at the camera", "a lake surrounded by pine trees",
+    "a cup of coffee on a desk", "a horse in a green field", "a bridge over a river in the fog",
+    "a woman walking in the rain with an umbrella", "a table with books and a candle",
+)
 
 
 @dataclass
@@ -110,83 +116,6 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-# ------------------------------------------------------------------------------ text encoders
-
-
-def _folder(base: BaseModel) -> Path | None:
-    p = Path(base.path)
-    return p if base.layout == "diffusers" and p.is_dir() and (p / "model_index.json").is_file() else None
-
-
-def has_encoders(base: BaseModel) -> bool:
-    """Whether `base` is a pipeline folder whose text encoders and tokenizers can encode prompts."""
-    return _encoder_parts(base) is not None
-
-
-def _encoder_parts(base: BaseModel) -> list[tuple[str, Path, Path]] | None:
-    """(role, encoder folder, tokenizer folder) per encoder this family's pipeline uses, or None."""
-    root = _folder(base)
-    if root is None:
-        return None
-    if base.family in ("flux",):
-        names = [("clip", "text_encoder", "tokenizer"), ("t5", "text_encoder_2", "tokenizer_2")]
-    elif base.family == "chroma":
-        names = [("t5", "text_encoder", "tokenizer")]
-    elif (root / "text_encoder_2").is_dir():
-        names = [("clip", "text_encoder", "tokenizer"), ("clip2", "text_encoder_2", "tokenizer_2")]
-    else:
-        names = [("clip", "text_encoder", "tokenizer")]
-    parts = [(role, root / e, root / t) for role, e, t in names]
-    if not all((e / "config.json").is_file() and t.is_dir() for _, e, t in parts):
-        return None
-    return parts
-
-
-@torch.no_grad()
-def encode(base: BaseModel, prompts: list[str], tokens: int | None, device: str) -> Context:
-    """The base's own encoders on `prompts`, as its pipeline feeds them to the denoiser: SD1/SD2
-    the last hidden state; SDXL both CLIPs' penultimate states concatenated plus the second's
-    projected pooled output; Flux T5's states (`tokens` long) plus CLIP's pooled output; Chroma T5."""
-    parts = _encoder_parts(base)
-    if parts is None:
-        raise OptionError(f"{base.path}: prompt conditioning needs the base's text encoders and tokenizers "
-                          "(a diffusers pipeline folder with text_encoder/ and tokenizer/); use --refine-cond random")
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    hidden, pooled = [], None
-    for role, enc_dir, tok_dir in parts:
-        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        length = (tokens or 512) if role == "t5" else tok.model_max_length
-        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip2": CLIPTextModelWithProjection}[role]
-        if role == "clip" and base.family not in ("flux", "chroma") and len(parts) == 1:
-            cls = CLIPTextModel
-        enc = cls.from_pretrained(enc_dir, local_files_only=True).to(device).eval()
-        out = enc(ids.to(device), output_hidden_states=True)
-        if role == "t5":
-            hidden.append(out.last_hidden_state)
-        elif base.family == "flux":
-            pooled = out.pooler_output
-        elif len(parts) == 1:
-            hidden.append(out.last_hidden_state)
-        else:
-            hidden.append(out.hidden_states[-2])
-            if role == "clip2":
-                pooled = out.text_embeds
-        del enc
-    return Context(hidden=torch.cat(hidden, dim=-1).float().cpu(),
-                   pooled=None if pooled is None else pooled.float().cpu())
-
-
-def _stats(ctx: Context) -> Context:
-    """Per-channel mean and spread of encoded contexts (over prompts and tokens), for `random`."""
-    h = ctx.hidden.reshape(-1, ctx.hidden.shape[-1])
-    out = Context(mean=h.mean(0), std=h.std(0).clamp_min(1e-6))
-    if ctx.pooled is not None:
-        out.pooled_mean, out.pooled_std = ctx.pooled.mean(0), ctx.pooled.std(0).clamp_min(1e-6)
-    return out
-
-
 # ------------------------------------------------------------------------------ the inputs
 
 
@@ -194,31 +123,23 @@ def _stats(ctx: Context) -> Context:
 class Signature:
     """What a denoiser's forward takes, read from the diffusers model and its config."""
 
-    kind: str  # "unet" | "flux"
+    kind: str  # the family whose refine part reads and feeds the denoiser (its name)
     channels: int
     context_dim: int
-    pooled_dim: int | None = None  # SDXL text_embeds / Flux pooled_projections width
-    time_ids: bool = False  # SDXL
-    guidance: bool = False  # FLUX.1-dev
+    pooled_dim: int | None = None  # width of a pooled text embedding the forward takes
+    time_ids: bool = False  # the forward takes the pixel image's size and crop
+    guidance: bool = False  # the forward takes a distilled guidance scale
     accepts: frozenset[str] = frozenset()
 
 
 def signature(model: torch.nn.Module) -> Signature:
-    cfg = model.config
+    """What `model`'s forward takes, as the family whose denoiser it is reads it."""
     names = frozenset(inspect.signature(model.forward).parameters)
-    if "sample" in names:  # UNet2DConditionModel
-        pooled = None
-        if cfg.get("addition_embed_type") == "text_time":
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        elif cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
-            raise OptionError(f"refinement does not know the UNet's {cfg.get('addition_embed_type') or 'class'} "
-                              "conditioning")
-        cross = cfg["cross_attention_dim"]
-        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-        return Signature("unet", cfg["in_channels"], int(cross), pooled, pooled is not None, False, names)
-    return Signature("flux", cfg["in_channels"], cfg["joint_attention_dim"],
-                     cfg.get("pooled_projection_dim") if "pooled_projections" in names else None, False,
-                     bool(cfg.get("guidance_embeds")) and "guidance" in names, names)
+    for fam, part in parts():
+        fields = part.signature(model.config, names)
+        if fields is not None:
+            return Signature(fam.name, **fields)
+    raise OptionError(f"refinement does not know the inputs of {type(model).__name__}")
 
 
 class Conditioner:
@@ -230,8 +151,11 @@ class Conditioner:
                 (target.kind, target.channels, target.context_dim, target.pooled_dim):
             raise OptionError("the source and target denoisers take different inputs (latent channels or context "
                               "width differ); refinement needs both to read the same inputs")
-        if resolution < 2 or (source.kind == "flux" and resolution % 2):
-            raise OptionError(f"--refine-resolution {resolution}: must be at least 2 (even for Flux)")
+        self.part = part_named(source.kind)
+        if resolution < 2 or (self.part.EVEN_LATENTS and resolution % 2):
+            evens = " and ".join(p.EVEN_LATENTS for _, p in parts() if p.EVEN_LATENTS)
+            raise OptionError(f"--refine-resolution {resolution}: must be at least 2"
+                              + (f" (even for {evens})" if evens else ""))
         self.sig, self.contexts, self.resolution = source, contexts, resolution
         self.tokens, self.device = tokens, device
 
@@ -262,12 +186,7 @@ class Conditioner:
         if src_ctx.hidden is not None:
             pick = torch.randint(0, len(src_ctx.hidden), (n,), generator=g)
         shared = src_ctx is tgt_ctx
-        if sig.kind == "unet":
-            x = torch.randn(n, sig.channels, r, r, generator=g)
-            t = torch.randint(0, UNET_STEPS, (n,), generator=g)
-        else:
-            x = torch.randn(n, (r // 2) ** 2, sig.channels, generator=g)
-            t = 1.0 - torch.rand(n, generator=g)  # (0, 1]
+        x, t = self.part.noise(sig, n, r, g)
         state = g.get_state()
         hs, ps = self._context(src_ctx, n, g, pick)
         if shared:
@@ -278,29 +197,13 @@ class Conditioner:
         out = Inputs()
         for kw, hidden, pooled, dtype in ((out.source, hs, ps, dtypes[0]), (out.target, ht, pt, dtypes[1])):
             dev = lambda v, d=dtype: v.to(self.device, d)  # noqa: E731
-            if sig.kind == "unet":
-                kw.update(sample=dev(x), timestep=t.to(self.device), encoder_hidden_states=dev(hidden))
-                if sig.time_ids:
-                    size = float(8 * r)
-                    ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(n, 1)
-                    kw["added_cond_kwargs"] = {"text_embeds": dev(pooled), "time_ids": dev(ids)}
-            else:
-                h = r // 2
-                img_ids = torch.zeros(h, h, 3)
-                img_ids[..., 1] = torch.arange(h).view(h, 1)
-                img_ids[..., 2] = torch.arange(h).view(1, h)
-                kw.update(hidden_states=dev(x), encoder_hidden_states=dev(hidden), timestep=dev(t),
-                          img_ids=dev(img_ids.reshape(-1, 3)), txt_ids=dev(torch.zeros(hidden.shape[1], 3)))
-                if sig.pooled_dim and "pooled_projections" in sig.accepts:
-                    kw["pooled_projections"] = dev(pooled)
-                if sig.guidance:
-                    kw["guidance"] = dev(torch.full((n,), GUIDANCE))
+            kw.update(self.part.inputs(sig, x, t, hidden, pooled, r, dev, self.device))
         return out
 
 
 def default_tokens(sig: Signature) -> int:
-    """Context length when none is given: CLIP's 77 for UNets, 256 T5 tokens for Flux."""
-    return 77 if sig.kind == "unet" else 256
+    """Context length when none is given, as the denoiser's family says (e.g. CLIP's 77, 256 T5 tokens)."""
+    return int(part_named(sig.kind).TOKENS)
 
 
 def default_resolution(model: torch.nn.Module) -> int:
@@ -310,26 +213,5 @@ def default_resolution(model: torch.nn.Module) -> int:
     return int(min(32, size))
 
 
-def contexts(kind: str, prompts: list[str] | None, bases: tuple[BaseModel, BaseModel], tokens: int, device: str
-             ) -> tuple[Context, Context]:
-    """The source's and the target's Context for cond `kind` ("prompts" or "random")."""
-    src, tgt = bases
-    enc = [b for b in bases if has_encoders(b)]
-    if kind == "random":
-        if not enc:
-            ctx = Context()
-        else:
-            ctx = _stats(encode(enc[0], list(NEUTRAL_PROMPTS), tokens, device))
-        return ctx, ctx
-    if not enc:
-        raise OptionError(f"prompt conditioning needs text encoders and tokenizers, and neither {src.name} nor "
-                          f"{tgt.name} ships them (a diffusers pipeline folder does); use --refine-cond random")
-    assert prompts
-    if len(enc) == 2:
-        return encode(src, prompts, tokens, device), encode(tgt, prompts, tokens, device)
-    ctx = encode(enc[0], prompts, tokens, device)
-    return ctx, ctx
-
-
-__all__ = ["Conditioner", "Context", "Inputs", "NEUTRAL_PROMPTS", "contexts", "default_resolution", "default_tokens",
-           "encode", "has_encoders", "parse_cond", "read_prompts", "signature", "tag_prompts"]
+__all__ = ["Conditioner", "Context", "HELDOUT_PROMPTS", "Inputs", "NEUTRAL_PROMPTS", "default_resolution",
+           "default_tokens", "parse_cond", "read_prompts", "signature", "tag_prompts"]

@@ -196,12 +196,12 @@ def migrate(source: PathLike, target: PathLike, loras: list[PathLike], output_di
     Every LoRA ends written (recorded in the manifest with input and output hashes) or failed
     (in the report); a rerun skips what is complete.
     """
-    from ..api import _options
+    from ..transfers import make_options
     from ..cache import BasisCache
     from .prepare import WarmStats, model_ids, warm_cache
 
     require_ray()
-    opts = copy.copy(_options(options, option_kwargs))  # cache_dir is made absolute below
+    opts = copy.copy(make_options(options, option_kwargs))  # cache_dir is made absolute below
     if batch_size < 1 or max_attempts < 1 or (workers is not None and workers < 1) or cpus_per_worker <= 0:
         raise OptionError("batch size, attempts, workers and CPUs per worker must be positive")
     if not loras:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CorruptFileError
 from ..safetensors_io import atomic_path
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..api import _matching
+from ..transfers import matching_for
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
 from ..families import open_model
@@ -73,7 +73,7 @@ def warm_cache(source: str | Path, target: str | Path, loras: list[Path], opts: 
         src = stack.enter_context(open_model(source))
         tgt = stack.enter_context(open_model(target))
         stats.source_id, stats.target_id = src.identity(), tgt.identity()
-        mapping, _ = _matching(src, tgt, opts, cache)
+        mapping, _ = matching_for(src, tgt, opts, cache)
         targets, stats.key_sets = _targets(src, tgt, loras, opts, mapping)
         t1 = time.perf_counter()
         order = [m for m in src.weights if m in targets]

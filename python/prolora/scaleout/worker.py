@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..api import Failure, TransferResult, transfer_many
+from ..transfers import Failure, TransferResult, transfer_many
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
 from ..families import open_model

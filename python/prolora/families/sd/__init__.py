@@ -13,7 +13,7 @@ KOALA), with their CLIP / OpenCLIP text encoders.
 """
 from __future__ import annotations
 
-from ..record import Family
+from ..record import BenchPreset, Family, Loader
 from .memory import claim_memory
 from .read import claim_file, claim_folder
 from .rules import METADATA_HINTS, RELATED, block_of, lora_hint, lora_metadata
@@ -31,5 +31,7 @@ FAMILY = Family(
     metadata_hints=METADATA_HINTS,
     block_of=block_of,
     lora_metadata=lora_metadata,
+    loader=Loader(format="kohya"),  # diffusers applies kohya alphas (tensors) exactly from a state dict
     parts={"synthetic": "prolora.families.sd.synthetic", "refine": "prolora.families.sd.refine"},
+    bench={"sd15": BenchPreset(), "sdxl": BenchPreset(default=True), "ssd-1b": BenchPreset()},
 )

@@ -28,7 +28,7 @@ def _unet_component(path: Path, tensors: Tensors) -> Component | None:
     """The UNet of a single file, by whichever naming its keys use; None without UNet keys."""
     keys = list(tensors)
     where = str(path)
-    if _has(keys, UNET_PREFIX):
+    if _has(keys, UNET_PREFIX + "input_blocks.") or _has(keys, UNET_PREFIX + "output_blocks."):
         return unet_from_ldm(tensors, where, UNET_PREFIX)
     if _has(keys, "input_blocks.") or _has(keys, "output_blocks."):
         stray = [k for k in keys if not k.startswith(LDM_ROOTS + ("label_emb.",))]

@@ -1,46 +1,41 @@
-"""Wan 2.1 / 2.2. (Transitional: the readers still live in checkpoints/wan.py.)"""
+"""Wan text-to-video transformers (diffusers WanTransformer3DModel): Wan 2.1 (T2V / I2V, 14B and
+1.3B), the two experts of Wan 2.2 A14B (member "wan") and Wan 2.2 TI2V-5B (member "wan-ti2v"), as
+diffusers folders, single files (original or diffusers keys) and modules held in memory.
+
+    keys.py       canonical ids (diffusers paths) <-> original Wan names, both ways, as tables
+    model.py      WanModel: every LoRA spelling (peft, musubi kohya, ComfyUI, kohya-diffusers)
+    read.py       single files and diffusers folders (claim_file / claim_folder), structure facts
+    memory.py     transformers and pipelines held in memory (claim_memory)
+    experts.py    Wan 2.2 A14B's high-noise and low-noise experts (the `experts` hook)
+    rules.py      LoRA hints, related members, the pairs refused (two experts, other widths)
+    pad.py        zero-delta padding diffusers' musubi-tuner converter needs (`pad_output`)
+    synthetic.py  synthetic Wan models and LoRAs (imported on first use)
+
+A transfer between Wan models of other widths (TI2V-5B vs a 14B layout) is refused with the reason
+unless `--widths lstsq` is asked for. Refine has no Wan denoiser builder (it refuses Wan by name).
+"""
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from ..record import Family, Loader
+from .experts import EXPERTS, experts_of
+from .memory import claim_memory
+from .pad import pad_musubi_blocks
+from .read import claim_file, claim_folder
+from .rules import METADATA_HINTS, RELATED, lora_hint, pair_refusal
 
-from ..record import Family
-
-
-def claim_file(path: Path, header):
-    from ...checkpoints.wan import open_wan_single_file, wan_prefix
-    return open_wan_single_file(path, header) if wan_prefix(header.tensors) is not None else None
-
-
-def claim_folder(path: Path):
-    from ...checkpoints.wan import is_wan_folder, open_wan_folder
-    return open_wan_folder(path) if not (path / "unet").is_dir() and is_wan_folder(path) else None
-
-
-def pair_refusal(source, target, widths):
-    from ...checkpoints.wan import pair_refusal as refusal
-    return refusal(source, target, widths)
-
-
-def pad_output(modules, fmt, model):
-    from ...checkpoints.wan import pad_musubi_blocks
-    return pad_musubi_blocks(modules, fmt, model)
-
-
-# original names (musubi lora_unet_blocks_0_self_attn_q, ComfyUI diffusion_model.blocks.0.ffn.0) or
-# diffusers ones (transformer.blocks.0.attn1.to_q, .ffn.net.0.proj); SD's are transformer_blocks.N
-_WAN = re.compile(r"(?:^|[._])(?<!transformer_)blocks[._]\d+[._](?:self_attn|cross_attn|ffn|attn[12][._]to_)")
-
-
-def lora_hint(lora):
-    """("wan", how) when a LoRA's keys name Wan blocks."""
-    keys = list(lora.modules)
-    if any(_WAN.search(k) for k in keys) and not any("transformer_blocks" in k for k in keys):
-        return "wan", "Wan block names"
-    return None
-
-
-FAMILY = Family(name="wan", members=("wan", "wan-ti2v"), title="Wan 2.1 / 2.2",
-                claim_file=claim_file, claim_folder=claim_folder,
-                related=frozenset({("wan", "wan-ti2v"), ("wan-ti2v", "wan")}),
-                pair_refusal=pair_refusal, pad_output=pad_output, metadata_hints=(("wan", "wan"),), lora_hint=lora_hint)
+FAMILY = Family(
+    name="wan",
+    members=("wan", "wan-ti2v"),
+    title="Wan 2.1 / 2.2",
+    claim_file=claim_file,
+    claim_folder=claim_folder,
+    claim_memory=claim_memory,
+    related=RELATED,
+    lora_hint=lora_hint,
+    metadata_hints=METADATA_HINTS,
+    pair_refusal=pair_refusal,
+    pad_output=pad_musubi_blocks,
+    experts=experts_of,
+    loader=Loader(experts=EXPERTS, expert_kwargs={EXPERTS["low_noise"]: {"load_into_transformer_2": True}}),
+    parts={"synthetic": "prolora.families.wan.synthetic"},
+)
