@@ -581,7 +581,7 @@ def fused_vs_slice_experiment(h: int = 384, r: int = 16) -> list[dict]:
         bs = basis(Ws)
         res = transfer_layer(B, A, bs, basis(Wt, bs.k), method="prolora-full", tau=0.0, rank=RankSpec.parse("2r"),
                              r_in=B.shape[1])
-        return res.up @ res.down, res
+        return res.up @ res.down, res.record
 
     rows_out = []
     for kind, names in (("qkv", ("q", "k", "v")), ("linear1", ("q", "k", "v", "mlp"))):
