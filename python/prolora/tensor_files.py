@@ -50,18 +50,30 @@ def _refuse(path: Path, keys) -> None:
 
 
 def _scales(header: Header) -> dict[str, tuple[str, str]]:
-    """{weight key: (scale key, kind)} for ComfyUI scaled-fp8 and bitsandbytes int8 weights."""
+    """{weight key: (scale key, kind)} for ComfyUI scaled-fp8 and bitsandbytes int8 weights. A
+    scale beside its weight that fits neither reading (a scale_weight of more than one value, an
+    SCB of another length than the weight's rows or beside a weight that is not I8) is refused:
+    reading the weight without it would be silently wrong."""
     out = {}
     for k, info in header.tensors.items():
         if k.endswith(SCALE):
             w = k[: -len(SCALE)] + ".weight"
-            if w in header.tensors and info.numel == 1:
-                out[w] = (k, "scaled-fp8")
+            if w not in header.tensors:
+                continue
+            if info.numel != 1:
+                raise InputFileError(f"{header.path}: scale '{k}' has {info.numel} values; a scaled-fp8 weight's "
+                                     "scale is one float")
+            out[w] = (k, "scaled-fp8")
         elif k.endswith(SCB):
             w = k[: -len(SCB)] + ".weight"
             target = header.tensors.get(w)
-            if target is not None and target.dtype == "I8" and info.numel == (target.shape[0] if target.shape else -1):
-                out[w] = (k, "int8")
+            if target is None:
+                continue
+            rows = target.shape[0] if target.shape else 0
+            if target.dtype != "I8" or info.numel != rows:
+                raise InputFileError(f"{header.path}: int8 scale '{k}' ({info.numel} values) does not fit '{w}' "
+                                     f"({target.dtype}, {rows} rows): bitsandbytes stores one per row of an I8 weight")
+            out[w] = (k, "int8")
     return out
 
 

@@ -166,3 +166,83 @@ def test_mutated_gguf_files(gguf_seed, tmp_path, data):
 @given(data=st.binary(max_size=400))
 def test_random_bytes_after_the_gguf_magic(tmp_path, data):
     event(gguf_parse_or_refuse(write(tmp_path, b"GGUF" + data, "r.gguf")))
+
+
+# ----------------------------------------------------------------------------- scaled fp8 and int8
+
+_QUANT_EDITS = ["scale shape", "scale dtype", "scale value", "drop scale", "drop weight", "weight dtype",
+                "SCB shape", "SCB value", "orphan scale"]
+
+
+@st.composite
+def quantized_file(draw) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A ComfyUI scaled-fp8 weight, a bitsandbytes int8 weight and a plain one, with one to three of
+    the edits a damaged or hand-made file has (scales of the wrong shape, dtype or value, missing
+    partners, weights of another dtype)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    t = {"a.weight": (torch.randn(4, 8, generator=g) * 100).to(torch.float8_e4m3fn),
+         "a.scale_weight": torch.tensor(0.01),
+         "b.weight": torch.randint(-127, 128, (3, 8), generator=g, dtype=torch.int8),
+         "b.SCB": torch.rand(3, generator=g) + 0.5,
+         "c.weight": torch.randn(2, 8, generator=g).half()}
+    edits = draw(st.lists(st.sampled_from(_QUANT_EDITS), min_size=1, max_size=3))
+    odd = st.sampled_from([float("nan"), float("inf"), -1.0, 0.0, 1e30])
+    for e in edits:
+        if e == "scale shape" and "a.scale_weight" in t:
+            t["a.scale_weight"] = torch.full(draw(st.sampled_from([(1,), (2,), (4, 1), (0,)])), 0.01)
+        elif e == "scale dtype" and "a.scale_weight" in t:
+            t["a.scale_weight"] = t["a.scale_weight"].to(draw(st.sampled_from([torch.float16, torch.int64, torch.bool])))
+        elif e == "scale value" and "a.scale_weight" in t:
+            t["a.scale_weight"] = torch.full(t["a.scale_weight"].shape, draw(odd))  # float32 again
+        elif e == "drop scale":
+            t.pop(draw(st.sampled_from(["a.scale_weight", "b.SCB"])), None)
+        elif e == "drop weight":
+            t.pop(draw(st.sampled_from(["a.weight", "b.weight"])), None)
+        elif e == "weight dtype" and "b.weight" in t:
+            t["b.weight"] = t["b.weight"].to(draw(st.sampled_from([torch.float16, torch.uint8, torch.float8_e4m3fn])))
+        elif e == "SCB shape" and "b.SCB" in t:
+            t["b.SCB"] = torch.ones(draw(st.sampled_from([(2,), (4,), (3, 1), ()])))
+        elif e == "SCB value" and "b.SCB" in t:
+            t["b.SCB"][draw(st.integers(0, t["b.SCB"].numel() - 1))] = draw(odd)
+        elif e == "orphan scale":
+            t["z.scale_weight"] = torch.tensor(2.0)
+    return t, edits
+
+
+@FUZZ
+@given(data=quantized_file())
+def test_mutated_quantized_safetensors(tmp_path, data):
+    """Every way a run reads a quantized safetensors base: refused in one line, or each weight read
+    as its stored value times the scale that sits beside it (never a scale silently ignored, never
+    a scale read as a weight)."""
+    from prolora.tensor_files import open_file, read_header as read_base_header
+
+    tensors, edits = data
+    path = tmp_path / "q.safetensors"
+    save_file(tensors, str(path))
+    with time_limit():
+        try:
+            header = read_base_header(path)
+            f = open_file(path)
+            try:
+                got = {k: f.get(k) for k in header.tensors}
+                rows = {k: f.get_rows(k, 0, 1) for k in header.tensors if header.tensors[k].shape}
+            finally:
+                f.close()
+        except ProloraError as e:
+            assert "\n" not in str(e) and str(e)
+            event(f"refused: {type(e).__name__}")
+            return
+    event("ok")
+    for k in header.tensors:  # a scale beside its weight is hidden: read with it, never as a weight
+        assert not (k.endswith((".scale_weight", ".SCB")) and k.rsplit(".", 1)[0] + ".weight" in tensors), (k, edits)
+    for k, v in got.items():
+        stem = k[: -len(".weight")]
+        want = tensors[k].float() if tensors[k].dtype != torch.bool else tensors[k]
+        if stem + ".scale_weight" in tensors:
+            want = tensors[k].float() * tensors[stem + ".scale_weight"].float().reshape(-1)[0]
+        elif stem + ".SCB" in tensors:
+            want = tensors[k].float() * tensors[stem + ".SCB"].float()[:, None] / 127
+        assert torch.equal(v.float(), want.float()) or torch.allclose(v.float(), want.float(), equal_nan=True), (k, edits)
+        if k in rows:
+            assert torch.allclose(rows[k].float(), v[:1].float(), equal_nan=True), (k, edits)
