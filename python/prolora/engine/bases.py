@@ -1,17 +1,22 @@
 """Bases of matching source and target layers: from the cache (via the loader), else computed by
-the truncated_svd op, batched over same-shape layers and dispatched per shape and batch. On a GPU
-run the bases stay on the device for the similarity and the projection; only cache entries go
-back to the host."""
+the truncated_svd op, dispatched per shape and batch. On a CPU the bases of a chunk's layers run
+concurrently on host threads, one BLAS thread each (ops/host.py), for backends that allow it; the
+target's are computed after the source's, each warm-started from its source basis where the
+eigensolver uses a start. Cache entries are written by a background thread, at most one chunk
+behind. On a GPU run the bases stay on the device for the similarity and the projection; only cache
+entries go back to the host."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
-from ..ops import Basis, truncated_svd
-from ..ops.registry import Problem, override_for
+from ..ops import Basis, topk_eigh, truncated_svd
+from ..ops.host import Clock, host_map
+from ..ops.registry import Backend, Problem, override_for
 from ..options import TransferOptions
 from .loader import Loader, Prefetched, flat_shape
 
@@ -25,13 +30,22 @@ def basis_dtype(opts: TransferOptions) -> torch.dtype:
 class BasisProvider:
     """Top-k bases of matching source and target layers, on the compute device."""
 
-    def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions, cache: BasisCache | None):
+    def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions, cache: BasisCache | None,
+                 background_writes: bool = False):
+        """`background_writes`: cache entries are written by a background thread (then close()
+        once done, so that the cache is complete); else before bases() returns."""
         self.source, self.target, self.opts, self.cache = source, target, opts, cache
+        self.background = background_writes
         self.device = torch.device(opts.device)
         self.dtype = basis_dtype(opts)
         self.loader = Loader(source, target, opts.subspace, cache, self.dtype, self.device)
-        self.seconds = {"basis": 0.0}
+        self.seconds = {"basis": 0.0, "cache_write": 0.0}
+        self.clock = Clock()  # thread-seconds of the basis phases (gram, eigensolver, recover)
         self.backends: set[str] = set()  # the truncated_svd backends that ran
+        self.solvers: dict[str, int] = {}  # bases per eigensolver path ("eigh", "subspace", "eigh (fallback)")
+        self.fallbacks: list[dict[str, str]] = []  # layers an iterative eigensolver handed to eigh, and why
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
         if cache is not None:
             for m in (source, target):
                 cache.register(m.identity(), m.name, m.family)
@@ -39,28 +53,88 @@ class BasisProvider:
     def _on_device(self, b: Basis) -> Basis:
         return b if b.U.device == self.device else b.map(lambda t: t.to(self.device, non_blocking=True))
 
-    def _compute(self, model: BaseModel, weights: dict[str, torch.Tensor], ks: dict[str, object]) -> dict[str, Basis]:
-        """Batched bases for same-shape weights, dispatched per shape and batch; stored in the cache."""
+    def _backend(self, shape: tuple, dtype: torch.dtype, batch: int) -> Backend:
+        problem = Problem(device=self.device.type, dtype=str(dtype).removeprefix("torch."), shape=shape, batch=batch)
+        backend = truncated_svd.choose(problem, override_for(truncated_svd, self.opts.backends)).backend
+        self.backends.add(backend.name)
+        return backend
+
+    def _compute(self, model: BaseModel, weights: dict[str, torch.Tensor], ks: dict[str, object],
+                 warm: dict[str, torch.Tensor] | None = None) -> dict[str, Basis]:
+        """Bases for the weights, dispatched per shape and batch; stored in the cache."""
         t0 = time.perf_counter()
         by_shape: dict[tuple, list[str]] = {}
         for m, W in weights.items():
             by_shape.setdefault((tuple(W.shape), W.dtype), []).append(m)
-        out = {}
+        extra = dict(eig=override_for(topk_eigh, self.opts.backends), clock=self.clock)
+        out: dict[str, Basis] = {}
+        pooled: list[tuple[Backend, str]] = []
         for (shape, dtype), names in by_shape.items():
-            problem = Problem(device=self.device.type, dtype=str(dtype).removeprefix("torch."), shape=shape,
-                              batch=len(names))
-            backend = truncated_svd.choose(problem, override_for(truncated_svd, self.opts.backends)).backend
-            self.backends.add(backend.name)
+            backend = self._backend(shape, dtype, len(names))
+            if backend.host_threads and self.device.type == "cpu":
+                pooled += [(backend, m) for m in names]
+                continue
             # pinned host tensors (see Loader.read) copy asynchronously; the stack is built on the device
             stack = torch.stack([weights[m].to(self.device, non_blocking=True) for m in names])
-            bases = backend.fn(stack, [ks[m] for m in names], dtype=self.dtype)
+            warms = [warm.get(m) if warm else None for m in names]
+            bases = backend.fn(stack, [ks[m] for m in names], dtype=self.dtype, **backend.kwargs(warm=warms, **extra))
             del stack
-            for m, b in zip(names, bases):
-                out[m] = b
-                if self.cache is not None:
-                    self.cache.put(model.identity(), m, b, flat_shape(model, m), backend.name)
+            out.update(zip(names, ((b, backend) for b in bases)))
+
+        def one(item: tuple[Backend, str]) -> Basis:
+            backend, m = item
+            w = [warm.get(m)] if warm else None
+            return backend.fn(weights[m], ks[m], dtype=self.dtype, **backend.kwargs(warm=w, **extra))
+
+        out.update(zip((m for _, m in pooled), zip(host_map(one, pooled), (b for b, _ in pooled))))
+        result = {}
+        for m, (b, backend) in out.items():
+            result[m] = b
+            self._count(model, m, b)
+        self._store(model, result, {m: backend.name for m, (_, backend) in out.items()})
         self.seconds["basis"] += time.perf_counter() - t0
-        return out
+        return result
+
+    def _count(self, model: BaseModel, module: str, b: Basis) -> None:
+        solver = b.solver or "full"
+        key = solver.split(" (")[0] + (" (fallback)" if "fallback" in solver else "")
+        self.solvers[key] = self.solvers.get(key, 0) + 1
+        if "fallback" in solver:
+            side = "source" if model is self.source else "target"
+            self.fallbacks.append({"module": module, "model": side, "why": solver.split("fallback: ", 1)[-1][:-1]})
+
+    def _store(self, model: BaseModel, bases: dict[str, Basis], backends: dict[str, str]) -> None:
+        """Cache entries, in the background at most one chunk behind (what waits stays bounded)."""
+        if self.cache is None or not bases:
+            return
+        self.flush()
+        if self._writer is None and self.background:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-cache")
+        ident = model.identity()
+        items = [(m, b, flat_shape(model, m), backends[m]) for m, b in bases.items()]
+
+        def write() -> None:
+            t0 = time.perf_counter()
+            for m, b, shape, name in items:
+                self.cache.put(ident, m, b, shape, name)
+            self.seconds["cache_write"] += time.perf_counter() - t0
+
+        if self.background:
+            self._writes.append(self._writer.submit(write))
+        else:
+            write()
+
+    def flush(self) -> None:
+        """Wait for the cache writes in flight (the cache is complete when this returns)."""
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def bases(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]]:
         """(source basis at its chosen k, target basis at the same k) per module, on the device."""
@@ -70,6 +144,7 @@ class BasisProvider:
         tgt: dict[str, Basis] = {}
         need: dict[str, torch.Tensor] = {}
         ks: dict[str, int] = {}
+        warm: dict[str, torch.Tensor] = {}
         for m, p in pre.items():
             t, k = p.target, self.loader.target_k(src[m], p.target)
             ks[t] = max(ks.get(t, 0), k)
@@ -82,7 +157,10 @@ class BasisProvider:
                     tgt[t] = self._on_device(hit)
                     continue
             need[t] = p.Wt if p.Wt is not None else self.loader.read(self.target, t)
-        tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}))
+            if flat_shape(self.target, t) == flat_shape(self.source, m):
+                s = src[m]  # the source basis on the Gram side: a start for an iterative eigensolver
+                warm[t] = s.U if s.U.shape[0] <= s.V.shape[0] else s.V
+        tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}, warm))
         return {m: (src[m].columns(), tgt[p.target].truncate(min(src[m].k, tgt[p.target].k)).columns())
                 for m, p in pre.items()}
 

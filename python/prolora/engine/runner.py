@@ -39,6 +39,12 @@ class EngineStats:
     backends: dict[str, str] = field(default_factory=dict)  # op -> the backends that ran it
     matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
     passes: int = 0
+    # the bases' phases in thread-seconds (summed over the host threads computing them: gram,
+    # eigensolver, recover), bases per eigensolver path, and the layers an iterative eigensolver
+    # handed to a dense eigh (module, model, why)
+    basis_phases: dict[str, float] = field(default_factory=dict)
+    solvers: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[dict] = field(default_factory=list)
 
     def add(self, other: "EngineStats") -> None:
         """Fold in the stats of a further pass over the models."""
@@ -51,6 +57,11 @@ class EngineStats:
         self.cache_hits += other.cache_hits
         self.cache_misses += other.cache_misses
         self.backends = self.backends or other.backends
+        for name in ("basis_phases", "solvers"):
+            mine = getattr(self, name)
+            for k, v in getattr(other, name).items():
+                mine[k] = mine.get(k, 0) + v
+        self.fallbacks += other.fallbacks
         self.passes += 1
 
 
@@ -73,6 +84,8 @@ class Engine:
         self.progress = progress
         self.stats = EngineStats()
         self.project_backends: set[str] = set()
+        self._similarity_s = 0.0  # within the projection phase: the similarity and the writes
+        self._write_s = 0.0
 
     def chunks(self, modules: list[str]) -> list[list[str]]:
         """Consecutive modules whose working memory fits the budgets (at least one per chunk)."""
@@ -100,7 +113,7 @@ class Engine:
                 self._apply(m, work[m], None, None, on_done)
             self.stats.seconds = {"total": time.perf_counter() - t0}
             return self.stats
-        provider = BasisProvider(self.source, self.target, self.opts, self.cache)
+        provider = BasisProvider(self.source, self.target, self.opts, self.cache, background_writes=True)
         loader = provider.loader
         seen = (self.cache.hits, self.cache.misses) if self.cache is not None else (0, 0)
         chunks = self.chunks(order)
@@ -108,7 +121,7 @@ class Engine:
         budget = host_budget(self.opts.max_memory)
         project_s = 0.0
         with read_ahead(chunks, lambda chunk: loader.prefetch(chunk, targets)) as reads, \
-                closing(Spill(_spill_folder(tasks))) as spill:
+                closing(Spill(_spill_folder(tasks))) as spill, closing(provider):  # closed: cache entries written
             for chunk, pre in reads:
                 bases = provider.bases(pre)
                 del pre
@@ -119,8 +132,12 @@ class Engine:
                 trim_near(budget)  # near the budget: give back the heap's holes
                 project_s += time.perf_counter() - t1
         self.stats.bytes_read = loader.bytes_read
-        self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,
+        self.stats.seconds = {"load": loader.seconds, **provider.seconds, "similarity": self._similarity_s,
+                              "write": self._write_s,
+                              "project": project_s - self._similarity_s - self._write_s,
                               "total": time.perf_counter() - t0}
+        self.stats.basis_phases = dict(provider.clock.seconds)
+        self.stats.solvers, self.stats.fallbacks = dict(provider.solvers), list(provider.fallbacks)
         self.stats.backends = {"truncated_svd": ",".join(sorted(provider.backends)),
                                "project_lora": ",".join(sorted(self.project_backends))}
         if self.cache is not None:
@@ -160,7 +177,9 @@ class Engine:
             try:
                 if shared is None and src is not None and not job.widths_differ:
                     shape = matrix_shape(job)
+                    t0 = time.perf_counter()
                     shared = similarity(src, tgt, shape)
+                    self._similarity_s += time.perf_counter() - t0
                     backend = self._project_backend(src, shape, items)
                     projected = self._projected(backend, items, src, tgt, shared)
                 res = run_job(job, src, tgt, self.opts, shared, projected.pop(n, None),
@@ -176,6 +195,8 @@ class Engine:
             except Exception as e:  # one LoRA's failure must not stop the others
                 task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
             if task.done:
+                t0 = time.perf_counter()
                 on_done(task)
+                self._write_s += time.perf_counter() - t0
         if self.progress:
             self.progress(1)
