@@ -30,6 +30,7 @@ from .formats import read_lora, write_lora
 from .lora import LoraFile, LoraModule
 from .method import KMode
 from .ops import phi, truncated_svd
+from .ops.host import host_map, host_threads
 from .safetensors_io import atomic_path
 
 BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
@@ -61,6 +62,8 @@ class BenchConfig:
     cache: bool = True  # False: the cold run writes no cache and the warm runs are skipped
     dtype: torch.dtype = torch.float16
     device: str | None = None  # where the synthetic models' values are drawn (cuda: full size in seconds)
+    lora_width: int = 0  # only LoRA layers whose smaller side (the Gram matrix) is this wide (0: any)
+    lora_layers: int = 0  # only the first N of those, in model order (0: all)
 
 
 @dataclass
@@ -106,13 +109,24 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
               device=cfg.device)
     loras = []
     with open_model(src) as m:
-        modules = [name for name in m.weights if _lora_pattern(cfg).match(name)]
+        modules = select_modules(m, cfg)
+        sel = (f"-w{cfg.lora_width}" if cfg.lora_width else "") + (f"-n{cfg.lora_layers}" if cfg.lora_layers else "")
         for i in range(max(cfg.loras, 1)):
-            p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
+            p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}{sel}.safetensors"
             if not p.exists():
                 _write_lora(m, modules, p, cfg.rank, seed=i)
             loras.append(p)
     return {"source": src, "target": tgt, "loras": loras, "modules": modules}
+
+
+def select_modules(model, cfg: BenchConfig) -> list[str]:
+    """The bench's LoRA layers: every block linear of the family's pattern, or (--lora-width,
+    --lora-layers) the first N of those whose smaller side is that wide."""
+    modules = [name for name in model.weights if _lora_pattern(cfg).match(name)]
+    if cfg.lora_width:
+        modules = [n for n in modules if min(model.weights[n].shape[0], math.prod(model.weights[n].shape[1:]))
+                   == cfg.lora_width]
+    return modules[:cfg.lora_layers] if cfg.lora_layers else modules
 
 
 def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> None:
@@ -138,6 +152,7 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
     """For one layer of each distinct shape: full SVD vs fast basis vs Gram floor, and accuracy."""
     mode = KMode.parse(cfg.subspace)
     ref, fast = truncated_svd.backends["reference"].fn, truncated_svd.backends["gram"].fn
+    threads = host_threads()
     rows = []
     with open_model(paths["source"]) as m:
         seen: dict[tuple, str] = {}
@@ -151,13 +166,15 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
             exact = ref(W, chooser)  # float64
             W32 = W.float()
             t_svd = _median_time(lambda: torch.linalg.svd(W32, full_matrices=False), cfg.repeats)
-            t_fast = _median_time(lambda: fast(W, chooser), cfg.repeats)
+            # as the engine runs it on a CPU: two layers at a time, one thread each (per matrix)
+            t_fast = _median_time(lambda: host_map(lambda X: fast(X, chooser), [W] * threads), cfg.repeats) / threads
+            t_seq = _median_time(lambda: fast(W, chooser), cfg.repeats)  # one matrix on every thread
             t_floor = _median_time(lambda: (W32 @ W32.T) if W.shape[0] <= W.shape[1] else (W32.T @ W32), cfg.repeats)
             b = fast(W, exact.k)
             rows.append({
                 "shape": list(shape), "layers": count[shape], "k": exact.k, "gap": exact.gap(),
                 "s1_over_s_d4": float(exact.S[0] / exact.S[d // 4]),
-                "full_svd_s": t_svd, "fast_s": t_fast, "gram_floor_s": t_floor,
+                "full_svd_s": t_svd, "fast_s": t_fast, "fast_one_at_a_time_s": t_seq, "gram_floor_s": t_floor,
                 "speedup": t_svd / t_fast, "fast_over_floor": t_fast / t_floor,
                 "phi_left_vs_f64": phi(exact.U, b.U.double()), "phi_right_vs_f64": phi(exact.V, b.V.double()),
             })
@@ -204,8 +221,9 @@ def end_to_end(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
              "layers_per_s": n_layers / secs if secs else None,
              "gb_read_per_s": eng["bytes_read"] / secs / 1e9 if secs else None, "bytes_read": eng["bytes_read"],
              "peak_rss_gb": eng["peak_rss"] / 2**30, "chunks": eng["chunks"], "backends": eng["backends"],
-             "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"]}
-        _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB")
+             "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"], "basis_phases_thread_s": eng.get("basis_phases"),
+             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks")}
+        _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB; {phase_line(r)}")
         return r
 
     if not cfg.skip_reference:
@@ -362,6 +380,29 @@ def targets(res: BenchResult) -> dict[str, Any]:
     return out
 
 
+def phases(r: dict[str, Any]) -> dict[str, float]:
+    """Seconds per phase of one end-to-end run. Wall seconds of the main thread's phases, the
+    bases' wall split into gram / eigensolver / recover in proportion to their thread-seconds (the
+    bases of two layers run at once); read and cache write run in background threads, overlapping."""
+    p, th = r["parts_s"], r.get("basis_phases_thread_s") or {}
+    basis = p.get("basis", 0.0)
+    busy = sum(th.get(k, 0.0) for k in ("gram", "eigensolver", "recover"))
+    out = {"read": p.get("load", 0.0)}
+    if busy:
+        out.update({k: basis * th.get(k, 0.0) / busy for k in ("gram", "eigensolver", "recover")})
+    else:
+        out["bases (full SVD)" if r.get("solvers") else "bases (cache)"] = basis
+    out.update({"cache write": p.get("cache_write", 0.0), "similarity": p.get("similarity", 0.0),
+                "projection": p.get("project", 0.0), "write": p.get("write", 0.0)})
+    return out
+
+
+def phase_line(r: dict[str, Any]) -> str:
+    solvers = ", ".join(f"{k} {v}" for k, v in (r.get("solvers") or {}).items()) or "-"
+    return (" | ".join(f"{k} {v:.1f}" for k, v in phases(r).items()) + f" s; bases by solver: {solvers}"
+            + (f"; {len(r['fallbacks'])} fell back to a dense eigh" if r.get("fallbacks") else ""))
+
+
 def table(res: BenchResult) -> str:
     lines = [f"prolora bench: {res.config['family']} width {res.config['width']} depth {res.config['depth']}, "
              f"{res.config.get('layers')} LoRA layers, {res.machine['cpu_count']} CPUs, torch {res.machine['torch']}",
@@ -377,6 +418,8 @@ def table(res: BenchResult) -> str:
     for r in res.end_to_end:
         lines.append(f"{r['run']:<40} {r['loras']:>5} {r['seconds']:>8.1f} {r['layers_per_s']:>9.1f} "
                      f"{r['gb_read_per_s']:>9.3f} {r['peak_rss_gb']:>12.2f} {r['chunks']:>6}")
+    lines += ["", "cost per phase (read and cache write run in background threads):"]
+    lines += [f"  {r['run']}: {phase_line(r)}" for r in res.end_to_end]
     a = res.accuracy
     lines += ["", f"accuracy: merged dW of the fast path vs float64 reference on {a['layers']} sampled layers: "
               f"rel. Frobenius error {a['rel_error_merged_dw']:.2e} (worst layer {a['worst_layer_rel_error']:.2e}), "

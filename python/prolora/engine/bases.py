@@ -32,11 +32,12 @@ class BasisProvider:
 
     def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions, cache: BasisCache | None,
                  background_writes: bool = False):
-        """`background_writes`: cache entries are written by a background thread (then close()
-        once done, so that the cache is complete); else before bases() returns."""
+        """`background_writes`: on a CPU run, cache entries are written by a background thread (then
+        close() once done, so that the cache is complete); else before bases() returns. (A GPU run
+        copies its entries to the host where it computes: issue 23 gives it a side stream.)"""
         self.source, self.target, self.opts, self.cache = source, target, opts, cache
-        self.background = background_writes
         self.device = torch.device(opts.device)
+        self.background = background_writes and self.device.type == "cpu"
         self.dtype = basis_dtype(opts)
         self.loader = Loader(source, target, opts.subspace, cache, self.dtype, self.device)
         self.seconds = {"basis": 0.0, "cache_write": 0.0}

@@ -9,16 +9,21 @@ distance of G. The dense float32 solver whose bases the accuracy contract was me
 dW within 1e-3 of float64, the same gate decisions) is exact for a matrix within about
 0.5 u sqrt(d) ||G||_F of G (measured: 0.65e-6 .. 1.03e-6 relative for d = 320 .. 1280, u = 2^-24),
 and forming G in float32 has already moved it by about 0.25e-6 relative. So the iteration stops
-when sqrt(2) ||R_k||_F <= TOL u sqrt(d) ||G||_F (R computed in float64): a basis no further from
-the exact one than the dense float32 solver's, whatever the spectrum does at k (no gap, clusters),
-hence the same contract. The Ritz values are then eigenvalues of G + E, so the energy rule picks k
+when sqrt(2) ||R_k||_F <= TOL u sqrt(d) ||G||_F (R computed in float64; TOL = 2, about twice the
+dense solver's own backward error, a float32 floor Ritz vectors also meet): a basis about as far
+from the exact one as the dense float32 solver's, whatever the spectrum does at k (no gap,
+clusters), hence the same contract. The Ritz values are then eigenvalues of G + E, so the energy rule picks k
 from them as it would from the dense solver's; a short power iteration on the complement of the
 block checks that no eigenvalue above the k-th was missed.
 
-The rate check. Subspace iteration converges like (lambda_{p+1} / lambda_k)^steps (p: the block,
-k plus oversampling). After two steps the observed residual ratio predicts the steps still needed;
-when that exceeds MAX_STEPS (or the ratio is near 1: slowly decaying spectra with k near d/2) it
-stops at once and falls back, so a hopeless layer costs two steps, not MAX_STEPS.
+The budget. A step costs about 2 d^2 p (G X) + 6 d p^2 (QR, Rayleigh-Ritz products) + 11 p^3
+(the p x p eigensolver) in products of GEMM speed; a dense solve about DENSE_COST d^3 (measured:
+eigh of 1280 x 1280 in float32 on one core takes as long as 5.6 GEMMs of that size). The solver
+takes at most as many steps as a dense solve costs (at most MAX_STEPS): with k near d/2, as the
+energy rule gives on trained-like spectra, that is under MIN_STEPS and it falls back before the
+first step, wasting nothing. Subspace iteration converges like (lambda_{p+1} / lambda_k)^steps
+(p: the block, k plus oversampling); after two steps the observed residual ratio predicts the
+steps still needed, and when they exceed the budget it stops and falls back.
 """
 from __future__ import annotations
 
@@ -33,10 +38,11 @@ from .kspec import KSpec, as_batch, resolve_k
 from .registry import Problem
 
 TOL = 2.0  # certificate: sqrt(2) ||R_k||_F <= TOL * u * sqrt(d) * ||G||_F
-MAX_STEPS = 12
+DENSE_COST = 11.0  # a dense eigh of d x d in d^3 multiply-adds at GEMM speed (measured, see the module doc)
+MAX_STEPS = 60
+MIN_STEPS = 3  # fewer affordable steps than this: fall back before starting
 OVERSAMPLE = 0.1  # extra block columns, a share of k (at least MIN_EXTRA)
 MIN_EXTRA = 8
-MAX_BLOCK = 0.75  # a block above this share of d costs more per step than a dense solve: fall back
 _SEED = 0x5EED
 
 
@@ -67,8 +73,14 @@ def _complement_top(G: torch.Tensor, X: torch.Tensor, gen: torch.Generator, step
     return nu
 
 
+def step_budget(d: int, p: int) -> int:
+    """How many steps cost as much as a dense solve (see the module doc), at most MAX_STEPS."""
+    step = 2 * d * d * p + 6 * d * p * p + 11 * p ** 3
+    return int(min(MAX_STEPS, DENSE_COST * d ** 3 / step))
+
+
 def solve_one(G: torch.Tensor, k: KSpec, trace: float, warm: torch.Tensor | None,
-              max_steps: int = MAX_STEPS) -> Eig:
+              max_steps: int | None = None) -> Eig:
     """Top-k eigenpairs of one symmetric PSD matrix G by warm-started subspace iteration (see the
     module doc), or a dense eigh with the reason it was needed."""
     d = G.shape[0]
@@ -77,8 +89,9 @@ def solve_one(G: torch.Tensor, k: KSpec, trace: float, warm: torch.Tensor | None
     k0 = k if isinstance(k, int) else int(warm.shape[1])
     k0 = max(1, min(k0, d))
     p = min(d, k0 + max(MIN_EXTRA, math.ceil(OVERSAMPLE * k0)))
-    if p > MAX_BLOCK * d:
-        return _fallback(G, k, trace, f"block {p} of {d}: a dense solve is cheaper")
+    max_steps = step_budget(d, p) if max_steps is None else max_steps
+    if max_steps < MIN_STEPS:
+        return _fallback(G, k, trace, f"block {p} of {d}: {max_steps} steps cost a dense solve")
     gen = torch.Generator().manual_seed(_SEED + d)
     start = torch.randn(d, p, generator=gen, dtype=torch.float64).to(G.device, G.dtype)
     if warm is not None:

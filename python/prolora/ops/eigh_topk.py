@@ -131,8 +131,11 @@ def _lapack(G: torch.Tensor, k: KSpec | Sequence[KSpec] = None, trace: Sequence[
             warm: Warm = None) -> Eig | list[Eig]:
     """One tridiagonal reduction, all eigenvalues from it (O(d^2)), k from them, and only the k
     eigenvectors wanted. Where MRRR reports a failure the matrix goes to eigh (said in `solver`)."""
+    from .host import blas_threads
+
     Gb, ks, batched = as_batch(G, k)
-    out = [_lapack_one(Gi, ki, tr) for Gi, ki, tr in zip(Gb, ks, traces(Gb, trace))]
+    with blas_threads(1):  # one matrix per thread: layers run concurrently instead (ops/host.py)
+        out = [_lapack_one(Gi, ki, tr) for Gi, ki, tr in zip(Gb, ks, traces(Gb, trace))]
     return out if batched else out[0]
 
 

@@ -47,7 +47,7 @@ def timed(clock: Clock | None, phase: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
+def blas_threads(n: int) -> Iterator[None]:
     """Limit BLAS libraries other than torch's (scipy's OpenBLAS) to n threads, where
     threadpoolctl is installed; torch's own threads are set per worker."""
     try:
@@ -76,7 +76,7 @@ def host_map(fn: Callable[[T], R], items: Sequence[T], threads: int | None = Non
         return fn(x)
 
     try:
-        with _blas_threads(1):
+        with blas_threads(1):
             if threads <= 1 or len(items) <= 1:
                 return [one(x) for x in items]
             with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="prolora-basis") as ex:
