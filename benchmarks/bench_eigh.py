@@ -21,8 +21,13 @@ the GEMM (Gram) of the same round.
 
     python -m benchmarks.bench_eigh [--rounds 3] [--json FILE] [--device cpu|cuda]
 
-On a GPU (--device cuda, run by gpu_check.sh) the same candidates that run there are timed with
-CUDA synchronisation: eigh batched and per matrix, the subspace solver, and both together.
+On a GPU (--device cuda, run by gpu_check.sh) the candidates are timed with CUDA synchronisation:
+eigh in one batched call, per matrix, per matrix on 4 CUDA streams (one host thread each), on the
+host's cores, split between the GPU and the host; the subspace solver; and both together as a
+transfer runs them (the sources by eigh, for their spectrum, the targets by the subspace solver
+warm-started from them). --points FILE writes the GPU rows in the form the winners step of
+gpu_check.sh reads (op topk_eigh, baseline eigh), so the first GPU run decides the GPU default.
+--width scales the shapes (0.1 for a quick check of the script).
 """
 from __future__ import annotations
 
@@ -44,9 +49,10 @@ BLOCK = [(1280, 1280)] * 6 + [(1280, 2048)] * 2 + [(10240, 1280), (1280, 5120)]
 MODE = KMode.parse("energy:0.9")
 
 
-def weights(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def weights(device: str, width: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
-    for i, shape in enumerate(BLOCK):
+    for i, full in enumerate(BLOCK):
+        shape = tuple(max(8, round(x * width)) for x in full)
         Ws = spectral_weight(shape, generator("bench_eigh", i, str(shape)))
         Wt = perturb(Ws, f"bench_eigh.{i}", Perturbation())
         out.append((Ws.half().to(device), Wt.half().to(device)))
@@ -78,8 +84,8 @@ def grams(pairs, device: str) -> list[torch.Tensor]:
     return out
 
 
-def run(rounds: int, device: str) -> dict:
-    pairs = weights(device)
+def run(rounds: int, device: str, width: float = 1.0) -> dict:
+    pairs = weights(device, width)
     Gs = grams(pairs, device)
     d = Gs[0].shape[0]
     ref = [topk_eigh.backends["reference"].fn(G, chooser(d)) for G in Gs]
@@ -112,18 +118,16 @@ def run(rounds: int, device: str) -> dict:
             "eigvalsh (tridiagonal floor)": pooled(lambda G: torch.linalg.eigvalsh(G), Gs),
             "subspace": pooled(eig_with("subspace"), idx),
         },
-        "gram": {
-            "gemm": seq(lambda W: _gram_gemm(W), W_all),
-            **{f"syrk {nb} blocks": seq(lambda W, nb=nb: gram_matrix(_operand(W), nb), W_all) for nb in (2, 4, 8)},
+        "gram": {  # as the engine runs them: two layers at a time, one thread each
+            "gemm": pooled(lambda W: _gram_gemm(W), W_all),
+            **{f"syrk {nb} blocks": pooled(lambda W, nb=nb: gram_matrix(_operand(W), nb), W_all) for nb in (2, 4, 8)},
         },
     }
     if not cpu:
-        cands["eigensolver"]["eigh (one batched call)"] = lambda: torch.linalg.eigh(torch.stack(Gs))
-        cands["eigensolver"]["eigh + subspace (both, one after the other)"] = lambda: (
-            torch.linalg.eigh(torch.stack(Gs)), [eig_with("subspace")(i) for i in idx])
+        cands["eigensolver"].update(device_candidates(Gs, eig_with))
     if topk_eigh.backends["lapack"].available() is None and cpu:
         cands["eigensolver"]["lapack (subset)"] = pooled(eig_with("lapack"), idx)
-        cands["gram"]["scipy ssyrk"] = seq(_scipy_syrk, W_all)
+        cands["gram"]["scipy ssyrk"] = pooled(_scipy_syrk, W_all)
     times: dict[str, dict[str, list[float]]] = {g: {n: [] for n in c} for g, c in cands.items()}
     for _ in range(rounds):
         for g, c in cands.items():
@@ -141,6 +145,60 @@ def run(rounds: int, device: str) -> dict:
         out["groups"][g] = rows
     out["accuracy"] = accuracy(Gs, ks, ref, warm)
     return out
+
+
+def device_candidates(Gs: list[torch.Tensor], eig_with) -> dict:
+    """GPU ways to run the eigensolver over a chunk's Gram matrices (sources at even, targets at
+    odd indices)."""
+    import threading
+
+    host = [G.cpu() for G in Gs]
+    src, tgt = list(range(0, len(Gs), 2)), list(range(1, len(Gs), 2))
+    streams = [torch.cuda.Stream() for _ in range(4)]
+
+    def on_streams():
+        def work(j):
+            with torch.cuda.stream(streams[j]):
+                for i in range(j, len(Gs), len(streams)):
+                    torch.linalg.eigh(Gs[i])
+            streams[j].synchronize()
+        ts = [threading.Thread(target=work, args=(j,)) for j in range(len(streams))]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+
+    def split(share: float = 1 / 3):
+        cut = round(len(Gs) * (1 - share))
+        t = threading.Thread(target=lambda: host_map(torch.linalg.eigh, host[cut:]))
+        t.start()
+        torch.linalg.eigh(torch.stack(Gs[:cut]))
+        torch.cuda.synchronize()
+        t.join()
+
+    return {
+        "eigh (one batched call)": lambda: torch.linalg.eigh(torch.stack(Gs)),
+        "eigh on 4 CUDA streams": on_streams,
+        "eigh on the host's cores": lambda: host_map(torch.linalg.eigh, host),
+        "eigh split: 2/3 GPU + 1/3 host cores": split,
+        "sources eigh + targets subspace (a transfer's pair)": lambda: (
+            torch.linalg.eigh(torch.stack([Gs[i] for i in src])), [eig_with("subspace")(i) for i in tgt]),
+    }
+
+
+def points(res: dict) -> dict:
+    """The GPU rows as pytest-benchmark-like records for bench_kernels.py's winners step: op
+    topk_eigh, each candidate backend against its baseline eigh, `accurate` from the accuracy run."""
+    rows = []
+    acc = res["accuracy"]
+    eig = res["groups"]["eigensolver"]
+    base = eig.get("eigh (one batched call)") or eig["eigh"]
+    for backend, name in (("eigh", None), ("subspace", "subspace")):
+        t = base["median_s"] if name is None else eig[name]["median_s"]
+        ok = name is None or acc.get(name, {}).get("worst_1_minus_phi", 1.0) <= max(
+            1e-6, 2 * acc.get("eigh", {}).get("worst_1_minus_phi", 0.0))
+        rows.append({"group": f"topk_eigh {res['d']}x{res['d']} b={res['matrices']}", "stats": {"median": t},
+                     "extra_info": {"device": "cuda", "op": "topk_eigh", "backend": backend, "dtype": "float32",
+                                    "shape": [res["d"], res["d"]], "batch": res["matrices"], "accurate": ok}})
+    return {"benchmarks": rows}
 
 
 def _operand(W: torch.Tensor) -> torch.Tensor:
@@ -168,7 +226,7 @@ def _scipy_syrk(W: torch.Tensor):
     from scipy.linalg import blas
 
     A = _operand(W)
-    return blas.ssyrk(1.0, A.T.contiguous().numpy())
+    return blas.ssyrk(1.0, A.T.contiguous().numpy())  # C = a A' A' ^T with A' = A^T: the d x d Gram
 
 
 def accuracy(Gs, ks, ref, warm) -> dict:
@@ -182,7 +240,7 @@ def accuracy(Gs, ks, ref, warm) -> dict:
                 continue
             e = be.fn(G, ks[i], warm=[warm[i]])
             R = ref[i].vectors
-            worst = max(worst, 1 - float(((R.T @ e.vectors.double().to(R.device)) ** 2).sum()) / ks[i])
+            worst = max(worst, abs(1 - float(((R.T @ e.vectors.double().to(R.device)) ** 2).sum()) / ks[i]))
             key = "fallback" if e.fell_back else e.solver
             solvers[key] = solvers.get(key, 0) + 1
         out[name] = {"worst_1_minus_phi": worst, "solvers": solvers}
@@ -193,9 +251,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=float, default=1.0, help="scale the block's shapes (1.0: SDXL's)")
     ap.add_argument("--json")
+    ap.add_argument("--points", help="GPU rows for the winners table (gpu_check.sh)")
     a = ap.parse_args()
-    res = run(a.rounds, a.device)
+    res = run(a.rounds, a.device, a.width)
     for g, rows in res["groups"].items():
         print(f"{g}:")
         for name, r in rows.items():
@@ -206,6 +266,9 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
+    if a.points and a.device.startswith("cuda"):
+        with open(a.points, "w") as f:
+            json.dump(points(res), f, indent=1)
 
 
 if __name__ == "__main__":

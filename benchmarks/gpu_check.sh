@@ -2,7 +2,8 @@
 # One prepared GPU check for prolora's kernels (about 5-8 minutes on an H100/H200):
 #   1. versions, nvcc, nvidia-smi
 #   2. build the native module with its CUDA launchers (PROLORA_CUDA=ON, this GPU's architecture)
-#   3. the GPU tests (marked gpu) and the Triton kernel tests, compiled on the GPU
+#   3. the GPU tests (marked gpu) and the Triton kernel tests, compiled on the GPU; the eigensolver:
+#      eigh vs the truncated solver and both together (benchmarks/bench_eigh.py)
 #   4. cold transfers of full-size SDXL- and Flux-shaped pairs with --device cuda, default dispatch
 #      vs torch-only backends (benchmarks/gpu_transfer.py): seconds, peak device memory
 #   5. the kernel benchmarks against torch.linalg / cuSOLVER / torch.svd_lowrank
@@ -118,6 +119,12 @@ step backends 60 "$PY" -m prolora.cli backends
 step tests 150 "$PY" -m pytest tests/test_kernels_triton.py tests/test_backends_native.py tests/test_native.py \
   -m "not slow" -q -p no:cacheprovider -rs --junitxml="$RES/tests.xml"
 
+# ---- the eigensolver: eigh (batched, per matrix on streams, on the host's cores, split) vs the truncated
+# solver (topk_eigh subspace) and both as a transfer runs them, on one SDXL block's 20 Gram matrices;
+# its rows join the winners table (op topk_eigh), so this run decides the GPU's eigensolver default
+if ((DRY)); then EIGH=(--device cpu --width 0.1 --rounds 1); else EIGH=(--device cuda --rounds 3); fi
+step eigh 120 "$PY" -m benchmarks.bench_eigh "${EIGH[@]}" --json "$RES/eigh.json" --points "$RES/bench_eigh.json"
+
 # ---- cold transfers with --device cuda: default dispatch vs torch-only, in the same run ----------
 # full-size SDXL- and Flux-shaped pairs generated on the GPU (reused from /tmp between runs)
 if ((DRY)); then
@@ -144,6 +151,8 @@ for fam in small_svd truncated_svd "project_lora or subspace_phi"; do
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name
   if [[ -f "$RES/bench_$tag.json" ]]; then BENCH+=("$RES/bench_$tag.json"); fi
 done
+
+if [[ -f "$RES/bench_eigh.json" ]]; then BENCH+=("$RES/bench_eigh.json"); fi
 
 # ---- winners and summary ------------------------------------------------------------------------
 if ((${#BENCH[@]})); then

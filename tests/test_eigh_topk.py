@@ -192,3 +192,72 @@ def test_blocked_syrk_gram_matches_one_product(shape):
         G = gram_matrix(A, nb)
         assert torch.equal(G, G.T)  # both triangles, mirrored
         assert rel(G.double(), exact) < 1e-6
+
+
+def test_transfer_reports_phases_solvers_and_fallbacks(sdxl_pair, tmp_path):
+    """The engine's figures say which solver computed how many bases and which layers an iterative
+    solver handed to a dense eigh (and why); forcing the iterative solver keeps the contract."""
+    import prolora
+    from prolora.formats import read_lora
+
+    args = (sdxl_pair["source"], sdxl_pair["target"], sdxl_pair["kohya"])
+    fast = prolora.transfer(*args, tmp_path / "a.safetensors", cache=False)
+    eng = fast.report.info["engine"]
+    assert set(eng["solvers"]) == {"eigh"} and eng["fallbacks"] == []
+    assert sum(eng["solvers"].values()) == 2 * eng["modules"]  # source and target of every module
+    assert set(eng["basis_phases"]) == {"gram", "eigensolver", "recover"}
+    assert {"load", "basis", "similarity", "project", "write", "total"} <= set(eng["seconds"])
+    forced = prolora.transfer(*args, tmp_path / "b.safetensors", cache=False, backends={"topk_eigh": "subspace"})
+    eng = forced.report.info["engine"]
+    assert eng["fallbacks"] and all(f["model"] in ("source", "target") and f["why"] for f in eng["fallbacks"])
+    assert eng["solvers"].get("eigh (fallback)", 0) == len(eng["fallbacks"])
+    assert sum(eng["solvers"].values()) == 2 * eng["modules"]
+    ref = prolora.transfer(*args, tmp_path / "r.safetensors", cache=False, backends={"*": "reference"})
+    a, b = read_lora(forced.output).modules, read_lora(ref.output).modules
+
+    def merged(lm):
+        return lm.scale * lm.up.double().reshape(lm.up.shape[0], lm.rank) @ lm.down.double().reshape(lm.rank, -1)
+
+    num = sum(float((merged(a[k]) - merged(b[k])).norm() ** 2) for k in a)
+    den = sum(float(merged(b[k]).norm() ** 2) for k in b)
+    assert (num / den) ** 0.5 < 1e-3
+    assert [x.transferred for x in forced.report.layers] == [x.transferred for x in ref.report.layers]
+
+
+def test_topk_eigh_on_the_device_path():
+    """The GPU branches (one batched eigh; the subspace solver on device tensors) run on fake CUDA
+    tensors (prolora.fake_cuda) with every product on the device, and give the host's answers."""
+    from prolora.fake_cuda import FakeCuda
+
+    Ws, Wt, k = pair("gapped", torch.float16)
+    Gs, Gt = (gram_matrix(W.float()) for W in (Ws, Wt))
+    host = topk_eigh.backends["eigh"].fn(torch.stack([Gs, Gt]), [k, k])
+    warm = host[0].vectors
+    host_sub = topk_eigh.backends["subspace"].fn(Gt, k, warm=[warm])
+    with FakeCuda() as fc:
+        dev = topk_eigh.backends["eigh"].fn(torch.stack([Gs, Gt]).to("cuda"), [k, k])
+        sub = topk_eigh.backends["subspace"].fn(Gt.to("cuda"), k, warm=[warm.to("cuda")])
+        basis = gram(Wt.to("cuda"), k, eig="subspace", warm=[warm.to("cuda")])
+        out = [e.vectors.cpu() for e in dev] + [sub.vectors.cpu(), basis.U.cpu()]
+    assert fc.ledger.host_compute == []
+    assert sub.solver == host_sub.solver == "subspace" and basis.solver == "subspace"
+    for a, b in zip(out[:2], host):
+        assert 1 - float(((a.double().T @ b.vectors.double()) ** 2).sum()) / k < 1e-6
+    assert torch.allclose(out[2], host_sub.vectors, atol=1e-5)
+
+
+def test_gpu_check_eigh_rows_feed_the_winners_table():
+    """benchmarks/bench_eigh.py --points writes rows that the winners step turns into a topk_eigh
+    point (subspace against eigh), so the first GPU run decides the GPU eigensolver's default."""
+    from benchmarks.bench_eigh import points
+    from benchmarks.bench_kernels import winners
+    from prolora.ops import measured
+
+    res = {"d": 1280, "matrices": 20, "accuracy": {"eigh": {"worst_1_minus_phi": 1e-7},
+                                                   "subspace": {"worst_1_minus_phi": 1.5e-7}},
+           "groups": {"eigensolver": {"eigh (one batched call)": {"median_s": 0.6}, "subspace": {"median_s": 0.2}}}}
+    table = winners(points(res), "NVIDIA H100")
+    [p] = table["points"]
+    assert (p["op"], p["backend"], p["speedup"], p["accurate"]) == ("topk_eigh", "subspace", 3.0, True)
+    problem = measured.Problem(device="cuda", dtype="float32", shape=(1280, 1280), batch=20)
+    assert measured.verdict("topk_eigh", "subspace", problem, measured.parse(table), "NVIDIA H100") is None

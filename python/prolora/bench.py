@@ -188,6 +188,7 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
 def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run `prolora transfer ... --report R` in a fresh process; return its report and wall time."""
     report = Path(env["PROLORA_BENCH_REPORT"])
+    load = os.getloadavg()[0]  # other work on a shared machine skews every timing: recorded with it
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "prolora.cli", "transfer", *args, "--report", str(report), "-q",
                            "--overwrite"], env=env, capture_output=True, text=True)
@@ -195,7 +196,7 @@ def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"bench run failed: {proc.stderr.strip().splitlines()[-1:]}")
     data = json.loads(report.read_text())
-    return {"wall_s": wall, "data": data}
+    return {"wall_s": wall, "data": data, "loadavg": [load, os.getloadavg()[0]]}
 
 
 def _engine(data: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +223,7 @@ def end_to_end(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
              "gb_read_per_s": eng["bytes_read"] / secs / 1e9 if secs else None, "bytes_read": eng["bytes_read"],
              "peak_rss_gb": eng["peak_rss"] / 2**30, "chunks": eng["chunks"], "backends": eng["backends"],
              "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"], "basis_phases_thread_s": eng.get("basis_phases"),
-             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks")}
+             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks"), "loadavg_1min": res["loadavg"]}
         _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB; {phase_line(r)}")
         return r
 
@@ -253,7 +254,8 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
     lf = read_lora(paths["loras"][0])
     rng = random.Random(0)
     keys = sorted(lf.modules)
-    sample = rng.sample(keys, min(cfg.accuracy_layers, len(keys)))
+    # every layer of a --lora-layers selection, else a sample
+    sample = keys if cfg.lora_layers else rng.sample(keys, min(cfg.accuracy_layers, len(keys)))
     small = LoraFile(lf.format, {k: lf.modules[k] for k in sample}, dict(lf.metadata), lf.dtype)
     common = dict(subspace=cfg.subspace, cache=False)
     fast = transfer(paths["source"], paths["target"], small, **common)

@@ -87,6 +87,7 @@ class BasisProvider:
             w = [warm.get(m)] if warm else None
             return backend.fn(weights[m], ks[m], dtype=self.dtype, **backend.kwargs(warm=w, **extra))
 
+        pooled.sort(key=lambda item: -weights[item[1]].numel())  # largest first: the threads finish together
         out.update(zip((m for _, m in pooled), zip(host_map(one, pooled), (b for b, _ in pooled))))
         result = {}
         for m, (b, backend) in out.items():
