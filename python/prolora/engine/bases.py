@@ -109,7 +109,6 @@ class BasisProvider:
         """Cache entries, in the background at most one chunk behind (what waits stays bounded)."""
         if self.cache is None or not bases:
             return
-        self.flush()
         if self._writer is None and self.background:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-cache")
         ident = model.identity()
@@ -138,8 +137,55 @@ class BasisProvider:
             self._writer.shutdown()
             self._writer = None
 
+    def _cold_pairs(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]] | None:
+        """A chunk with nothing cached, on a CPU: each module's source basis and then its target's
+        (at the source's k, warm-started from it) as one task on a host thread, so that no thread
+        waits for the other at a barrier between the sources and the targets. None where the chunk
+        does not qualify (then the sources, then the targets, each phase on the host threads)."""
+        mods = list(pre)
+        if (self.device.type != "cpu" or len({pre[m].target for m in mods}) != len(mods) or any(
+                p.src is not None or p.tgt is not None or p.Ws is None or p.Wt is None for p in pre.values())):
+            return None
+        backends: dict[str, tuple[Backend, Backend]] = {}
+        for side, key in (("s", "Ws"), ("t", "Wt")):
+            groups: dict[tuple, list[str]] = {}
+            for m in mods:
+                W = getattr(pre[m], key)
+                groups.setdefault((tuple(W.shape), W.dtype), []).append(m)
+            for (shape, dtype), names in groups.items():
+                b = self._backend(shape, dtype, len(names))
+                if not b.host_threads:
+                    return None
+                for m in names:
+                    backends[m] = (b,) if side == "s" else (backends[m][0], b)
+        extra = dict(eig=override_for(topk_eigh, self.opts.backends), clock=self.clock)
+        t0 = time.perf_counter()
+
+        def pair(m: str) -> tuple[Basis, Basis]:
+            p, (bs, bt) = pre[m], backends[m]
+            src = bs.fn(p.Ws, self.loader.chooser(m), dtype=self.dtype, **bs.kwargs(**extra))
+            k = self.loader.target_k(src, p.target)
+            warm = [src.U if src.U.shape[0] <= src.V.shape[0] else src.V] \
+                if flat_shape(self.target, p.target) == flat_shape(self.source, m) else None
+            return src, bt.fn(p.Wt, k, dtype=self.dtype, **bt.kwargs(warm=warm, **extra))
+
+        mods.sort(key=lambda m: -pre[m].Ws.numel())  # largest first: the threads finish together
+        done = dict(zip(mods, host_map(pair, mods)))
+        for m, (s, t) in done.items():
+            self._count(self.source, m, s)
+            self._count(self.target, pre[m].target, t)
+        self._store(self.source, {m: s for m, (s, _) in done.items()}, {m: backends[m][0].name for m in mods})
+        self._store(self.target, {pre[m].target: t for m, (_, t) in done.items()},
+                    {pre[m].target: backends[m][1].name for m in mods})
+        self.seconds["basis"] += time.perf_counter() - t0
+        return {m: (s.columns(), t.truncate(min(s.k, t.k)).columns()) for m, (s, t) in done.items()}
+
     def bases(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]]:
         """(source basis at its chosen k, target basis at the same k) per module, on the device."""
+        self.flush()  # the previous chunk's cache entries: writes stay at most one chunk behind
+        cold = self._cold_pairs(pre)
+        if cold is not None:
+            return cold
         src = {m: self._on_device(p.src) for m, p in pre.items() if p.src is not None}
         missing = {m: p.Ws for m, p in pre.items() if p.src is None}
         src.update(self._compute(self.source, missing, {m: self.loader.chooser(m) for m in missing}))
