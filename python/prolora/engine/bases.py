@@ -164,6 +164,8 @@ class BasisProvider:
         def pair(m: str) -> tuple[Basis, Basis]:
             p, (bs, bt) = pre[m], backends[m]
             src = bs.fn(p.Ws, self.loader.chooser(m), dtype=self.dtype, **bs.kwargs(**extra))
+            if self.source is self.target and p.target == m:  # cache build: one model, one basis
+                return src, src
             k = self.loader.target_k(src, p.target)
             warm = [src.U if src.U.shape[0] <= src.V.shape[0] else src.V] \
                 if flat_shape(self.target, p.target) == flat_shape(self.source, m) else None
@@ -173,7 +175,8 @@ class BasisProvider:
         done = dict(zip(mods, host_map(pair, mods)))
         for m, (s, t) in done.items():
             self._count(self.source, m, s)
-            self._count(self.target, pre[m].target, t)
+            if t is not s:
+                self._count(self.target, pre[m].target, t)
         self._store(self.source, {m: s for m, (s, _) in done.items()}, {m: backends[m][0].name for m in mods})
         self._store(self.target, {pre[m].target: t for m, (_, t) in done.items()},
                     {pre[m].target: backends[m][1].name for m in mods})
