@@ -189,14 +189,24 @@ def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run `prolora transfer ... --report R` in a fresh process; return its report and wall time."""
     report = Path(env["PROLORA_BENCH_REPORT"])
     load = os.getloadavg()[0]  # other work on a shared machine skews every timing: recorded with it
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "prolora.cli", "transfer", *args, "--report", str(report), "-q",
                            "--overwrite"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"bench run failed: {proc.stderr.strip().splitlines()[-1:]}")
     data = json.loads(report.read_text())
-    return {"wall_s": wall, "data": data, "loadavg": [load, os.getloadavg()[0]]}
+    return {"wall_s": wall, "cpu_s": cpu, "data": data, "loadavg": [load, os.getloadavg()[0]]}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _engine(data: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +233,8 @@ def end_to_end(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
              "gb_read_per_s": eng["bytes_read"] / secs / 1e9 if secs else None, "bytes_read": eng["bytes_read"],
              "peak_rss_gb": eng["peak_rss"] / 2**30, "chunks": eng["chunks"], "backends": eng["backends"],
              "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"], "basis_phases_thread_s": eng.get("basis_phases"),
-             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks"), "loadavg_1min": res["loadavg"]}
+             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks"), "loadavg_1min": res["loadavg"],
+             "cpu_s": res["cpu_s"]}
         _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB; {phase_line(r)}")
         return r
 
@@ -376,6 +387,7 @@ def targets(res: BenchResult) -> dict[str, Any]:
         out["peak_rss_gb_max"] = max(r["peak_rss_gb"] for r in res.end_to_end)
     if ref and cold:
         out["cold_speedup_vs_reference"] = ref["seconds"] / cold["seconds"]
+        out["cold_cpu_speedup_vs_reference"] = ref["cpu_s"] / cold["cpu_s"] if cold.get("cpu_s") else None
     warm = [r for r in res.end_to_end if r["run"].startswith("fast, warm")]
     if len(warm) == 2 and warm[1]["loras"] > 1:
         out["warm_seconds_per_additional_lora"] = (warm[1]["seconds"] - warm[0]["seconds"]) / (warm[1]["loras"] - 1)
@@ -402,7 +414,8 @@ def phases(r: dict[str, Any]) -> dict[str, float]:
 def phase_line(r: dict[str, Any]) -> str:
     solvers = ", ".join(f"{k} {v}" for k, v in (r.get("solvers") or {}).items()) or "-"
     return (" | ".join(f"{k} {v:.1f}" for k, v in phases(r).items()) + f" s; bases by solver: {solvers}"
-            + (f"; {len(r['fallbacks'])} fell back to a dense eigh" if r.get("fallbacks") else ""))
+            + (f"; {len(r['fallbacks'])} fell back to a dense eigh" if r.get("fallbacks") else "")
+            + (f"; CPU {r['cpu_s']:.0f} s, load {r['loadavg_1min'][0]:.1f}-{r['loadavg_1min'][1]:.1f}" if "cpu_s" in r else ""))
 
 
 def table(res: BenchResult) -> str:
