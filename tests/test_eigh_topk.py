@@ -261,3 +261,27 @@ def test_gpu_check_eigh_rows_feed_the_winners_table():
     assert (p["op"], p["backend"], p["speedup"], p["accurate"]) == ("topk_eigh", "subspace", 3.0, True)
     problem = measured.Problem(device="cuda", dtype="float32", shape=(1280, 1280), batch=20)
     assert measured.verdict("topk_eigh", "subspace", problem, measured.parse(table), "NVIDIA H100") is None
+
+
+def test_extract_by_energy_uses_the_gram_basis_within_its_contract(sdxl_pair, tmp_path):
+    """`prolora extract --energy F` solves its layers with the transfer's basis (Gram matrix and
+    topk_eigh): the energy rank of the exact SVD, and a rank-r error within 1.01x of the optimal."""
+    from prolora.families import open_model
+    from prolora.formats import read_lora
+    from prolora.formats.parts import canonical_modules
+    from prolora.jobs.bench import write_tuned
+    from prolora.jobs.extract import extract
+
+    tuned = tmp_path / "tuned.safetensors"
+    assert write_tuned(sdxl_pair["source"], tuned, layers=r"attn1\.to_(q|k)$") >= 2
+    res = extract(sdxl_pair["source"], tuned, tmp_path / "e.safetensors", energy=0.8, save_dtype=torch.float32)
+    ext = [x for x in res.layers if x.status == "extracted"]
+    assert ext and all(x.backend == "gram" for x in ext)
+    lf = read_lora(tmp_path / "e.safetensors")
+    with open_model(sdxl_pair["source"]) as b, open_model(tuned) as t:
+        for module, m in canonical_modules(lf.modules, b).items():
+            D = (t.load(module, torch.float64) - b.load(module, torch.float64)).flatten(1)
+            S2 = torch.linalg.svdvals(D) ** 2
+            assert m.rank == int((S2.cumsum(0) / S2.sum() < 0.8 - 1e-9).sum()) + 1
+            dense = m.scale * m.up.double().flatten(1) @ m.down.double().flatten(1)
+            assert float((D - dense).norm()) <= 1.01 * float(S2[m.rank:].sum().sqrt())
