@@ -7,8 +7,13 @@ As a script, one configuration per process (so the peak RSS is that configuratio
     python benchmarks/bench_refine.py --family flux --blocks 2,4 --steps 10 --batch 2 --resolution 16
 
 prints one JSON row: the models' size, the whole refinement's wall and CPU seconds (what
-`--refine STEPS` adds to a transfer: building the two denoisers, the held-out error before and
-after, the steps), the training loop's seconds per step and the process's peak RSS.
+`--refine STEPS` adds to a transfer: building the two denoisers, encoding the contexts, the
+held-out error before and after, the steps, each also on its own), the training loop's seconds per
+step, the conditioning and its encoders, whether the refined factors were kept, and the process's
+peak RSS. `--layout single-file` writes the pair as single files (SD: LDM/SGM with the CLIP
+encoders embedded, as users have them) from the same seed as the folders: the same weights, so the
+same prompts and seed give the same result as `--layout diffusers`. `--cond` is `--refine-cond`
+(default: the library's own, prompts through the models' encoders).
 Under pytest (`python -m pytest benchmarks/bench_refine.py --benchmark-enable`) it times a tiny
 SDXL-shaped refinement of a few steps.
 """
@@ -25,32 +30,35 @@ from pathlib import Path
 import torch
 
 import prolora
-from prolora.checkpoints import open_model
+from prolora.families import open_model
 from prolora.formats import read_lora
 from prolora.refine import RefineOptions, refine_lora
 from prolora.synthetic import PRESETS, flux_config, shrink, write_lora, write_pair
 
 
-def _pair(folder: Path, family: str, width: float, depth: float, blocks: tuple[int, int], dtype: torch.dtype):
+def _pair(folder: Path, family: str, width: float, depth: float, blocks: tuple[int, int], dtype: torch.dtype,
+          layout: str = "diffusers"):
     if family == "flux":
         cfg = flux_config("flux-dev", "small", blocks=blocks)
     else:
         cfg = shrink(PRESETS[family], width, depth)
-    src, tgt = write_pair(folder / "src", folder / "tgt", cfg, dtype=dtype)
+    ext = ".safetensors" if layout == "single-file" else ""
+    src, tgt = write_pair(folder / f"src{ext}", folder / f"tgt{ext}", cfg, dtype=dtype)
     lora = write_lora(src, folder / "lora.safetensors", format="kohya", rank=16, targets="transformer")
     return src, tgt, lora
 
 
 def measure(family: str = "sdxl", width: float = 0.25, depth: float = 0.2, blocks: tuple[int, int] = (2, 4),
-            steps: int = 10, batch: int = 2, resolution: int = 16, tokens: int = 77, dtype: torch.dtype = torch.float32,
-            device: str = "cpu") -> dict:
-    """One refinement (random context) after a prolora-full transfer; the figures as a dict."""
+            steps: int = 10, batch: int = 2, resolution: int = 16, tokens: int | None = 77,
+            dtype: torch.dtype = torch.float32, device: str = "cpu", layout: str = "diffusers", cond: str | None = "random",
+            holdout: int | None = None) -> dict:
+    """One refinement after a prolora-full transfer; the figures as a dict."""
     with tempfile.TemporaryDirectory(prefix="bench-refine-") as tmp:
         d = Path(tmp)
-        src, tgt, lora = _pair(d, family, width, depth, blocks, dtype)
+        src, tgt, lora = _pair(d, family, width, depth, blocks, dtype, layout)
         transferred = prolora.transfer(src, tgt, lora, cache=False).lora
-        opts = RefineOptions(steps=steps, batch=batch, resolution=resolution, tokens=tokens, cond="random",
-                             holdout=batch)
+        opts = RefineOptions(steps=steps, batch=batch, resolution=resolution, tokens=tokens, cond=cond,
+                             holdout=holdout or batch)
         with open_model(src) as s, open_model(tgt) as t:
             params = sum(r.numel for m, r in s.weights.items() if m.startswith(("unet.", "transformer.")))
             t0, c0 = time.perf_counter(), time.process_time()
@@ -64,6 +72,8 @@ def measure(family: str = "sdxl", width: float = 0.25, depth: float = 0.2, block
             "refine_cpu_seconds": round(cpu, 2),
             "train_seconds": stats.seconds, "seconds_per_step": round(stats.seconds / max(steps, 1), 3),
             "error_before": round(stats.error_before, 4), "error_after": round(stats.error_after, 4),
+            "kept": stats.kept, "layout": layout, "cond": stats.settings.get("cond"), "timings": stats.timings,
+            "conditioning": stats.conditioning, "holdout": opts.holdout,
             "peak_rss_gib": round(rss, 2), "threads": torch.get_num_threads(), "device": device}
 
 
@@ -83,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=77)
+    p.add_argument("--tokens", type=int, default=None, help="--refine-tokens (default: the library's)")
+    p.add_argument("--cond", default=None, help="--refine-cond (default: the library's: prompts through the encoders)")
+    p.add_argument("--layout", choices=("diffusers", "single-file"), default="diffusers")
+    p.add_argument("--holdout", type=int, default=None, help="held-out inputs (default: the batch)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     row = measure(a.family, a.width, a.depth, tuple(int(x) for x in a.blocks.split(",")), a.steps, a.batch,
-                  a.resolution, a.tokens, getattr(torch, a.dtype), a.device)
+                  a.resolution, a.tokens, getattr(torch, a.dtype), a.device, a.layout, a.cond, a.holdout)
     line = json.dumps(row)
     print(line)
     if a.json:

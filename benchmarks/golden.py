@@ -26,10 +26,14 @@ from pathlib import Path
 _VOLATILE = ("seconds", "time", "elapsed", "peak", "path", "cache", "dir", "file", "rss", "_s")
 
 
+IGNORED: set[str] = set()  # report keys left out on request (--ignore), e.g. a statistic added later
+
+
 def _clean(obj, root: str):
     """A report without timings and temporary paths (anything under `root` becomes relative)."""
     if isinstance(obj, dict):
-        return {k: _clean(v, root) for k, v in obj.items() if not any(t in k.lower() for t in _VOLATILE)}
+        return {k: _clean(v, root) for k, v in obj.items()
+                if not any(t in k.lower() for t in _VOLATILE) and k not in IGNORED}
     if isinstance(obj, list):
         return [_clean(v, root) for v in obj]
     if isinstance(obj, str):
@@ -144,7 +148,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
     ap.add_argument("--out", help="write the hash list here too")
+    ap.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                    help="leave report entries named KEY out (a field added since the list was made)")
     a = ap.parse_args(argv)
+    IGNORED.update(a.ignore)
     import torch
 
     torch.set_num_threads(1)

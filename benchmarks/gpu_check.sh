@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# One prepared GPU check for prolora's kernels (about 5-8 minutes on an H100/H200):
-#   1. versions, nvcc, nvidia-smi
-#   2. build the native module with its CUDA launchers (PROLORA_CUDA=ON, this GPU's architecture)
-#   3. the GPU tests (marked gpu) and the Triton kernel tests, compiled on the GPU; the eigensolver:
-#      eigh vs the truncated solver and both together (benchmarks/bench_eigh.py)
-#   4. cold transfers of full-size SDXL- and Flux-shaped pairs with --device cuda, default dispatch
-#      vs torch-only backends (benchmarks/gpu_transfer.py): seconds, peak device memory
-#   5. the kernel benchmarks against torch.linalg / cuSOLVER / torch.svd_lowrank
-#   6. the measured-winners table (gpu_winners.json) that dispatch consults, and a summary
-# Results go to $OUT if set, else benchmarks/gpu_results/<UTC time>/ (at most 10 files).
+# The first GPU run: one call of at most 10 minutes on a machine with 64 GiB of disk and 128 GiB
+# of RAM, no network, at most 8 files brought back. Steps run most valuable first, each with its
+# own time budget (plus whatever earlier steps left unused, never past the total), and each
+# writes its JSON the moment it ends:
+#   a. eigh      30 s  the symmetric eigensolver, GPU (one call, a batch, streams) vs the host's
+#                      cores, and the slot for issue 26's new solver      -> eigh.json
+#   b. tests     90 s  the GPU-marked tests only (-m gpu), a time limit per test; the native
+#                      module builds in the background meanwhile, its tests run once it is built
+#                                                                      -> tests.json
+#   c. kernels   90 s  kernel benchmarks against torch, the winners table -> bench.json, gpu_winners.json
+#   d. sdxl     135 s  full-size SDXL-shaped pair generated on the GPU: a cold transfer with the
+#                      cache on, then torch-only and the winners table   -> transfer_sdxl.json
+#   e. flux      75 s  the SDXL pair and its cache deleted and df checked, then a Flux-shaped pair
+#                      at reduced depth                                   -> transfer_flux.json
+# plus gpu_check.json (the plan and every step's status, rewritten after each step) and
+# gpu_check.log: 8 files. Outputs are compared through r x r products (no m x n matrix).
+# Results go to $OUT if set, else benchmarks/gpu_results/<UTC time>/ (a temporary folder for a
+# dry run); scratch files go elsewhere. Nothing is fetched: no package index is needed.
 # To ship the table: copy gpu_winners.json to python/prolora/ops/gpu_winners.json (or point
-# PROLORA_WINNERS at it); without one, torch stays the default on every GPU.
+# PROLORA_WINNERS at it); without one torch stays the default on every GPU.
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run]
-#   --dry-run  the CPU parts only (no build, CPU benchmarks, winners from them): checks the
-#              script itself on a machine without a GPU; results to $OUT or a temporary folder.
-#   PYTHON=... the interpreter (default python3).
-#   BUDGET_S=  the whole run's limit in seconds (default 540): every step has its own timeout,
-#              cut to what is left of the budget, so the summary is always written.
-set -euo pipefail
+#   --dry-run  prints the one plan line, then runs every step on the CPU at toy sizes (the check
+#              of this script on a machine without a GPU); its log is in the results folder.
+#   PYTHON=... the interpreter (default: .venv/bin/python if present, else python3).
+#   PROLORA_GPU_WORK=DIR where the generated pairs go (default: prolora-gpu-check on the roomiest of
+#              /tmp, /var/tmp and the checkout's parent).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 DRY=0
 case "${1:-}" in
@@ -27,48 +36,88 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
 esac
-PY=${PYTHON:-python3}
-if [[ -n "${OUT:-}" ]]; then
-  RES=$OUT
-elif ((DRY)); then
-  RES=$(mktemp -d -t prolora-gpu-check.XXXXXX)
-else
-  RES=benchmarks/gpu_results/$(date -u +%Y%m%dT%H%M%SZ)
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
+else PY=python3
+fi
+
+STEP_NAMES=(eigh tests kernels sdxl flux)
+STEP_BUDGETS=(30 90 90 135 75)
+FILES=(gpu_check.json gpu_check.log eigh.json tests.json bench.json gpu_winners.json transfer_sdxl.json
+       transfer_flux.json)
+TOTAL=0
+for b in "${STEP_BUDGETS[@]}"; do TOTAL=$((TOTAL + b)); done
+PLAN="plan: ${#STEP_NAMES[@]} steps, $TOTAL s budget, ${#FILES[@]} files"
+echo "$PLAN"
+if [[ -n ${PROLORA_GPU_PLAN_ONLY:-} ]]; then exit 0; fi  # the plan line alone (tests/test_gpu_check.py)
+
+if [[ -n "${OUT:-}" ]]; then RES=$OUT
+elif ((DRY)); then RES=$(mktemp -d -t prolora-gpu-check.XXXXXX)
+else RES=benchmarks/gpu_results/$(date -u +%Y%m%dT%H%M%SZ)
 fi
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
-exec > >(tee -a "$RES/gpu_check.log") 2>&1
-export PYTHONUNBUFFERED=1
+SCRATCH=$(mktemp -d -t prolora-gpu-scratch.XXXXXX)
+if [[ -z ${PROLORA_GPU_WORK:-} ]]; then  # the generated pairs (13.5 GB + 13 GB of bases for SDXL): the roomiest disk
+  best=/tmp
+  for d in /tmp /var/tmp "$ROOT/.."; do
+    if [[ -w $d ]] && (($(df -Pk "$d" | awk 'NR==2 {print $4}') > $(df -Pk "$best" | awk 'NR==2 {print $4}'))); then best=$d; fi
+  done
+  PROLORA_GPU_WORK=$(cd "$best" && pwd)/prolora-gpu-check
+fi
+WORK=$PROLORA_GPU_WORK
+if ((DRY)); then WORK=$SCRATCH/work; fi
+mkdir -p "$WORK"
+if ((DRY)); then
+  exec 4>&2 >"$RES/gpu_check.log" 2>&1  # the plan line alone on stdout; fd 4: a failure's one line
+else
+  exec 4>&2 > >(tee -a "$RES/gpu_check.log") 2>&1
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PIP_NO_INDEX=1 PIP_INDEX_URL=http://127.0.0.1:9/ HF_HUB_OFFLINE=1 PROLORA_GPU_BENCH=quick
+export PROLORA_CACHE_DIR=$SCRATCH/cache DRY
+if ((DRY)); then export OMP_NUM_THREADS=1; fi  # toy sizes: one thread (a busy 2-core box stalls with two)
 T0=$(date +%s)
-BUDGET=${BUDGET_S:-540}
-STEPS=()
+DEADLINE=$((T0 + TOTAL))
+CARRY=0
+STEPS=""
+echo "$PLAN"
+echo "prolora gpu_check: $(date -u) dry_run=$DRY results=$RES scratch=$SCRATCH work=$WORK"
 
-# step NAME TIMEOUT_S CMD...: runs CMD under min(TIMEOUT_S, what is left of the budget),
-# records its exit status (124: timed out or no time left), never aborts the script
-step() {
-  local name=$1 limit=$2 start rc left
-  shift 2
-  left=$((BUDGET - ($(date +%s) - T0) - 15))
-  if ((left < 10)); then
-    echo "=== [$name] skipped: the ${BUDGET}s budget is spent"
-    STEPS+=("$name=124")
-    return 0
-  fi
-  if ((limit > left)); then limit=$left; fi
-  echo "=== [$name] (timeout ${limit}s) $*"
-  start=$(date +%s)
-  set +e
-  timeout --kill-after=5 "$limit" "$@"
-  rc=$?
-  set -e
-  echo "=== [$name] exit $rc after $(($(date +%s) - start))s"
-  STEPS+=("$name=$rc")
-  return 0
+summary() {
+  "$PY" -m benchmarks.gpu_report summary "$RES/gpu_check.json" --plan "$PLAN" --steps "$STEPS" --t0 "$T0" \
+    --folder "$RES" $( ((DRY)) && echo --dry) || echo "summary failed"
 }
 
-echo "prolora gpu_check: $(date -u) dry_run=$DRY results=$RES"
-step versions 60 "$PY" - <<'EOF'
-import platform, sys
+# step NAME BUDGET CMD...: CMD under min(BUDGET + time earlier steps left, time left of the total);
+# records the exit status (124: timed out or no time left) and rewrites the summary
+step() {
+  local name=$1 budget=$2 start rc limit left
+  shift 2
+  start=$(date +%s)
+  left=$((DEADLINE - start))
+  limit=$((budget + CARRY))
+  if ((limit > left)); then limit=$left; fi
+  if ((limit < 5)); then
+    echo "=== [$name] skipped: the ${TOTAL}s budget is spent"
+    STEPS="$STEPS $name=124:0:$budget"
+    summary
+    return 0
+  fi
+  echo "=== [$name] (budget ${budget}s, limit ${limit}s) $*"
+  timeout --kill-after=5 "$limit" "$@"
+  rc=$?
+  local took=$(($(date +%s) - start))
+  echo "=== [$name] exit $rc after ${took}s"
+  CARRY=$((budget + CARRY - took))
+  if ((CARRY < 0)); then CARRY=0; fi
+  STEPS="$STEPS $name=$rc:$took:$budget"
+  summary
+}
+
+# ---- versions (part of the total, not a step) ---------------------------------------------------
+timeout 30 "$PY" - <<'EOF' || echo "versions: failed"
+import platform, shutil, sys
 print("python", sys.version.split()[0], platform.machine())
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device available:", torch.cuda.is_available())
@@ -77,112 +126,121 @@ if torch.cuda.is_available():
     print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
 try:
     import triton
-    print("triton", triton.__version__)
+    print("triton", triton.__version__, "(interpreter-tested here with 3.6 and 3.9)")
 except ImportError as e:
     print("triton missing:", e)
+print("disk free GB:", round(shutil.disk_usage("/tmp").free / 1e9, 1))
 EOF
-if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc: not found"; fi
-if command -v nvidia-smi >/dev/null; then nvidia-smi || true; else echo "nvidia-smi: not found"; fi
-
-HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
-if ((!DRY && !HAVE_GPU)); then
-  echo "no CUDA device visible to torch: this check is for a GPU machine (use --dry-run elsewhere)"
-  exit 3
-fi
-
-# ---- build --------------------------------------------------------------------------------------
-if ((DRY)); then
-  echo "=== [build] skipped (dry run): using the installed prolora"
-else
-  ARCH=$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
-  step build 200 "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
-    -Ccmake.define.PROLORA_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" -Cbuild-dir=build/gpu-check
-  if [[ "${STEPS[-1]}" != "build=0" ]]; then
-    # fallback without pip: CMake straight into the source tree (PYTHONPATH=python finds the kernels)
-    step build-cmake 200 bash -c "cmake -S . -B build/gpu-check-cmake -DCMAKE_BUILD_TYPE=Release \
-        -DPROLORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DPython_EXECUTABLE=\$(command -v $PY) \
-        -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) && cmake --build build/gpu-check-cmake -j \$(nproc) &&
-      cp build/gpu-check-cmake/_C*.so python/prolora/"
-    export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+if ((!DRY)); then
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; fi
+  df -h "$WORK" /tmp || true
+  HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+  if ((!HAVE_GPU)); then
+    echo "no CUDA device visible to torch: this check is for a GPU machine (use --dry-run elsewhere)"
+    echo "gpu_check: no CUDA device (see $RES/gpu_check.log)" >&4
+    exit 3
   fi
 fi
-step native 60 "$PY" -c '
-import sys
-from prolora import _native as n
-print("native built:", n.available(), n.why_unavailable() or "", "| CUDA launchers:", n.has_cuda(),
-      "| CUDA usable:", n.cuda_unavailable_reason() or "yes")
-import torch
-sys.exit(0 if not torch.cuda.is_available() or (n.has_cuda() and not n.cuda_unavailable_reason()) else 1)'
-step backends 60 "$PY" -m prolora.cli backends
 
-# ---- tests --------------------------------------------------------------------------------------
-step tests 150 "$PY" -m pytest tests/test_kernels_triton.py tests/test_backends_native.py tests/test_native.py \
-  -m "not slow" -q -p no:cacheprovider -rs --junitxml="$RES/tests.xml"
+# ---- a. eigh ------------------------------------------------------------------------------------
+if ((DRY)); then EIGH=(--device cpu --sizes 64,96 --batch 4,4 --budget 8); else EIGH=(--budget 20); fi
+step eigh "${STEP_BUDGETS[0]}" "$PY" -m benchmarks.gpu_eigh "${EIGH[@]}" --json "$RES/eigh.json"
 
-# ---- the eigensolver: eigh (batched, per matrix on streams, on the host's cores, split) vs the truncated
-# solver (topk_eigh subspace) and both as a transfer runs them, on one SDXL block's 20 Gram matrices;
-# its rows join the winners table (op topk_eigh), so this run decides the GPU's eigensolver default
-if ((DRY)); then EIGH=(--device cpu --width 0.1 --rounds 1); else EIGH=(--device cuda --rounds 3); fi
-step eigh 120 "$PY" -m benchmarks.bench_eigh "${EIGH[@]}" --json "$RES/eigh.json" --points "$RES/bench_eigh.json"
-
-# ---- cold transfers with --device cuda: default dispatch vs torch-only, in the same run ----------
-# full-size SDXL- and Flux-shaped pairs generated on the GPU (reused from /tmp between runs)
+# ---- the native module with its CUDA launchers, in the background (tests and kernels use it) -----
+BUILD_DONE=$SCRATCH/build.done
 if ((DRY)); then
-  XFER=(--device cpu --width 0.25 --depth 0.1)
+  touch "$BUILD_DONE"  # a dry run uses the native module as installed
 else
-  XFER=(--device cuda)
-fi
-step transfer-sdxl 150 "$PY" -m benchmarks.gpu_transfer --family sdxl "${XFER[@]}" --json "$RES/transfer_sdxl.json"
-step transfer-flux 240 "$PY" -m benchmarks.gpu_transfer --family flux "${XFER[@]}" --json "$RES/transfer_flux.json"
-
-# ---- benchmarks (one JSON per op family: a timeout loses one family, not all) ----------------------
-if ((DRY)); then
-  MARK="not gpu"
-  TIMER=(--benchmark-timer time.process_time)
-else
-  MARK="gpu"
-  TIMER=()
-fi
-BENCH=()
-for fam in small_svd truncated_svd "project_lora or subspace_phi"; do
-  tag=${fam%% *}
-  step "bench-$tag" 150 "$PY" -m pytest benchmarks/bench_kernels.py -m "$MARK" -k "$fam" -q -p no:cacheprovider \
-    --benchmark-enable ${TIMER[@]+"${TIMER[@]}"} --benchmark-json="$RES/bench_$tag.json" \
-    --benchmark-columns=median,iqr,rounds --benchmark-sort=name
-  if [[ -f "$RES/bench_$tag.json" ]]; then BENCH+=("$RES/bench_$tag.json"); fi
-done
-
-if [[ -f "$RES/bench_eigh.json" ]]; then BENCH+=("$RES/bench_eigh.json"); fi
-
-# ---- winners and summary ------------------------------------------------------------------------
-if ((${#BENCH[@]})); then
-  step winners 60 "$PY" benchmarks/bench_kernels.py winners "$RES/gpu_winners.json" "${BENCH[@]}"
-else
-  echo "no benchmark JSON: no winners table"
-  STEPS+=("winners=1")
+  ARCH=$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
+  (
+    GEN=(); if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
+    timeout 240 nice -n 10 cmake -S . -B "$SCRATCH/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DPROLORA_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v "$PY")" \
+      -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
+    timeout 240 nice -n 10 cmake --build "$SCRATCH/build" -j 8 &&
+    cp "$SCRATCH"/build/_C*.so python/prolora/ && echo "native build: ok"
+    touch "$BUILD_DONE"
+  ) >"$SCRATCH/build.log" 2>&1 &
 fi
 
-rc=0
-STEPS_STR="${STEPS[*]}" DRY=$DRY T0=$T0 RES=$RES "$PY" - <<'EOF' || rc=$?
-import json, os, time
-from pathlib import Path
-res = Path(os.environ["RES"])
-steps = {k: int(v) for k, v in (s.split("=", 1) for s in os.environ["STEPS_STR"].split())}
-if steps.get("build-cmake") == 0:
-    steps["build"] = 0  # the fallback build stood in for the pip build
-failed = sorted(k for k, v in steps.items() if v != 0)
-summary = {"dry_run": os.environ["DRY"] == "1", "seconds": round(time.time() - int(os.environ["T0"])),
-           "steps": steps, "failed": failed,
-           "files": sorted(p.name for p in res.iterdir() if p.is_file())}
-w = res / "gpu_winners.json"
-if w.is_file():
-    table = json.loads(w.read_text())
-    summary["device"] = table.get("device")
-    summary["versions"] = table.get("versions")
-    summary["wins"] = [p for p in table["points"] if p["accurate"] and p["speedup"] >= table.get("min_speedup", 1.05)]
-(res / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps({k: summary[k] for k in ("dry_run", "seconds", "steps", "failed")}, indent=1))
-raise SystemExit(1 if failed else 0)
+# ---- b. the GPU-marked tests only ---------------------------------------------------------------
+gpu_tests() {
+  local end=$(($(date +%s) + $1))
+  PROLORA_TEST_TIMEOUT=75 "$PY" -m pytest -p benchmarks.step_timeout -p no:cacheprovider -m gpu -q -rs \
+    tests/ops/test_kernels_triton.py tests/engine/test_gpu_engine.py --junitxml="$SCRATCH/tests_triton_engine.xml"
+  while [[ ! -f $BUILD_DONE ]] && (($(date +%s) < end - 20)); do sleep 2; done
+  tail -3 "$SCRATCH/build.log" 2>/dev/null
+  if [[ -f $BUILD_DONE ]]; then
+    PROLORA_TEST_TIMEOUT=75 timeout $((end - $(date +%s))) "$PY" -m pytest -p benchmarks.step_timeout \
+      -p no:cacheprovider -m gpu -q -rs tests/ops/test_native.py tests/ops/test_backends_native.py \
+      --junitxml="$SCRATCH/tests_native.xml"
+  else
+    echo "native module not built in time: its GPU tests did not run"
+  fi
+  "$PY" -m benchmarks.gpu_report tests "$RES/tests.json" "$SCRATCH/tests_triton_engine.xml" "$SCRATCH/tests_native.xml"
+  "$PY" - "$RES/tests.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("tests:", {k: r[k] for k in ("passed", "failed", "errors", "skipped")})
+sys.exit(1 if r["failed"] or r["errors"] or not r["passed"] and not r["skipped"] else 0)
 EOF
-echo "results in $RES ($(($(date +%s) - T0))s)"
-exit $rc
+}
+export -f gpu_tests
+export PY SCRATCH RES BUILD_DONE
+step tests "${STEP_BUDGETS[1]}" bash -c "gpu_tests $((STEP_BUDGETS[1] + CARRY - 5))"
+
+# ---- c. kernel benchmarks against torch, and the winners table ----------------------------------
+kernel_bench() {
+  local end=$(($(date +%s) + $1)) mark=gpu timer=() fams
+  fams=("truncated_svd" "project_lora or subspace_phi" "small_svd")
+  if ((DRY)); then mark="not gpu"; timer=(--benchmark-timer time.process_time)
+    fams=("small_svd_cpu and 256-12" "project_lora_cpu and torch"); fi
+  local files=() shares=(45 40 15) i=0 total=$1
+  for fam in "${fams[@]}"; do
+    local tag=${fam%% *} left=$((end - $(date +%s) - 10)) mine=$((total * ${shares[i]} / 100))
+    i=$((i + 1))
+    if ((i < ${#fams[@]} && mine < left)); then left=$mine; fi  # the last family takes what is left
+    if ((left < 10)); then echo "bench $tag: no time left"; continue; fi
+    PROLORA_TEST_TIMEOUT=60 timeout "$left" "$PY" -m pytest benchmarks/bench_kernels.py -p benchmarks.step_timeout \
+      -p no:cacheprovider -m "$mark" -k "$fam" -q --benchmark-enable ${timer[@]+"${timer[@]}"} \
+      --benchmark-json="$SCRATCH/bench_$tag.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+    if [[ -f $SCRATCH/bench_$tag.json ]]; then files+=("$SCRATCH/bench_$tag.json"); fi
+  done
+  "$PY" -m benchmarks.gpu_report bench "$RES/bench.json" ${files[@]+"${files[@]}"}
+  "$PY" benchmarks/bench_kernels.py winners "$RES/gpu_winners.json" ${files[@]+"${files[@]}"}
+}
+export -f kernel_bench
+step kernels "${STEP_BUDGETS[2]}" bash -c "kernel_bench $((STEP_BUDGETS[2] + CARRY - 5))"
+
+# ---- d. SDXL-shaped: cold with the cache on; winners table vs torch-only -------------------------
+if ((DRY)); then
+  SIZE=(--device cpu --width 0.05 --depth 0.05 --max-memory 1GB); FLUX=(--device cpu --width 0.1 --depth 0.03 --max-memory 1GB)
+else
+  SIZE=(--max-memory 32GB); FLUX=(--depth 0.2 --max-memory 32GB)
+fi
+step sdxl "${STEP_BUDGETS[3]}" "$PY" -m benchmarks.gpu_transfer --family sdxl "${SIZE[@]}" --dir "$WORK" \
+  --runs cache,torch-only,winners --winners "$RES/gpu_winners.json" --json "$RES/transfer_sdxl.json"
+
+# ---- e. Flux-shaped, last, at reduced depth, once the SDXL pair is gone -------------------------
+df -h "$WORK" || true
+step flux "${STEP_BUDGETS[4]}" "$PY" -m benchmarks.gpu_transfer --family flux "${FLUX[@]}" --dir "$WORK" \
+  --remove "$WORK/sdxl-*" "$WORK/cache-sdxl" --min-free-gb "$( ((DRY)) && echo 0.5 || echo 20)" \
+  --runs cache,torch-only --winners "$RES/gpu_winners.json" --json "$RES/transfer_flux.json"
+df -h "$WORK" || true
+
+# ---- the end: at most 8 files under the results folder --------------------------------------------
+rm -rf "$SCRATCH"
+extra=$(find "$RES" -maxdepth 1 -type f ! -name '*.tmp' | grep -v -x -F -f <(printf "$RES/%s\n" "${FILES[@]}") || true)
+if [[ -n $extra ]]; then
+  echo "unexpected files, folded into gpu_check.log: $extra"
+  for f in $extra; do echo "--- $f"; head -c 20000 "$f"; rm -f "$f"; done
+fi
+summary
+failed=$("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["failed"]))' "$RES/gpu_check.json" \
+         2>/dev/null || echo summary)
+echo "results in $RES ($(($(date +%s) - T0))s); failed: ${failed:-none}"
+if [[ -n $failed ]]; then
+  echo "gpu_check: failed steps: $failed (log: $RES/gpu_check.log)" >&4
+  exit 1
+fi
+exit 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prolora.errors import OptionError
-from prolora.method import KMode, RankSpec, compress, similarity, transfer_layer
+from prolora.method import KMode, RankSpec, compress, factor_svd, similarity, transfer_layer
 from prolora.ops import phi, phi_null, principal_cosines, project_lora, truncated_svd
 
 ref_svd = truncated_svd.reference.fn
@@ -194,3 +194,12 @@ def test_rank_spec():
     for bad in ("0", "-1", "r", "1.5"):
         with pytest.raises(OptionError):
             RankSpec.parse(bad)
+
+
+def test_factor_svd_is_the_svd_of_the_product():
+    g = torch.Generator().manual_seed(4)
+    up, down = torch.randn(200, 12, generator=g, dtype=torch.float64), torch.randn(12, 150, generator=g, dtype=torch.float64)
+    f = factor_svd(up, down)
+    D = up @ down
+    assert rel((f.U * f.S) @ f.V.T, D) < 1e-12
+    assert rel(f.S, torch.linalg.svdvals(D)[:12]) < 1e-12

@@ -1,6 +1,8 @@
 """Tiny REAL diffusers / transformers models of each family (SD1.5, SDXL, SSD-1B block structure,
 small widths), saved as diffusers pipeline folders or as single files laid out by our own
-diffusers -> LDM/SGM map. Shared by the tests: `from zoo import build, save_pipeline, ...`.
+diffusers -> LDM/SGM map; the tiny FLUX.1 transformer config and its BFL layout; and LoRA files
+read the way a client reads them (no prolora reader). Shared by the tests:
+`from zoo import build, save_pipeline, ...`.
 
 diffusers and transformers are imported only when a model is built, so importing this module
 costs nothing where they are missing (tests that need them importorskip first).
@@ -8,6 +10,7 @@ costs nothing where they are missing (tests that need them importorskip first).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +41,11 @@ SPECS = {
                        "text_encoder_2": ("CLIPTextModelWithProjection", TE2)}),
 }
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "ssd": "ssd-1b"}  # what prolora should detect
+# a tiny FLUX.1-dev FluxTransformer2DModel (guidance_in, pooled CLIP-L input): width FLUX_H, MLP FLUX_MLP
+FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6))
+FLUX_H, FLUX_MLP = 32, 128
 
 
 def build(kind: str, seed: int) -> dict[str, torch.nn.Module]:
@@ -81,7 +89,7 @@ def save_pipeline(mods, folder: Path, **kw) -> Path:
 def write_single_file(st, path: Path, components=("unet", "text_encoder", "text_encoder_2"),
                       prefix_override: str | None = None) -> Path:
     """A single .safetensors file laid out by OUR diffusers -> LDM/SGM map."""
-    from prolora.checkpoints.single_file import single_file_plan
+    from prolora.families.sd.read import single_file_plan
     from prolora.safetensors_io import save
 
     params = {c: [(k, tuple(v.shape)) for k, v in st[c].items()] for c in components if c in st}
@@ -93,6 +101,20 @@ def write_single_file(st, path: Path, components=("unet", "text_encoder", "text_
         tensors[key] = (t.t() if e.transpose else t).contiguous()
     save(path, tensors)
     return path
+
+
+def bfl_tensors(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A diffusers Flux state dict in BFL layout, by our plan."""
+    from prolora.families.flux.keys import bfl_file_plan
+
+    out = {}
+    for e in bfl_file_plan([(k, tuple(v.shape)) for k, v in sd.items()], prefix):
+        t = torch.cat([sd[n] for n in e.sources])
+        if e.swap:
+            a, b = t.chunk(2)
+            t = torch.cat([b, a])
+        out[e.key] = t.contiguous()
+    return out
 
 
 def canon(name: str) -> str:
@@ -121,3 +143,19 @@ def lora_pairs(tensors: dict[str, torch.Tensor]):
                 stem = key[: -len(down_s)]
                 yield stem, tensors[key].double(), tensors[stem + up_s].double()
                 break
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, read with the safetensors library."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def peft_value(cfg: dict, field: str, pattern_field: str, name: str):
+    """peft's rule: the first `pattern_field` key matching `(.*\\.)?(KEY)$`, else `field`."""
+    for key, value in (cfg.get(pattern_field) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return cfg[field]

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from . import families
+from .bench_cost import children_cpu as _children_cpu, phase_line
+from .errors import OptionError
 from .families import open_model
 from .formats import read_lora, write_lora
 from .lora import LoraFile, LoraModule
@@ -33,22 +36,9 @@ from .ops import phi, truncated_svd
 from .ops.host import host_map, host_threads
 from .safetensors_io import atomic_path
 
-BLOCK_LINEAR = re.compile(r"^unet\..*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
-# Flux: attention, MLP and output projections of every double and single block (what Flux LoRA
-# trainers adapt by default); q, k, v and the MLP input are row slices of BFL's fused weights
-FLUX_LINEAR = re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
-                         r"add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
-                         r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$")
-# Qwen-Image: attention and MLP projections of both streams of every block
-QWEN_LINEAR = re.compile(r"^transformer\.transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|"
-                         r"add_v_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$")
-# bench families of the Flux layout: (source preset, target preset); Chroma is derived from schnell
-FLUX_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
-
-
 @dataclass
 class BenchConfig:
-    family: str = "sdxl"
+    family: str = ""  # a bench preset of a family record (Family.bench); "" for the default one
     width: float = 1.0  # channel scale (1.0: real layer shapes)
     depth: float = 1.0  # transformer-block scale (1.0: every block)
     folder: Path = Path("prolora-bench")
@@ -92,13 +82,28 @@ def _median_time(fn, repeats: int) -> float:
 # ----------------------------------------------------------------------------- inputs
 
 
+def bench_part(name: str):
+    """The synthetic part of the family that offers bench preset `name` (Family.bench); "" is the
+    default preset. It gives bench_pair(name, width, depth) and BENCH_LORA (format, modules)."""
+    for fam in families.families():
+        if name in fam.bench or (not name and any(p.default for p in fam.bench.values())):
+            return fam.part("synthetic")
+    raise OptionError(f"no family offers the bench preset {name!r}; see `prolora bench --help`")
+
+
+def default_preset() -> str:
+    """The bench preset marked default in the family records."""
+    return next(n for fam in families.families() for n, p in fam.bench.items() if p.default)
+
+
 def prepare(cfg: BenchConfig) -> dict[str, Path]:
     """Source and target checkpoints (single-file) and the LoRAs; reused when already there."""
-    from .synthetic import write_model, write_qwen_model
+    from .synthetic import write_model
 
+    cfg.family = cfg.family or default_preset()
     cfg.folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
-    write = write_qwen_model if cfg.family == "qwen-image" else write_model
+    write = write_model
     src, tgt = cfg.folder / f"{tag}-source.safetensors", cfg.folder / f"{tag}-target.safetensors"
     if not src.exists():
         _say(f"writing source model {src}")
@@ -108,39 +113,55 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
         write(tgt, _model_config(cfg, target=True), layout="single-file", dtype=cfg.dtype, seed=0, base=src,
               device=cfg.device)
     loras = []
+    fmt, pattern = bench_part(cfg.family).BENCH_LORA
     with open_model(src) as m:
-        modules = select_modules(m, cfg)
+        modules = select_modules(m, cfg, pattern)
         sel = (f"-w{cfg.lora_width}" if cfg.lora_width else "") + (f"-n{cfg.lora_layers}" if cfg.lora_layers else "")
         for i in range(max(cfg.loras, 1)):
             p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}{sel}.safetensors"
             if not p.exists():
-                _write_lora(m, modules, p, cfg.rank, seed=i)
+                _write_lora(m, modules, p, cfg.rank, seed=i, fmt=fmt)
             loras.append(p)
     return {"source": src, "target": tgt, "loras": loras, "modules": modules}
 
 
-def select_modules(model, cfg: BenchConfig) -> list[str]:
-    """The bench's LoRA layers: every block linear of the family's pattern, or (--lora-width,
-    --lora-layers) the first N of those whose smaller side is that wide."""
-    modules = [name for name in model.weights if _lora_pattern(cfg).match(name)]
+def select_modules(model, cfg: BenchConfig, pattern: re.Pattern) -> list[str]:
+    """The bench's LoRA layers: every module of the family's pattern (its BENCH_LORA), or
+    (--lora-width, --lora-layers) the first N of those whose smaller side is that wide."""
+    modules = [name for name in model.weights if pattern.match(name)]
     if cfg.lora_width:
         modules = [n for n in modules if min(model.weights[n].shape[0], math.prod(model.weights[n].shape[1:]))
                    == cfg.lora_width]
     return modules[:cfg.lora_layers] if cfg.lora_layers else modules
 
 
-def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int) -> None:
-    """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2): kohya for UNet
-    models, PEFT (split q/k/v, as ai-toolkit and diffusers write them) for the transformer families
-    (Flux, Chroma, Qwen-Image)."""
+def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int, fmt: str) -> None:
+    """A LoRA on `modules` whose deltas are ~5% of the weights (alpha = rank / 2), in the format
+    the family's trainers write (its synthetic part's BENCH_LORA: kohya for UNet models, PEFT with
+    split q/k/v for the transformer families)."""
     g = torch.Generator().manual_seed(seed)
+    spelling = "peft" if fmt == "peft" else model.kohya_spelling
     mods = {}
-    fmt = "kohya" if model.family in ("sd1", "sd2", "sdxl", "ssd-1b") else "peft"
+    fused: dict[str, list[str]] = {}  # a key that adapts several modules (slices of one fused weight)
     for name in modules:
+        hit = model.spell_fused(name, spelling)
+        if hit is not None:
+            fused.setdefault(hit[0], []).append(name)
+            mods.setdefault(hit[0], None)
+            continue
         out, inp = model.weights[name].shape[:2]
-        key = model.spell(name, "peft" if fmt == "peft" else model.kohya_spelling)
+        key = model.spell(name, spelling)
         down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
         up = torch.randn(out, rank, generator=g) * (0.1 / math.sqrt(rank))
+        mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
+    for key, names in fused.items():  # one down; up rows on each slice's rows (zero elsewhere)
+        total = model.spell_fused(names[0], spelling)[1]
+        inp = model.weights[names[0]].shape[1]
+        down = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, rank)
+        for name in names:
+            for a, b in model.spell_fused(name, spelling)[2]:
+                up[a:b] = torch.randn(b - a, rank, generator=g) * (0.1 / math.sqrt(rank))
         mods[key] = LoraModule(key, down.half(), up.half(), rank / 2)
     write_lora(path, LoraFile(fmt, mods, {"ss_network_dim": str(rank)}, torch.float16), fmt)
 
@@ -199,14 +220,6 @@ def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
         raise RuntimeError(f"bench run failed: {proc.stderr.strip().splitlines()[-1:]}")
     data = json.loads(report.read_text())
     return {"wall_s": wall, "cpu_s": cpu, "data": data, "loadavg": [load, os.getloadavg()[0]]}
-
-
-def _children_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes so far."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def _engine(data: dict[str, Any]) -> dict[str, Any]:
@@ -292,26 +305,15 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _lora_pattern(cfg: BenchConfig) -> re.Pattern:
-    """Which of the source's modules the bench's LoRAs adapt."""
-    return QWEN_LINEAR if cfg.family == "qwen-image" else FLUX_LINEAR if cfg.family in FLUX_PAIRS else BLOCK_LINEAR
+    """Which of the source's modules the bench's LoRAs adapt (the family part's BENCH_LORA)."""
+    return bench_part(cfg.family).BENCH_LORA[1]
 
 
 def _model_config(cfg: BenchConfig, target: bool = False):
     """The synthetic model configuration a bench of `cfg` builds (real layer shapes at width 1):
-    the source's, or with `target` the target's (another family only for a derived pair such as
-    FLUX.1-schnell -> Chroma)."""
-    from .synthetic import flux_config, preset, qwen_config, shrink
-
-    if cfg.family == "qwen-image":  # Qwen-Image -> Qwen-Image-Edit (the same layout)
-        blocks = max(1, round(qwen_config("full").num_layers * cfg.depth))
-        return qwen_config("full" if cfg.width >= 1.0 else "small", blocks=blocks, edit=target)
-    if cfg.family in FLUX_PAIRS:  # width 1 is the real 3072, anything less the small preset (384)
-        name = FLUX_PAIRS[cfg.family][1 if target else 0]
-        scale = "full" if cfg.width >= 1.0 else "small"
-        base = flux_config(name, scale)
-        return flux_config(name, scale, blocks=(max(1, round(base.num_layers * cfg.depth)),
-                                                max(1, round(base.num_single_layers * cfg.depth))))
-    return shrink(preset(cfg.family), cfg.width, cfg.depth)
+    the source's, or with `target` the target's (another member only for a derived pair such as
+    FLUX.1-schnell -> Chroma), from the family part's bench_pair."""
+    return bench_part(cfg.family).bench_pair(cfg.family or default_preset(), cfg.width, cfg.depth)[int(target)]
 
 
 def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
@@ -320,17 +322,21 @@ def device_plan(cfg: BenchConfig, max_gpu_memory: int) -> dict[str, Any]:
     device bytes the planner budgets for them (both weights in their stored dtype and in
     float32, Gram matrix and eigensolver workspace, both bases), plus the LoRAs' factors. The
     planner keeps each chunk within --max-gpu-memory / 1.5 (the next chunk's weights are in
-    flight); the fake-CUDA tests (tests/test_fake_cuda.py) run the real engine on small shapes and
+    flight); the fake-CUDA tests (tests/engine/test_fake_cuda.py) run the real engine on small shapes and
     check that the live device bytes stay within --max-gpu-memory."""
     from .engine.planner import chunk_limit, chunk_modules, module_bytes
     from .options import parse_size
-    from .synthetic import model_params, qwen_params
+    from .synthetic import model_params
 
     pattern = _lora_pattern(cfg)
     model_cfg = _model_config(cfg)
-    components = {"transformer": qwen_params(model_cfg)} if cfg.family == "qwen-image" else model_params(model_cfg)
-    shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
-              for name, shape in params if name.endswith(".weight")}
+    part = bench_part(cfg.family)
+    if hasattr(part, "module_shapes"):  # canonical ids that are not parameters (slices of fused weights)
+        shapes = part.module_shapes(model_cfg)
+    else:
+        components = model_params(model_cfg)
+        shapes = {f"{comp}.{name[:-len('.weight')]}": shape for comp, params in components.items()
+                  for name, shape in params if name.endswith(".weight")}
     modules = [m for m in shapes if pattern.match(m)]
     itemsize = torch.finfo(cfg.dtype).bits // 8
     need = {m: module_bytes(shapes[m], itemsize, 2) + cfg.loras * cfg.rank * sum(shapes[m][:2]) * 4
@@ -392,30 +398,6 @@ def targets(res: BenchResult) -> dict[str, Any]:
     if len(warm) == 2 and warm[1]["loras"] > 1:
         out["warm_seconds_per_additional_lora"] = (warm[1]["seconds"] - warm[0]["seconds"]) / (warm[1]["loras"] - 1)
     return out
-
-
-def phases(r: dict[str, Any]) -> dict[str, float]:
-    """Seconds per phase of one end-to-end run. Wall seconds of the main thread's phases, the
-    bases' wall split into gram / eigensolver / recover in proportion to their thread-seconds (the
-    bases of two layers run at once); read and cache write run in background threads, overlapping."""
-    p, th = r["parts_s"], r.get("basis_phases_thread_s") or {}
-    basis = p.get("basis", 0.0)
-    busy = sum(th.get(k, 0.0) for k in ("gram", "eigensolver", "recover"))
-    out = {"read": p.get("load", 0.0)}
-    if busy:
-        out.update({k: basis * th.get(k, 0.0) / busy for k in ("gram", "eigensolver", "recover")})
-    else:
-        out["bases (full SVD)" if r.get("solvers") else "bases (cache)"] = basis
-    out.update({"cache write": p.get("cache_write", 0.0), "similarity": p.get("similarity", 0.0),
-                "projection": p.get("project", 0.0), "write": p.get("write", 0.0)})
-    return out
-
-
-def phase_line(r: dict[str, Any]) -> str:
-    solvers = ", ".join(f"{k} {v}" for k, v in (r.get("solvers") or {}).items()) or "-"
-    return (" | ".join(f"{k} {v:.1f}" for k, v in phases(r).items()) + f" s; bases by solver: {solvers}"
-            + (f"; {len(r['fallbacks'])} fell back to a dense eigh" if r.get("fallbacks") else "")
-            + (f"; CPU {r['cpu_s']:.0f} s, load {r['loadavg_1min'][0]:.1f}-{r['loadavg_1min'][1]:.1f}" if "cpu_s" in r else ""))
 
 
 def table(res: BenchResult) -> str:

@@ -49,6 +49,21 @@ class ModelEntry:
     path: Path
 
 
+@dataclass
+class Entry:
+    """A cache entry found by BasisCache.locate: its open file, the k asked (resolved), the
+    spectrum and ||W||_F^2. Ut and Vt hold the vectors as rows: the first k rows are the basis."""
+
+    file: SafetensorsFile
+    k: int
+    S: torch.Tensor
+    energy: float
+
+    def rows(self, name: str) -> torch.Tensor:
+        """The first k rows of "Ut" or "Vt" (k x m or k x n)."""
+        return self.file.get_rows(name, 0, self.k)
+
+
 class BasisCache:
     """Bases of base-model layers on disk, shared by runs and processes."""
 
@@ -77,30 +92,47 @@ class BasisCache:
         except OSError as e:  # a read-only or full cache folder: run without caching
             self._write_failed(e)
 
-    def get(self, model_id: str, module: str, shape: tuple[int, int], k: KSpec,
-            dtype: torch.dtype) -> Basis | None:
-        """The basis if a complete entry with enough vectors exists, else None."""
+    def locate(self, model_id: str, module: str, shape: tuple[int, int], k: KSpec,
+               dtype: torch.dtype) -> "Entry | None":
+        """The open entry of a module if it is complete and holds at least the k asked (its
+        spectrum read, its vectors not yet), else None; counts the hit or miss. The caller
+        reads the vectors (`Entry.rows`, or straight into its own buffers) and closes it."""
         path = self._file(model_id, module, dtype)
+        f = None
         try:
-            with SafetensorsFile(path) as f:
-                md = f.metadata
-                if md.get("version") != FORMAT_VERSION or md.get("shape") != f"{shape[0]}x{shape[1]}":
-                    self.misses += 1
-                    return None
-                S = f.get("S")
-                energy = float(md["energy"])
-                stored = int(md["k"])
-                kk = resolve_k(k, S, energy)
-                if kk > stored:
-                    self.misses += 1
-                    return None
-                U = f.get_rows("Ut", 0, kk).T
-                V = f.get_rows("Vt", 0, kk).T
+            f = SafetensorsFile(path)
+            md = f.metadata
+            if md.get("version") != FORMAT_VERSION or md.get("shape") != f"{shape[0]}x{shape[1]}":
+                raise ValueError("another version or shape")
+            S = f.get("S")
+            energy = float(md["energy"])
+            kk = resolve_k(k, S, energy)
+            if kk > int(md["k"]):
+                raise ValueError("too few vectors")
+            for name in ("Ut", "Vt"):
+                f.info(name)
         except (InputFileError, CorruptFileError, KeyError, ValueError):
+            if f is not None:
+                f.close()
             self.misses += 1
             return None
         self.hits += 1
-        return Basis(U, S, V, energy)
+        return Entry(f, kk, S, energy)
+
+    def get(self, model_id: str, module: str, shape: tuple[int, int], k: KSpec,
+            dtype: torch.dtype) -> Basis | None:
+        """The basis if a complete entry with enough vectors exists, else None."""
+        entry = self.locate(model_id, module, shape, k, dtype)
+        if entry is None:
+            return None
+        try:
+            with entry.file:
+                U, V = entry.rows("Ut").T, entry.rows("Vt").T
+        except (InputFileError, CorruptFileError):
+            self.hits -= 1
+            self.misses += 1
+            return None
+        return Basis(U, entry.S, V, entry.energy)
 
     def stored_k(self, model_id: str, module: str, dtype: torch.dtype) -> int:
         """How many vectors the entry holds (0: none)."""

@@ -123,8 +123,8 @@ class FactorSVD:
 
     def retained(self, k: int) -> float:
         """The share of the Frobenius energy the top k singular values keep, in [0, 1] (1 for zero)."""
-        total = float((self.S.double() ** 2).sum())
-        kept = float((self.S[:k].double() ** 2).sum())
+        sq = self.S.double() ** 2
+        total, kept = torch.stack([sq.sum(), sq[:k].sum()]).tolist()  # one read (a GPU waits once)
         return kept / total if total > 0.0 else 1.0
 
 
@@ -171,12 +171,22 @@ class Similarity:
 
 
 def similarity(src: Basis, tgt: Basis, shape: tuple[int, int]) -> Similarity:
-    m, n = shape
-    k = src.k
-    Ml, Mr = tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)
-    pl, pr = (float((M.double() ** 2).sum() / k) if k else 1.0 for M in (Ml, Mr))
-    return Similarity({"phi_left": pl, "phi_right": pr,
-                       "phi_null_left": phi_null(pl, m, k), "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr))
+    return similarity_many([(src, tgt, shape)])[0]
+
+
+def similarity_many(items: list[tuple[Basis, Basis, tuple[int, int]]]) -> list[Similarity]:
+    """similarity(src, tgt, shape) of many modules, their figures read in one go: on a GPU the
+    host waits once for all of them instead of twice per module."""
+    crosses = [(tgt.U.T @ src.U.to(tgt.U.dtype), tgt.V.T @ src.V.to(tgt.V.dtype)) for src, tgt, _ in items]
+    sums = [(M.double() ** 2).sum() / src.k for (src, _, _), pair in zip(items, crosses) if src.k for M in pair]
+    values = iter(torch.stack(sums).tolist() if sums else [])
+    out = []
+    for (src, _, (m, n)), (Ml, Mr) in zip(items, crosses):
+        k = src.k
+        pl, pr = (next(values), next(values)) if k else (1.0, 1.0)
+        out.append(Similarity({"phi_left": pl, "phi_right": pr, "phi_null_left": phi_null(pl, m, k),
+                               "phi_null_right": phi_null(pr, n, k)}, (Ml, Mr)))
+    return out
 
 
 def similarities(pairs: dict[str, tuple[Basis, Basis]], shapes: dict[str, tuple[int, int]],

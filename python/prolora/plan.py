@@ -124,6 +124,15 @@ def _unresolved_reason(source: BaseModel, key: str) -> str:
     return "no such module in the source model" + (f": {why}; dropped" if why else "")
 
 
+def _refuse_other_family(lora: LoraFile, source: BaseModel, where: str) -> None:
+    """Raise when the LoRA's metadata, key names or shapes say it is for a family unrelated to the
+    source's (families.guess_lora): one line naming both."""
+    member, how = guess_lora(lora)
+    if member != "unknown" and not related(member, source.family):
+        raise LoraMismatchError(f"{where}: a {member} LoRA ({how}), but source model {source.name} is "
+                                f"{source.family}: a LoRA transfers between models of its own family")
+
+
 def check_families(source: BaseModel, target: BaseModel, widths: str = "refuse") -> None:
     """Refuse a transfer between models whose layers do not correspond (families.check_pair;
     `widths`: the --widths option, which lets models of other widths through where a family allows)."""
@@ -148,17 +157,18 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
     where = str(lora.path or "LoRA")
     resolved: dict[str, list[tuple[str, str, LoraModule | None]]] = {}
     missing: list[str] = []
-    for key in lora.modules:
-        hit = _resolve(source, key, lora.modules[key], where)
-        if hit is None:
-            missing.append(key)
-        else:
-            resolved[key] = hit
+    try:
+        for key in lora.modules:
+            hit = _resolve(source, key, lora.modules[key], where)
+            if hit is None:
+                missing.append(key)
+            else:
+                resolved[key] = hit
+    except LoraMismatchError:  # a module that does not fit its weight: first, is the LoRA of another family?
+        _refuse_other_family(lora, source, where)
+        raise
     if lora.modules and len(resolved) < MIN_MATCH_SHARE * len(lora.modules):
-        member, how = guess_lora(lora)
-        if member != "unknown" and not related(member, source.family):
-            raise LoraMismatchError(f"{where}: a {member} LoRA ({how}), but source model {source.name} is "
-                                    f"{source.family}: a LoRA transfers between models of its own family")
+        _refuse_other_family(lora, source, where)
         raise LoraMismatchError(
             f"{where}: only {len(resolved)} of {len(lora.modules)} modules exist in source model "
             f"{source.name} ({source.family}), e.g. '{missing[0]}': is the LoRA for another model?")

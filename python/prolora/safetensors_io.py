@@ -208,9 +208,22 @@ class SafetensorsFile:
             raise InputFileError(f"{self.path}: no tensor named '{name}'") from None
 
     def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._pread(name, offset, buf)
+        return buf
+
+    def read_into(self, name: str, offset: int, out: torch.Tensor) -> None:
+        """Bytes offset.. of tensor `name`'s data into `out`, a contiguous uint8 host tensor
+        (e.g. a pinned buffer: the one copy between the file and the device)."""
+        info = self.info(name)
+        if offset < 0 or offset + out.numel() > info.nbytes:
+            raise InputFileError(f"{self.path}: bytes {offset}..{offset + out.numel()} out of range for '{name}'")
+        self._pread(name, info.start + offset, out)
+
+    def _pread(self, name: str, offset: int, buf: torch.Tensor) -> None:
         if self._fd is None:
             raise InputFileError(f"{self.path}: file already closed")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        nbytes = buf.numel()
         view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
         done = 0
         while done < nbytes:
@@ -221,7 +234,6 @@ class SafetensorsFile:
             if n == 0:
                 raise _corrupt(self.path, f"file ends inside the data of key '{name}' (truncated?)")
             done += n
-        return buf
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in its stored dtype."""

@@ -154,6 +154,10 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
     with ExitStack() as stack:
         src, tgt = model_of(source, stack), model_of(target, stack)
         check_families(src, tgt, opts.widths)  # before any similarity work
+        if opts.refine is not None:  # --refine's refusals (no text encoder, no stated context) before any work
+            from .refine.conditioning import preflight
+
+            preflight(opts.refine, (src, tgt))
         cache = _cache(opts)
         mapping, matches = matching_for(src, tgt, opts, cache)
 

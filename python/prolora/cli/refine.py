@@ -25,13 +25,20 @@ def add_refine_arguments(p: argparse.ArgumentParser, default_steps: int) -> None
                    help="weight of a relative L2 pull toward the transferred factors (default %(default)s)")
     g.add_argument("--refine-resolution", type=int, default=None, metavar="N",
                    help="latent size of the noise inputs (default: the model's sample size, at most 32)")
+    g.add_argument("--refine-holdout", type=int, default=d.holdout, metavar="N",
+                   help="held-out inputs the before/after check measures (default %(default)s)")
     g.add_argument("--refine-seed", type=int, default=d.seed, metavar="N",
                    help="seed of every random draw (default %(default)s)")
     g.add_argument("--refine-cond", default=None, metavar="KIND",
                    help="conditioning: prompts | prompts:FILE | tags | random (default: tags when the LoRA has "
-                        "kohya tags, else the built-in prompts; random when the bases ship no text encoder)")
+                        "kohya tags, else the built-in prompts, through the models' own text encoders; without "
+                        "any encoder the refinement refuses unless random context is stated with --refine-tokens)")
     g.add_argument("--refine-tokens", type=int, default=None, metavar="N",
-                   help="context tokens of random conditioning (default 77 for UNets, 256 for Flux)")
+                   help="context tokens of random conditioning (required without a text encoder; default with "
+                        "one: 77 for CLIP-conditioned UNets, 256 T5 tokens for Flux)")
+    g.add_argument("--text-encoder", action="append", default=[], metavar="FILE", dest="text_encoder",
+                   help="a text encoder file (CLIP-L, CLIP-G / OpenCLIP, T5; .safetensors, float8 too) for models "
+                        "that carry none; repeat for each encoder of the model")
 
 
 def refine_options(a: argparse.Namespace) -> RefineOptions | None:
@@ -39,21 +46,35 @@ def refine_options(a: argparse.Namespace) -> RefineOptions | None:
     if not a.refine:
         return None
     return RefineOptions(steps=a.refine, lr=a.refine_lr, batch=a.refine_batch, anchor=a.refine_anchor,
-                         resolution=a.refine_resolution, seed=a.refine_seed, cond=a.refine_cond, tokens=a.refine_tokens)
+                         resolution=a.refine_resolution, seed=a.refine_seed, cond=a.refine_cond, tokens=a.refine_tokens,
+                         holdout=a.refine_holdout, text_encoders=tuple(a.text_encoder))
 
 
 def report_lines(stats: RefineStats | dict, top: int = 5) -> list[str]:
-    """The refinement rows: settings, the loss curve summary, the held-out delta-matching error
-    before and after, and the modules whose dW moved most."""
+    """The refinement rows: settings, the conditioning and where it came from, the time, the loss
+    curve summary, the held-out delta-matching error before and after and whether the refined
+    factors were kept, and the modules whose dW moved most."""
     s = stats if isinstance(stats, dict) else stats.asdict()
     settings = ", ".join(f"{k} {v}" for k, v in sorted(s["settings"].items()) if k != "steps")
-    lines = [f"refine: {s['steps']} steps ({settings}), {s['seconds']:.1f} s",
-             f"refine: loss first {s['loss_first']:.4g}, last {s['loss_last']:.4g}, min {s['loss_min']:.4g}; "
-             f"curve (per tenth) {' '.join(f'{x:.3g}' for x in s['curve'])}",
-             f"refine: held-out delta-matching error {s['error_before']:.4f} before -> {s['error_after']:.4f} after "
-             "(||(T+L') - [T + (S+L) - S]||^2 / ||(S+L) - S||^2)"]
+    c, t = s.get("conditioning") or {}, s.get("timings") or {}
+    lines = [f"refine: {s['steps']} steps ({settings}), {s['seconds']:.1f} s"
+             + (f" (build {t['build']:.1f} s, encode {t['encode']:.1f} s, held-out {t['held_out']:.1f} s, "
+                f"steps {t['steps']:.1f} s)" if "build" in t else "")]
+    if c:
+        lines += [f"refine: conditioning {c['kind']}: {c['context']}",
+                  f"refine: text encoders: source {c['source']}; target {c['target']}",
+                  f"refine: held-out contexts: {c['held_out']}"]
+    verdict = "; kept" if s.get("kept", True) else ("; no fall beyond the held-out noise, so the transferred LoRA "
+                                                   "is kept unrefined")
+    lines += [f"refine: loss first {s['loss_first']:.4g}, last {s['loss_last']:.4g}, min {s['loss_min']:.4g}; "
+              f"curve (per tenth) {' '.join(f'{x:.3g}' for x in s['curve'])}",
+              f"refine: held-out delta-matching error {s['error_before']:.4f} before -> {s['error_after']:.4f} after "
+              f"(||(T+L') - [T + (S+L) - S]||^2 / ||(S+L) - S||^2){verdict}"]
+    if s.get("probes"):
+        lines.append("refine: the same check at other token counts (random context; the model's count is the one "
+                     "stated): " + ", ".join(f"{k} {b:.4f} -> {a:.4f}" for k, (b, a) in s["probes"].items()))
     moved = sorted(s["modules"].items(), key=lambda kv: -kv[1])[:top]
-    if moved:
+    if moved and s.get("kept", True):
         lines.append("refine: most changed modules (relative dW change): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in moved))
     return lines

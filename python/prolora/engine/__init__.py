@@ -3,7 +3,9 @@ models, under host and device memory budgets. Read in the order the data flows:
 
     planner   which modules compute together (chunks) and which LoRAs share a pass
     loader    reads a chunk's weights and cached bases in a background thread (read_ahead)
+    device    GPU runs: pinned staging, the copy and back streams, events, worker threads
     bases     top-k bases from the cache or the truncated_svd op, kept on the compute device
+    writer    GPU runs: cache entries copied back on a side stream, written by a thread
     runner    per module: similarity -> projection of every LoRA on it -> finished layers
     results   one layer job through the method; parking, alpha convention, the layer's record
     memory    the governor: resident memory, the budget, trimming the heap near it

@@ -2,9 +2,10 @@
 the truncated_svd op, dispatched per shape and batch. On a CPU the bases of a chunk's layers run
 concurrently on host threads, one BLAS thread each (ops/host.py), for backends that allow it; the
 target's are computed after the source's, each warm-started from its source basis where the
-eigensolver uses a start. Cache entries are written by a background thread, at most one chunk
-behind. On a GPU run the bases stay on the device for the similarity and the projection; only cache
-entries go back to the host."""
+eigensolver uses a start; CPU cache entries are written by a background thread, at most one chunk
+behind. On a GPU run same-shape layers are batched, the bases stay on the device for the similarity
+and the projection (their spectra, which only the host reads, stay on the host); only cache entries
+go back to the host, on a side stream, and a writer thread stores them (engine/writer.py)."""
 from __future__ import annotations
 
 import time
@@ -18,7 +19,9 @@ from ..ops import Basis, topk_eigh, truncated_svd
 from ..ops.host import Clock, host_map
 from ..ops.registry import Backend, Problem, override_for
 from ..options import TransferOptions
+from .device import DeviceIO
 from .loader import Loader, Prefetched, flat_shape
+from .memory import default_budget
 
 
 def basis_dtype(opts: TransferOptions) -> torch.dtype:
@@ -28,31 +31,39 @@ def basis_dtype(opts: TransferOptions) -> torch.dtype:
 
 
 class BasisProvider:
-    """Top-k bases of matching source and target layers, on the compute device."""
+    """Top-k bases of matching source and target layers, on the compute device. `writer` (a
+    CacheWriter) stores a GPU run's cache entries off the compute path."""
 
     def __init__(self, source: BaseModel, target: BaseModel, opts: TransferOptions, cache: BasisCache | None,
-                 background_writes: bool = False):
+                 background_writes: bool = False, writer=None):
         """`background_writes`: on a CPU run, cache entries are written by a background thread (then
-        close() once done, so that the cache is complete); else before bases() returns. (A GPU run
-        copies its entries to the host where it computes: issue 23 gives it a side stream.)"""
+        close() once done, so that the cache is complete); else before bases() returns. A GPU run
+        with a `writer` gives it its entries instead."""
         self.source, self.target, self.opts, self.cache = source, target, opts, cache
         self.device = torch.device(opts.device)
         self.background = background_writes and self.device.type == "cpu"
         self.dtype = basis_dtype(opts)
-        self.loader = Loader(source, target, opts.subspace, cache, self.dtype, self.device)
+        self.io = DeviceIO(self.device, opts.max_memory or default_budget()) if self.device.type == "cuda" else None
+        self.loader = Loader(source, target, opts.subspace, cache, self.dtype, self.device, self.io)
+        self.writer = writer
+        self.batches = 0  # truncated_svd calls (on a CPU with host threads: one per matrix)
         self.seconds = {"basis": 0.0, "cache_write": 0.0}
         self.clock = Clock()  # thread-seconds of the basis phases (gram, eigensolver, recover)
         self.backends: set[str] = set()  # the truncated_svd backends that ran
         self.solvers: dict[str, int] = {}  # bases per eigensolver path ("eigh", "subspace", "eigh (fallback)")
         self.fallbacks: list[dict[str, str]] = []  # layers an iterative eigensolver handed to eigh, and why
-        self._writer: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
         if cache is not None:
             for m in (source, target):
                 cache.register(m.identity(), m.name, m.family)
 
     def _on_device(self, b: Basis) -> Basis:
-        return b if b.U.device == self.device else b.map(lambda t: t.to(self.device, non_blocking=True))
+        """U and V on the compute device (the spectrum S stays where it is: only the host reads it)."""
+        if b.U.device == self.device:
+            return b
+        move = lambda t: t.to(self.device)  # noqa: E731  (host bases: the CPU path, or a cache hit there)
+        return Basis(move(b.U), b.S, move(b.V), b.energy, b.solver)
 
     def _backend(self, shape: tuple, dtype: torch.dtype, batch: int) -> Backend:
         problem = Problem(device=self.device.type, dtype=str(dtype).removeprefix("torch."), shape=shape, batch=batch)
@@ -75,11 +86,14 @@ class BasisProvider:
             if backend.host_threads and self.device.type == "cpu":
                 pooled += [(backend, m) for m in names]
                 continue
-            # pinned host tensors (see Loader.read) copy asynchronously; the stack is built on the device
-            stack = torch.stack([weights[m].to(self.device, non_blocking=True) for m in names])
+            self.batches += 1
+            # weights are on the compute device already (uploaded by the loader) on a GPU run
+            stack = torch.stack([weights[m].to(self.device) for m in names])
             warms = [warm.get(m) if warm else None for m in names]
             bases = backend.fn(stack, [ks[m] for m in names], dtype=self.dtype, **backend.kwargs(warm=warms, **extra))
             del stack
+            if self.io is not None:  # the layout every use takes; the cache entry's rows are then one copy
+                bases = [b.columns() for b in bases]
             out.update(zip(names, ((b, backend) for b in bases)))
 
         def one(item: tuple[Backend, str]) -> Basis:
@@ -88,6 +102,7 @@ class BasisProvider:
             return backend.fn(weights[m], ks[m], dtype=self.dtype, **backend.kwargs(warm=w, **extra))
 
         pooled.sort(key=lambda item: -weights[item[1]].numel())  # largest first: the threads finish together
+        self.batches += len(pooled)
         out.update(zip((m for _, m in pooled), zip(host_map(one, pooled), (b for b, _ in pooled))))
         result = {}
         for m, (b, backend) in out.items():
@@ -109,8 +124,12 @@ class BasisProvider:
         """Cache entries, in the background at most one chunk behind (what waits stays bounded)."""
         if self.cache is None or not bases:
             return
-        if self._writer is None and self.background:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-cache")
+        if self.writer is not None:  # a GPU run: copies on the side stream, a writer thread (engine/writer.py)
+            for m, b in bases.items():
+                self.writer.put(model.identity(), m, b, flat_shape(model, m), backends[m])
+            return
+        if self._pool is None and self.background:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prolora-cache")
         ident = model.identity()
         items = [(m, b, flat_shape(model, m), backends[m]) for m, b in bases.items()]
 
@@ -121,7 +140,7 @@ class BasisProvider:
             self.seconds["cache_write"] += time.perf_counter() - t0
 
         if self.background:
-            self._writes.append(self._writer.submit(write))
+            self._writes.append(self._pool.submit(write))
         else:
             write()
 
@@ -133,9 +152,9 @@ class BasisProvider:
 
     def close(self) -> None:
         self.flush()
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _cold_pairs(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]] | None:
         """A chunk with nothing cached, on a CPU: each module's source basis and then its target's
@@ -172,6 +191,7 @@ class BasisProvider:
             return src, bt.fn(p.Wt, k, dtype=self.dtype, **bt.kwargs(warm=warm, **extra))
 
         mods.sort(key=lambda m: -pre[m].Ws.numel())  # largest first: the threads finish together
+        self.batches += 2 * len(mods)
         done = dict(zip(mods, host_map(pair, mods)))
         for m, (s, t) in done.items():
             self._count(self.source, m, s)
@@ -186,6 +206,9 @@ class BasisProvider:
     def bases(self, pre: dict[str, Prefetched]) -> dict[str, tuple[Basis, Basis]]:
         """(source basis at its chosen k, target basis at the same k) per module, on the device."""
         self.flush()  # the previous chunk's cache entries: writes stay at most one chunk behind
+        if self.io is not None:
+            for ev in {id(p.ready): p.ready for p in pre.values()}.values():
+                self.io.wait(ev)
         cold = self._cold_pairs(pre)
         if cold is not None:
             return cold
@@ -196,6 +219,7 @@ class BasisProvider:
         need: dict[str, torch.Tensor] = {}
         ks: dict[str, int] = {}
         warm: dict[str, torch.Tensor] = {}
+        uploaded = False  # read by this thread (not the loader's), so waited for here
         for m, p in pre.items():
             t, k = p.target, self.loader.target_k(src[m], p.target)
             ks[t] = max(ks.get(t, 0), k)
@@ -203,14 +227,18 @@ class BasisProvider:
                 tgt[t] = self._on_device(p.tgt)
                 continue
             if p.Wt is None and p.tgt_stored_k >= k:
+                uploaded = True
                 hit = self.loader.cached(self.target, t, k)
                 if hit is not None:
                     tgt[t] = self._on_device(hit)
                     continue
+            uploaded = uploaded or p.Wt is None
             need[t] = p.Wt if p.Wt is not None else self.loader.read(self.target, t)
             if flat_shape(self.target, t) == flat_shape(self.source, m):
                 s = src[m]  # the source basis on the Gram side: a start for an iterative eigensolver
                 warm[t] = s.U if s.U.shape[0] <= s.V.shape[0] else s.V
+        if self.io is not None and uploaded:
+            self.io.wait(self.loader.fence())
         tgt.update(self._compute(self.target, need, {t: ks[t] for t in need}, warm))
         return {m: (src[m].columns(), tgt[p.target].truncate(min(src[m].k, tgt[p.target].k)).columns())
                 for m, p in pre.items()}
@@ -221,5 +249,7 @@ class BasisProvider:
         spec = self.loader.chooser(module) if k is None else k
         hit = self.loader.cached(model, module, spec)
         if hit is None:
-            hit = self._compute(model, {module: self.loader.read(model, module)}, {module: spec})[module]
+            hit = self._compute(model, {module: self.loader.fetch(model, module)}, {module: spec})[module]
+        elif self.io is not None:
+            self.io.wait(self.loader.fence())
         return self._on_device(hit)

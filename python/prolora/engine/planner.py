@@ -80,12 +80,14 @@ def difference_chunks(items: Sequence[T], size: Callable[[T], int], budget: int)
 
 
 def chunk_limit(host_budget: int, host_resident: int, device_budget: int | None) -> float:
-    """Bytes one chunk may take: what the host budget leaves over what is resident, and the
-    device budget when computing on a GPU, each shared with the next chunk in flight."""
-    limits = [max(host_budget - host_resident, 0) / IN_FLIGHT]
+    """Bytes one chunk may take, shared with the next chunk in flight: on the CPU what the host
+    budget leaves over what is resident; on a GPU (`device_budget` given) the device budget
+    alone. A GPU chunk lives on the device: its weights pass through a bounded pinned staging
+    ring (engine/device.py) and its results come back a layer at a time, so the chunk's size
+    costs the host nothing and the host budget does not bound it."""
     if device_budget is not None:
-        limits.append(device_budget / IN_FLIGHT)
-    return min(limits)
+        return device_budget / IN_FLIGHT
+    return max(host_budget - host_resident, 0) / IN_FLIGHT
 
 
 def lora_passes(sizes: list[int], spare: int) -> list[list[int]]:

@@ -99,9 +99,19 @@ def factors(job: LayerJob, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
     in, A (r x n), in the bases' dtype, on the bases' device."""
     lm = job.lora
     dev, dt = basis.U.device, basis.U.dtype
-    B = lm.up.reshape(job.shape[0], lm.rank).to(dev, non_blocking=True).to(dt) * lm.scale
-    A = lm.down.reshape(lm.rank, -1).to(dev, non_blocking=True).to(dt)
+    B = _to(lm.up.reshape(job.shape[0], lm.rank), dev).to(dt) * lm.scale
+    A = _to(lm.down.reshape(lm.rank, -1), dev).to(dt)
     return B, A
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; to a GPU through pinned memory, so that the copy does not wait."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t if t.is_pinned() else t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
 
 
 def matrix_shape(job: LayerJob) -> tuple[int, int]:
@@ -109,10 +119,11 @@ def matrix_shape(job: LayerJob) -> tuple[int, int]:
 
 
 def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferOptions,
-            shared: Similarity | None = None, projected=None, project=None) -> JobResult:
+            shared: Similarity | None = None, projected=None, project=None, to_host=None) -> JobResult:
     """One LoRA module through the method (no bases needed for `copy`). `projected`: its
     (up, down) when the module's LoRAs were projected together; else `project` (a project_lora
-    backend function) projects it here. Finished factors come back to the host."""
+    backend function) projects it here. Finished factors come back to the host: by `to_host`
+    ([up, down] -> host tensors, e.g. non-blocking copies the caller waits for) when given."""
     t0 = time.perf_counter()
     if opts.method == "copy":
         if job.widths_differ:  # a copy cannot change a layer's shape
@@ -130,7 +141,7 @@ def run_job(job: LayerJob, src: Basis | None, tgt: Basis | None, opts: TransferO
                              project=project, svd=svd, shared=shared, projected=projected)
     rec = res.record
     if rec.transferred:
-        res.up, res.down = res.up.cpu(), res.down.cpu()
+        res.up, res.down = to_host([res.up, res.down]) if to_host is not None else (res.up.cpu(), res.down.cpu())
         out = _folded_module(job, res)
     elif opts.skipped == "copy" and not job.widths_differ:
         out, rec.reason = _copied(job), rec.reason + " (copied unchanged)"

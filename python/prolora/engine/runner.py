@@ -12,17 +12,19 @@ from typing import Callable
 
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
-from ..method import Similarity, similarity
+from ..method import Similarity, similarity_many
 from ..ops import Basis, project_lora
 from ..ops.registry import Backend, Problem, override_for
 from ..options import TransferOptions
 from ..plan import LayerJob
 from ..spill import Spill
 from .bases import BasisProvider
+from .device import in_worker, pending_bytes
 from .loader import read_ahead
 from .memory import budget as host_budget, current_rss, peak_rss, trim_near
 from .planner import chunk_limit, chunk_modules
-from .results import LoraTask, factors, matrix_shape, run_job
+from .results import JobResult, LoraTask, factors, matrix_shape, run_job
+from .writer import writer_for
 
 Progress = Callable[[int], None]
 
@@ -36,6 +38,7 @@ class EngineStats:
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
+    basis_batches: int = 0  # truncated_svd calls (one per shape of each model in a chunk)
     backends: dict[str, str] = field(default_factory=dict)  # op -> the backends that ran it
     matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
     passes: int = 0
@@ -56,6 +59,7 @@ class EngineStats:
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.cache_hits += other.cache_hits
         self.cache_misses += other.cache_misses
+        self.basis_batches += other.basis_batches
         self.backends = self.backends or other.backends
         for name in ("basis_phases", "solvers"):
             mine = getattr(self, name)
@@ -84,6 +88,7 @@ class Engine:
         self.progress = progress
         self.stats = EngineStats()
         self.project_backends: set[str] = set()
+        self._to_host = None  # GPU run: non-blocking copies of finished factors (DeviceIO.download)
         self._similarity_s = 0.0  # within the projection phase: the similarity and the writes
         self._write_s = 0.0
 
@@ -114,24 +119,49 @@ class Engine:
             self.stats.seconds = {"total": time.perf_counter() - t0}
             return self.stats
         provider = BasisProvider(self.source, self.target, self.opts, self.cache, background_writes=True)
-        loader = provider.loader
+        loader, io = provider.loader, provider.io
+        provider.writer = writer = writer_for(self.cache, io, pending_bytes(host_budget(self.opts.max_memory)))
+        self._to_host = io.download if io is not None else None
         seen = (self.cache.hits, self.cache.misses) if self.cache is not None else (0, 0)
         chunks = self.chunks(order)
         self.stats.chunks = len(chunks)
         budget = host_budget(self.opts.max_memory)
         project_s = 0.0
-        with read_ahead(chunks, lambda chunk: loader.prefetch(chunk, targets)) as reads, \
-                closing(Spill(_spill_folder(tasks))) as spill, closing(provider):  # closed: cache entries written
-            for chunk, pre in reads:
-                bases = provider.bases(pre)
-                del pre
-                t1 = time.perf_counter()
-                for m in chunk:
-                    src, tgt = bases.pop(m)
-                    self._apply(m, work[m], src, tgt, on_done, spill)
-                trim_near(budget)  # near the budget: give back the heap's holes
-                project_s += time.perf_counter() - t1
+        prefetch = in_worker(loader.prefetch)
+        written = on_done
+
+        def on_done(task: LoraTask) -> None:  # the output's write, timed
+            t = time.perf_counter()
+            written(task)
+            self._write_s += time.perf_counter() - t
+
+        with read_ahead(chunks, lambda chunk: prefetch(chunk, targets)) as reads, \
+                closing(Spill(_spill_folder(tasks))) as spill, closing(provider):  # closed: CPU cache entries written
+            try:
+                for chunk, pre in reads:
+                    bases = provider.bases(pre)
+                    del pre
+                    t1 = time.perf_counter()
+                    shared = self._similarities(chunk, work, bases)
+                    self._similarity_s += time.perf_counter() - t1
+                    pending: list | None = [] if io is not None else None
+                    for m in chunk:
+                        src, tgt = bases.pop(m)
+                        self._apply(m, work[m], src, tgt, on_done, spill, shared.pop(m, None), pending)
+                    if pending:  # the chunk's finished factors: one wait for all their copies
+                        io.mark().synchronize()
+                        for task, res in pending:
+                            self._finish(task, res, on_done, spill)
+                    trim_near(budget)  # near the budget: give back the heap's holes
+                    project_s += time.perf_counter() - t1
+                if writer is not None:
+                    writer.close()
+                    writer = None
+            finally:
+                if writer is not None:  # failed: stop the writer, keep the first error
+                    writer.abandon()
         self.stats.bytes_read = loader.bytes_read
+        self.stats.basis_batches = provider.batches
         self.stats.seconds = {"load": loader.seconds, **provider.seconds, "similarity": self._similarity_s,
                               "write": self._write_s,
                               "project": project_s - self._similarity_s - self._write_s,
@@ -167,36 +197,64 @@ class Engine:
             return {}
         return {i: p for (i, _), p in zip(live, got)}
 
-    def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None) -> None:
-        shared = None  # the module's similarity, formed once for all the LoRAs on it
+    def _similarities(self, chunk: list[str], work, bases) -> dict[str, Similarity]:
+        """Each module's similarity (for every LoRA on it), the chunk's figures read at once."""
+        items = {}
+        for m in chunk:
+            src, tgt = bases[m]
+            job = next((job for _, job in work[m] if not job.widths_differ), None)
+            if src is not None and job is not None:
+                items[m] = (src, tgt, matrix_shape(job))
+        return dict(zip(items, similarity_many(list(items.values()))))
+
+    def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None,
+               shared: Similarity | None = None, pending: list | None = None) -> None:
+        """Every LoRA of one module through the method. Results are finished here, or on a GPU
+        run appended to `pending` and finished once their copies to the host are done."""
+        started = False  # the module's similarity, backend and joint projection, once for all LoRAs
         backend = None
         projected: dict[int, tuple] = {}
         for n, (task, job) in enumerate(items):
             if task.error is not None:
                 continue
             try:
-                if shared is None and src is not None and not job.widths_differ:
+                if not started and src is not None and not job.widths_differ:
+                    started = True
                     shape = matrix_shape(job)
-                    t0 = time.perf_counter()
-                    shared = similarity(src, tgt, shape)
-                    self._similarity_s += time.perf_counter() - t0
+                    if shared is None:
+                        t0 = time.perf_counter()
+                        shared = similarity_many([(src, tgt, shape)])[0]
+                        self._similarity_s += time.perf_counter() - t0
                     backend = self._project_backend(src, shape, items)
                     projected = self._projected(backend, items, src, tgt, shared)
                 res = run_job(job, src, tgt, self.opts, shared, projected.pop(n, None),
-                              backend.fn if backend is not None else None)
-                if spill is not None and len(task.results) + 1 < len(task.plan.jobs):
-                    try:  # a result completing its task is used at once
-                        res.park(spill, self.opts, task.lora.dtype)
-                    except OSError as e:  # the spill lies beside the outputs: a full disk there
-                        raise _CannotPark(f"{task.output or 'spill file'}: cannot write: {e.strerror or e}") from e
-                task.results.append(res)
-            except _CannotPark as e:
-                task.error = str(e)
+                              backend.fn if backend is not None else None, self._to_host)
             except Exception as e:  # one LoRA's failure must not stop the others
                 task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
-            if task.done:
-                t0 = time.perf_counter()
-                on_done(task)
-                self._write_s += time.perf_counter() - t0
+                if task.done:
+                    on_done(task)
+                continue
+            if pending is None:
+                self._finish(task, res, on_done, spill)
+            else:
+                pending.append((task, res))
         if self.progress:
             self.progress(1)
+
+    def _finish(self, task: LoraTask, res: JobResult, on_done, spill: Spill | None) -> None:
+        """A finished layer joins its task: parked on disk unless it completes the task."""
+        if task.error is not None:  # failed meanwhile: its other layers are not needed
+            return
+        try:
+            if spill is not None and len(task.results) + 1 < len(task.plan.jobs):
+                try:  # a result completing its task is used at once
+                    res.park(spill, self.opts, task.lora.dtype)
+                except OSError as e:  # the spill lies beside the outputs: a full disk there
+                    raise _CannotPark(f"{task.output or 'spill file'}: cannot write: {e.strerror or e}") from e
+            task.results.append(res)
+        except _CannotPark as e:
+            task.error = str(e)
+        except Exception as e:
+            task.error = f"{res.job.lora_key}: {type(e).__name__}: {e}"
+        if task.done:
+            on_done(task)

@@ -74,8 +74,9 @@ def looks_like(header: Header) -> str:
     keys = list(header.tensors)
     if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_up.weight", ".lora_B.weight")) for k in keys):
         return "a LoRA, not a base model (pass it as LORA)"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in keys) and \
-            not any("diffusion_model" in k for k in keys):
+    vae = ("encoder.conv_in.", "decoder.conv_in.", "encoder.down.", "decoder.up.", "encoder.down_blocks.",
+           "decoder.up_blocks.", "first_stage_model.")
+    if any(k.startswith(vae) for k in keys) and not any("diffusion_model" in k for k in keys):
         return "a VAE, not a diffusion model"
     if any(".SelfAttention." in k or k.startswith(("text_model.", "encoder.block.")) for k in keys):
         return "a text encoder by itself, not a diffusion model"

@@ -15,10 +15,12 @@ from .record import Family
 # order in which families are asked to claim an input and to guess what a LoRA is for; strict
 # detection makes the claims exclusive, so it matters only for the guesses.
 PACKAGES = (
+    "flux2",  # before flux: its LoRA metadata hints ("flux2", "flux-2") must be asked before FLUX.1's "flux"
     "flux",
     "wan",
     "qwen_image",
     "sd",
+    "z_image",
     "unsupported",
 )
 

@@ -18,10 +18,16 @@ def related(a: str, b: str) -> bool:
 def check_pair(source, target, widths: str = "refuse") -> None:
     """Raise ModelError when a transfer between these two models must not run: families whose
     layers do not correspond, or a family's own rule (e.g. Wan models of other widths)."""
+    fams = {id(f): f for f in (of(source), of(target)) if f is not None}.values()
     if not related(source.family, target.family):
+        # a family may say why it cannot pair with another (FLUX.2 with FLUX.1: unrelated architectures)
+        for fam in fams:
+            why = fam.pair_refusal(source, target, widths) if fam.pair_refusal is not None else None
+            if why is not None:
+                raise ModelError(why)
         raise ModelError(f"source {source.name} is {source.family} but target {target.name} is {target.family}: "
                          "cross-family transfer is not supported")
-    for fam in {id(f): f for f in (of(source), of(target)) if f is not None}.values():
+    for fam in fams:
         if fam.pair_refusal is not None:
             why = fam.pair_refusal(source, target, widths)
             if why is not None:

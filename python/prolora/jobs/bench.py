@@ -41,7 +41,7 @@ class ExtractBenchConfig:
     """What the extract bench generates and runs (width/depth < 1 shrink the model, honestly
     reported in the result)."""
 
-    family: str = "sdxl"
+    family: str = ""  # a bench preset of a family record (Family.bench); "" for the default one
     width: float = 1.0
     depth: float = 1.0
     folder: Path = Path("prolora-bench")
@@ -133,25 +133,21 @@ def _dtype(name: str) -> torch.dtype:
 
 def prepare(cfg: ExtractBenchConfig) -> dict[str, Path]:
     """The base and tuned files (generated once into cfg.folder, reused)."""
-    from ..synthetic import preset, shrink, write_model
+    from .. import families
+    from ..bench import bench_part, default_preset
+    from ..synthetic import write_model
 
+    cfg.family = cfg.family or default_preset()
     folder = Path(cfg.folder)
     folder.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.family}-w{cfg.width:g}-d{cfg.depth:g}"
     base, tuned = folder / f"extract-base-{tag}.safetensors", folder / f"extract-tuned-{tag}.safetensors"
-    flux = {"flux": "flux-dev", "chroma": "chroma"}.get(cfg.family)
-    dtype = torch.bfloat16 if flux else torch.float16
+    preset = next(f.bench[cfg.family] for f in families.families() if cfg.family in f.bench)
+    dtype = getattr(torch, preset.dtype)
     if not base.exists():
         _say(f"writing {base}")
-        if flux:
-            from ..synthetic import flux_config
-
-            full = flux_config(flux, "full")
-            blocks = None if cfg.depth >= 1.0 else (max(1, round(full.num_layers * cfg.depth)),
-                                                    max(1, round(full.num_single_layers * cfg.depth)))
-            model_cfg = flux_config(flux, "full" if cfg.width >= 1.0 else "small", blocks=blocks)
-        else:
-            model_cfg = shrink(preset(cfg.family), cfg.width, cfg.depth)
+        # the bench preset's own model (a derived pair's target: Chroma for "chroma")
+        model_cfg = bench_part(cfg.family).bench_pair(cfg.family, cfg.width, cfg.depth)[1]
         write_model(base, model_cfg, layout="single-file", dtype=dtype, seed=0)
     if not tuned.exists():
         _say(f"writing {tuned}")

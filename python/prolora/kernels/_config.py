@@ -134,6 +134,51 @@ def config_pruner(name: str, shared: SharedFn, keep: Callable[[dict, dict], bool
     return prune
 
 
+# ---- autotune keys: shape classes, not sizes ----------------------------------------------------
+
+
+# A key per size would autotune once per distinct problem: the per-layer k of a transfer alone
+# takes 138 values on SDXL's 1280-wide layers and 228 on Flux's, at about a second of tuning each.
+# Keys hold each dimension's class instead (up to 64, 256, 1024, more): a full SDXL transfer
+# forced onto the Triton projection meets 12 keys, for any k (tests/ops/test_kernels_keys.py).
+CLASS_BOUNDS = (64, 256, 1024)
+
+
+def shape_class(n: int) -> int:
+    """The autotune class of a dimension: 0 (<= 64), 1 (<= 256), 2 (<= 1024) or 3."""
+    return sum(int(n) > b for b in CLASS_BOUNDS)
+
+
+class _Keys:
+    seen: set | None = None  # recording: (kernel, key values, tensor dtypes) of every launch
+    launch: bool = True
+
+
+@contextlib.contextmanager
+def recording_keys(launch: bool = True) -> Iterator[set]:
+    """Collects the autotune key of every kernel launch in the block, as Triton's autotuner forms
+    it (the key arguments' values, then every tensor argument's dtype). launch=False skips the
+    kernels themselves (their outputs stay uninitialized): counting the keys that full-size
+    problems meet then costs no compute."""
+    before = (_Keys.seen, _Keys.launch)
+    _Keys.seen, _Keys.launch = set(), launch
+    try:
+        yield _Keys.seen
+    finally:
+        _Keys.seen, _Keys.launch = before
+
+
+def launch(kernel, grid, name: str, key: tuple[str, ...], *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), with its autotune key (the `key` arguments, passed by
+    keyword) recorded under recording_keys()."""
+    if _Keys.seen is not None:
+        dtypes = tuple(str(v.dtype) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        _Keys.seen.add((name, tuple(kwargs[k] for k in key), dtypes))
+        if not _Keys.launch:
+            return
+    kernel[grid](*args, **kwargs)
+
+
 def autotune(configs: list[dict], key: list[str], *, name: str, shared: SharedFn,
              keep: Callable[[dict, dict], bool] | None = None,
              reset_to_zero: list[str] | None = None):

@@ -83,7 +83,7 @@ def _tn_variants(configs, keeps=None) -> list[Variant]:
             for store, sq in ((True, False), (True, True), (False, True)):
                 flags = (("UPCAST", upcast), ("STORE", store), ("SQ", sq))
                 out += [Variant("tn", ptrs, flags, ("sap", "sxq", "scq"), tuple(c.items())) for c in configs
-                        if keeps is None or keeps(c, dict(flags))]
+                        if keeps is None or keeps(c, {**dict(flags), **dict(ptrs)})]
     return out
 
 

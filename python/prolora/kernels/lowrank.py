@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, next_pow2
+from ._config import (INTERP_TILE, autotune, check_device, check_grid, elem_bytes, interp_meta, launch,
+                      next_pow2, shape_class)
 
 # BR is the rank tile: a program computes BR columns of the outputs, so any rank runs (r = 256
 # is 4 to 16 rank tiles) in a bounded tile, whatever the device's shared memory. The dots are
@@ -51,12 +52,16 @@ def expand_keeps(config: dict, args: dict) -> bool:
     return config["BR"] <= next_pow2(int(args["R"]))
 
 
-@autotune(_CONFIGS, key=["M", "K", "R", "HAS_U2", "WRITE_A", "WRITE_B"], name="expand",
-          shared=expand_shared, keep=expand_keeps)
-@triton.jit
+# autotune keys: the classes of k and r (shape_class) and the flags; M changes the time, not
+# which tile is best. Not specialized on.
+EXPAND_KEY = ("KC", "RC", "HAS_U2", "WRITE_A", "WRITE_B", "SUM")
+
+
+@autotune(_CONFIGS, key=list(EXPAND_KEY), name="expand", shared=expand_shared, keep=expand_keeps)
+@triton.jit(do_not_specialize=["KC", "RC"])
 def _expand_kernel(u1, u2, x, c1, c2, c3, oa, ob, M, K, R,
                    su1b, su1m, su1k, su2b, su2m, su2k, sxb, sxm, sxr, scb, sck, scr,
-                   soab, soam, soar, sobb, sobm, sobr,
+                   soab, soam, soar, sobb, sobm, sobr, KC, RC,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, HAS_U2: tl.constexpr,
                    HAS_X: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
                    SUM: tl.constexpr):
@@ -141,7 +146,7 @@ def expand(u1: torch.Tensor, c1: torch.Tensor | None, *, out_a: torch.Tensor | N
     if b == 0 or M == 0 or R == 0:
         return
     grid = lambda m: (check_grid(b * triton.cdiv(M, m["BM"]) * triton.cdiv(R, m["BR"]), "expand"),)  # noqa: E731
-    _expand_kernel[grid](u1, u2_, x_, c1, c2, c3, oa, ob, M, K, R,
-                         *u1.stride(), *u2_.stride(), *sx, *c1.stride(), *oa.stride(), *ob.stride(),
-                         HAS_U2=u2 is not None, HAS_X=x is not None,
-                         WRITE_A=write_a or add, WRITE_B=write_b, SUM=add, **meta)
+    launch(_expand_kernel, grid, "expand", EXPAND_KEY, u1, u2_, x_, c1, c2, c3, oa, ob, M, K, R,
+           *u1.stride(), *u2_.stride(), *sx, *c1.stride(), *oa.stride(), *ob.stride(),
+           KC=shape_class(K), RC=shape_class(R), HAS_U2=u2 is not None, HAS_X=x is not None,
+           WRITE_A=write_a or add, WRITE_B=write_b, SUM=add, **meta)

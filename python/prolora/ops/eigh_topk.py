@@ -36,6 +36,9 @@ class Eig:
     trace: float  # trace(G) = ||A||_F^2 for G = A^T A
     solver: str = "eigh"  # what computed it; "eigh (fallback: why)" when an iterative solver gave up
     iterations: int = 0
+    # the top-k singular values on the vectors' device, where `values` were copied to the host (a
+    # GPU batch: the host chooses k and only the host reads the spectrum); None: from `values`
+    device_top: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -44,6 +47,10 @@ class Eig:
     def spectrum(self) -> torch.Tensor:
         """sqrt of the eigenvalues: for a Gram matrix, the singular values of its factor."""
         return self.values.clamp_min(0).sqrt()
+
+    def top(self) -> torch.Tensor:
+        """The k largest singular values where the vectors live (no copy between devices)."""
+        return self.device_top if self.device_top is not None else self.spectrum()[:self.k]
 
     @property
     def fell_back(self) -> bool:
@@ -69,6 +76,29 @@ def from_ascending(evals: torch.Tensor, evecs: torch.Tensor, k: KSpec, trace: fl
     return Eig(values, evecs[:, evecs.shape[1] - kk:].flip(-1), trace, solver)
 
 
+def on_host(Gb: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, ks: Sequence[KSpec],
+            trace: Sequence[float] | None, solver: str) -> list[Eig]:
+    """Eigs of a device batch's full eigendecompositions (ascending): the traces and spectra come to
+    the host in one copy (float64, d + 1 per matrix; k is chosen there), so the device waits once per
+    batch, not per matrix; the vectors and the top-k singular values stay on the device."""
+    values = evals.flip(-1)
+    parts = [values.double()]
+    if trace is None:  # trace(G) from the device, in the same copy
+        parts.insert(0, Gb.diagonal(dim1=-2, dim2=-1).double().sum(-1)[:, None])
+    host = torch.cat(parts, dim=1).cpu()
+    if trace is None:
+        trs, host = host[:, 0].tolist(), host[:, 1:]
+    else:
+        trs = [float(t) for t in trace]
+    vals = host.to(values.dtype)
+    sv = values.clamp_min(0).sqrt()
+    out = []
+    for i in range(Gb.shape[0]):
+        kk = resolve_k(ks[i], vals[i].clamp_min(0).sqrt(), trs[i])
+        out.append(Eig(vals[i], evecs[i][:, evecs.shape[-1] - kk:].flip(-1), trs[i], solver, device_top=sv[i, :kk]))
+    return out
+
+
 @topk_eigh.register("reference", reference=True)
 def _reference(G: torch.Tensor, k: KSpec | Sequence[KSpec] = None, trace: Sequence[float] | None = None,
                warm: Warm = None) -> Eig | list[Eig]:
@@ -87,13 +117,11 @@ def _eigh(G: torch.Tensor, k: KSpec | Sequence[KSpec] = None, trace: Sequence[fl
     """torch.linalg.eigh in G's dtype: one batched call on a GPU, one matrix at a time on a CPU
     (so that a matrix's answer does not depend on its batch mates)."""
     Gb, ks, batched = as_batch(G, k)
-    trs = traces(Gb, trace)
     if Gb.is_cuda:
-        evals, evecs = torch.linalg.eigh(Gb)
-        out = [from_ascending(evals[i], evecs[i], ks[i], trs[i], "eigh") for i in range(Gb.shape[0])]
+        out = on_host(Gb, *torch.linalg.eigh(Gb), ks, trace, "eigh")
     else:
         out = []
-        for Gi, ki, tr in zip(Gb, ks, trs):
+        for Gi, ki, tr in zip(Gb, ks, traces(Gb, trace)):
             evals, evecs = torch.linalg.eigh(Gi)
             out.append(from_ascending(evals, evecs, ki, tr, "eigh"))
     return out if batched else out[0]

@@ -27,14 +27,16 @@ def bases_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, energies: Sequence
                     ks: Sequence[KSpec], recover: Recover, wide: bool) -> list[Basis]:
     """Bases from eigenpairs of each Gram matrix in DESCENDING order (evals (b, d), evecs (b, d, d))."""
     out = []
+    S_all = evals.clamp_min(0).sqrt()
+    S_host = S_all.cpu()  # one copy for the batch (k is chosen on the host); a no-op on the CPU
     for i, (k, energy) in enumerate(zip(ks, energies)):
-        S = evals[i].clamp_min(0).sqrt()
-        kk = resolve_k(k, S, energy)
+        S = S_all[i]
+        kk = resolve_k(k, S_host[i], energy)
         Q = evecs[i][:, :kk]
         Sk = S[:kk]
         inv = torch.where(Sk > 0, 1.0 / Sk, torch.zeros_like(Sk))
         other = recover(i, Q) * inv
-        out.append(Basis(Q, S, other, energy) if wide else Basis(other, S, Q, energy))
+        out.append(Basis(Q, S_host[i], other, energy) if wide else Basis(other, S_host[i], Q, energy))
     return out
 
 

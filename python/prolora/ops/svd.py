@@ -167,8 +167,8 @@ def _gram_batched(Wb: torch.Tensor, ks: list[KSpec], dtype: torch.dtype, warms: 
 
 def _finish(A: torch.Tensor, e: Eig, wide: bool) -> Basis:
     """Basis from the top-k eigenvectors Q of G = A^T A: the other side is A Q / S."""
-    Q, S = e.vectors.to(A.dtype), e.spectrum().to(A.dtype)
-    Sk = S[:e.k]
+    Q, S = e.vectors.to(A.dtype), e.spectrum().to(A.dtype)  # S on the host for a GPU batch (on_host)
+    Sk = e.top().to(A.dtype)  # on A's device
     inv = torch.where(Sk > 0, 1.0 / Sk, torch.zeros_like(Sk))
     other = (A @ Q) * inv
     if wide:

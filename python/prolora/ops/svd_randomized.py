@@ -7,7 +7,7 @@ singular triplets. A full SVD computes all min(m, n) of them; the range finder c
 (m x n) @ (n x l) products with l = r + oversampling, a thin QR per product and one SVD of an
 (l x n) matrix.
 
-Accuracy contract (tested against the float64 exact SVD, tests/test_jobs_svd.py): per matrix,
+Accuracy contract (tested against the float64 exact SVD, tests/ops/test_svd_randomized.py): per matrix,
 the Frobenius error of the rank-r approximation is within 1% of the optimal (exact SVD) error,
 and the top-r subspaces agree (phi >= 0.999) where the spectral gap sigma_r / sigma_{r+1} allows.
 
@@ -103,7 +103,7 @@ def randomized_svd(Wb: torch.Tensor, k: int, power: int = POWER_ITERATIONS, over
     It falls geometrically towards the optimum; the iteration stops once a step lowers it by
     at most `tol` (relative, every matrix of the batch), after at most `power` steps (`tol`
     None: always `power`). With a per-step ratio rho <= 1/2 what is left is at most the last
-    decrease, so tol = 1% keeps the error within ~0.5% of optimal (tests/test_jobs.py checks the
+    decrease, so tol = 1% keeps the error within ~0.5% of optimal (tests/ops/test_svd_randomized.py checks the
     1% contract against the exact SVD on spectra without a gap at k). Easy spectra stop after 1-2
     steps, fine-tune-like ones after about 3; the final Z doubles as B, so no extra product.
     B (l x q) is decomposed through its l x l Gram matrix in float64 (an eigh instead of an

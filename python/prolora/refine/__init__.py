@@ -9,6 +9,9 @@ timesteps t and a conditioning c (cond.py). No images, no dataset.
     denoisers  S and T as diffusers models, from folders or single files
     adapters   LoRA factors hooked into them, switched on and off
     cond       the inputs: latents, timesteps, prompts / tags / random context
+    conditioning  which encoders and context, from where; the refusals; the held-out contexts
+    textenc    text encoders from pipeline folders, single files that embed them, --text-encoder
+    tokens     token ids: a pipeline's tokenizer, CLIP's shipped vocabulary, or random ids
     loop       the loss, Adam, the held-out delta-matching error
 
 `refine_lora` works on open models and LoraFiles (used by `transfer(..., refine=...)`);
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +33,8 @@ from ..agreement import compare_modules
 from ..errors import LoraMismatchError, OptionError
 from ..lora import LoraFile, LoraModule
 from .adapters import Adapter, place
-from .cond import (NEUTRAL_PROMPTS, Conditioner, contexts, default_resolution, default_tokens, has_encoders,
-                   parse_cond, read_prompts, signature, tag_prompts)
+from .cond import Conditioner, default_resolution, default_tokens, signature
+from .conditioning import check_width, pools, resolve
 from .denoisers import build_denoiser, denoiser_component, parameter_bytes
 from .loop import Pair, RefineOptions, RefineStats, train
 
@@ -44,39 +48,18 @@ class RefineResult:
     output: Path | None
 
 
-def _cond(opts: RefineOptions, lora: LoraFile, bases: tuple[BaseModel, BaseModel]) -> tuple[str, list[str] | None]:
-    """(cond kind as resolved, prompts) before any model is built, so bad input fails first."""
-    kind, file = parse_cond(opts.cond)
-    encoders = any(has_encoders(b) for b in bases)
-    if kind is None:  # the default: the LoRA's tags, else the neutral prompts, else random
-        if not encoders:
-            return "random", None
-        kind = "tags" if tag_prompts(lora.metadata) else "prompts"
-    if kind == "random":
-        return kind, None
-    if not encoders:
-        raise OptionError(f"--refine-cond {opts.cond}: neither {bases[0].name} nor {bases[1].name} ships text encoders "
-                          "with tokenizers (a diffusers pipeline folder does); use --refine-cond random")
-    if kind == "tags":
-        prompts = tag_prompts(lora.metadata, seed=opts.seed)
-        if not prompts:
-            raise OptionError(f"{lora.path or 'the LoRA'}: --refine-cond tags, but the LoRA has no ss_tag_frequency "
-                              "metadata; use prompts or random")
-        return kind, prompts
-    if file is not None:
-        return f"prompts:{file}", read_prompts(file)
-    return kind, list(NEUTRAL_PROMPTS)
-
-
 def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferred: LoraFile, opts: RefineOptions,
                 device: str = "cpu", max_device_memory: int | None = None) -> tuple[LoraFile, RefineStats]:
     """Train `transferred`'s denoiser factors on `target` toward `lora`'s effect on `source`.
 
     Returns the refined LoraFile (the transferred one's format, keys, shapes, alphas and dtype,
-    its metadata plus `prolora.refine*` provenance; text-encoder modules unchanged) and the stats.
-    Raises LoraMismatchError when `lora` does not fit the source or `transferred` the target,
-    OptionError for a conditioning the models cannot give, or when the two denoisers' weights
-    exceed `max_device_memory` on a GPU (`--max-gpu-memory`; activations come on top)."""
+    its metadata plus `prolora.refine*` provenance; text-encoder modules unchanged) and the stats;
+    when the refined factors do worse on the held-out contexts than the transfer's, the transfer's
+    factors are returned unchanged (stats.kept False: loop.improved). Raises LoraMismatchError when `lora` does not
+    fit the source or `transferred` the target, OptionError for a conditioning the models cannot
+    give (no text encoder and no stated random context among them), or when the two denoisers'
+    weights exceed `max_device_memory` on a GPU (`--max-gpu-memory`; activations come on top)."""
+    t0 = time.perf_counter()
     comps = denoiser_component(source), denoiser_component(target)
     place_s, _ = place(lora, source, comps[0], "source")
     place_t, _ = place(transferred, target, comps[1], "target")
@@ -85,29 +68,40 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
     if not place_t:
         raise LoraMismatchError(f"{transferred.path or 'the transferred LoRA'}: no module on the target's {comps[1]}; "
                                 "nothing to refine")
-    kind, prompts = _cond(opts, lora, (source, target))
-    s_model, t_model = build_denoiser(source), build_denoiser(target)
+    plan = resolve(opts, lora, (source, target))  # refusals before any model is built
+    s_model, t_model = build_denoiser(source, compute=device), build_denoiser(target, compute=device)
     if device != "cpu" and max_device_memory is not None:
         need = parameter_bytes(s_model) + parameter_bytes(t_model)
         if need > max_device_memory:
             raise OptionError(f"refinement keeps both denoisers on {device}: {need / 2**30:.2f} GiB of weights, more "
                               f"than --max-gpu-memory {max_device_memory / 2**30:.2f} GiB")
-    s_model, t_model = s_model.to(device), t_model.to(device)
     sig_s, sig_t = signature(s_model), signature(t_model)
+    check_width(plan, (source, target), sig_t.context_dim)
     tokens = int(opts.tokens or default_tokens(sig_s))
     resolution = int(opts.resolution or default_resolution(s_model))
-    cond = Conditioner(sig_s, sig_t, contexts(kind.partition(":")[0], prompts, (source, target), tokens, device),
-                       resolution, tokens, device)
+    t1 = time.perf_counter()
+    train_ctx, held_ctx = pools(plan, (source, target), tokens, device, max_device_memory, opts.seed,
+                                 opts.holdout)
+    t2 = time.perf_counter()
+    s_model, t_model = s_model.to(device), t_model.to(device)
+    cond = Conditioner(sig_s, sig_t, train_ctx, resolution, tokens, device)
+    held = Conditioner(sig_s, sig_t, held_ctx, resolution, tokens, device)
     lora_ad = Adapter(s_model, lora.modules, place_s, device, trainable=False)
     refined = Adapter(t_model, transferred.modules, place_t, device, trainable=True)
     if getattr(t_model, "_supports_gradient_checkpointing", False):
         t_model.enable_gradient_checkpointing()
-    stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts)
+    probes = {}  # without an encoder the token count is the user's word: show the error at other counts too
+    if plan.encoders[0] is None:
+        probes = {f"{n} token{'s' * (n > 1)}": Conditioner(sig_s, sig_t, held_ctx, resolution, n, device)
+                  for n in sorted({1, default_tokens(sig_s)} - {tokens})}
+    stats = train(Pair(s_model, t_model, lora_ad, refined), cond, opts, heldout=held, probes=probes)
     after = refined.factors()
-    stats.settings = opts.describe(kind, tokens, resolution)
+    stats.settings = opts.describe(plan.kind, tokens, resolution)
+    stats.conditioning = {"kind": plan.kind, **plan.info}
+    stats.timings = {"build": round(t1 - t0, 3), "encode": round(t2 - t1, 3), **stats.timings}
     modules: dict[str, LoraModule] = {}
     for key, m in transferred.modules.items():
-        if key in after:
+        if key in after and stats.kept:
             down, up = after[key]
             m = LoraModule(key, down.to(m.down.dtype), up.to(m.up.dtype), m.alpha, m.bias)
         modules[key] = m
@@ -115,10 +109,13 @@ def refine_lora(source: BaseModel, target: BaseModel, lora: LoraFile, transferre
     changes = compare_modules({k: modules[k] for k in after}, {k: transferred.modules[k] for k in after})
     stats.modules = {x.module: round(x.rel_error, 6) for x in changes.layers if x.rel_error is not None}
     meta = dict(transferred.metadata)
-    meta["prolora.refine"] = json.dumps(stats.settings, sort_keys=True)
-    meta["prolora.refine_error"] = f"{stats.error_before:.6g} -> {stats.error_after:.6g}"
+    meta["prolora.refine"] = json.dumps({**stats.settings, "context": plan.info.get("context", ""),
+                                         "encoders": plan.info.get("source", "")}, sort_keys=True)
+    meta["prolora.refine_error"] = f"{stats.error_before:.6g} -> {stats.error_after:.6g}" + (
+        "" if stats.kept else " (no fall beyond the held-out noise: the transfer is kept unrefined)")
     lora_ad.remove()
     refined.remove()
+    stats.seconds = round(time.perf_counter() - t0, 3)
     return LoraFile(transferred.format, modules, meta, transferred.dtype), stats
 
 

@@ -1,16 +1,19 @@
 """Data-free inputs for the refinement: latent noise, timesteps and a conditioning context.
 
-`--refine-cond` chooses the context:
+`--refine-cond` chooses the context (conditioning.py finds the encoders and builds the pools):
 
 - `prompts`: a built-in set of neutral prompts, `prompts:FILE` one prompt per line of FILE, and
-  `tags` prompts drawn from a kohya LoRA's `ss_tag_frequency` metadata; all three are encoded by
-  the base model's own text encoders and tokenizers (a diffusers pipeline folder that ships them),
-  each model through its own when both have them, else both through the one that does;
-- `random`: Gaussian context with the per-channel mean and spread of those encoders' outputs on
-  the built-in prompts and `--refine-tokens` tokens, or, when no encoder ships with the bases,
-  zero mean, unit scale.
+  `tags` prompts drawn from a kohya LoRA's `ss_tag_frequency` metadata; encoded by the base
+  models' own text encoders (a pipeline folder's, those a single file embeds, or `--text-encoder
+  FILE`), each model through its own when both have them, else both through the one that does;
+  without a tokenizer (textenc.py, tokens.py), random token ids go through the real encoders;
+- `random`: Gaussian context with the per-channel mean and spread of those encoders' outputs, or,
+  when there is no encoder, zero mean and unit scale at the stated `--refine-tokens`.
 
-Which encoders a pipeline folder has and how their outputs are combined, the denoiser's forward
+The held-out check draws from other contexts of the kind the model really sees: HELDOUT_PROMPTS
+(or other random ids) through the encoders where there are encoders.
+
+Which encoders a model has and how their outputs are combined, the denoiser's forward
 signature, the latents, timesteps and the extra inputs a denoiser needs (a pooled embedding, time
 or position ids, guidance) are its family's: the family's refine part (parts.py) says them.
 Latents are pure Gaussian noise at `--refine-resolution`; timesteps are uniform.
@@ -24,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BaseModel
 from ..errors import InputFileError, OptionError
-from .parts import part_named, part_of, parts
+from .parts import part_named, parts
 
 # neutral prompts: no style, varied subjects, so the context covers ordinary use of the model
 NEUTRAL_PROMPTS = (
@@ -36,6 +38,12 @@ NEUTRAL_PROMPTS = (
     "a living room with a sofa and a lamp", "a forest path in autumn", "a close-up of a flower",
     "a group of people at a cafe", "a castle on a hill", "a child playing in a park", "a sailing boat on the sea",
     "a plate of food in a restaurant",
+)
+# prompts of the same kind that no refinement trains on: the held-out check's contexts
+HELDOUT_PROMPTS = (
+    "a bicycle leaning against a brick wall", "a young man smiling at the camera", "a lake surrounded by pine trees",
+    "a cup of coffee on a desk", "a horse in a green field", "a bridge over a river in the fog",
+    "a woman walking in the rain with an umbrella", "a table with books and a candle",
 )
 
 
@@ -106,68 +114,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise InputFileError(f"{path}: no prompts in it (one prompt per line)")
     return prompts
-
-
-# ------------------------------------------------------------------------------ text encoders
-
-
-def _folder(base: BaseModel) -> Path | None:
-    p = Path(base.path)
-    return p if base.layout == "diffusers" and p.is_dir() and (p / "model_index.json").is_file() else None
-
-
-def has_encoders(base: BaseModel) -> bool:
-    """Whether `base` is a pipeline folder whose text encoders and tokenizers can encode prompts."""
-    return _encoder_parts(base) is not None
-
-
-def _encoder_parts(base: BaseModel) -> list[tuple[str, Path, Path]] | None:
-    """(role, encoder folder, tokenizer folder) per encoder this family's pipeline uses, or None."""
-    root = _folder(base)
-    if root is None:
-        return None
-    found = [(role, root / e, root / t) for role, e, t in part_of(base).text_encoders(base, root)]
-    if not all((e / "config.json").is_file() and t.is_dir() for _, e, t in found):
-        return None
-    return found
-
-
-@torch.no_grad()
-def encode(base: BaseModel, prompts: list[str], tokens: int | None, device: str) -> Context:
-    """The base's own encoders on `prompts`, as its pipeline feeds them to the denoiser: each
-    encoder's part of the context (concatenated along channels) and the pooled embedding, as the
-    family's refine part takes them (T5's states are `tokens` long)."""
-    found = _encoder_parts(base)
-    if found is None:
-        raise OptionError(f"{base.path}: prompt conditioning needs the base's text encoders and tokenizers "
-                          "(a diffusers pipeline folder with text_encoder/ and tokenizer/); use --refine-cond random")
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    part = part_of(base)
-    hidden, pooled = [], None
-    for role, enc_dir, tok_dir in found:
-        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        length = (tokens or 512) if role == "t5" else tok.model_max_length
-        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip2": CLIPTextModelWithProjection}[role]
-        enc = cls.from_pretrained(enc_dir, local_files_only=True).to(device).eval()
-        h, p = part.take(role, enc(ids.to(device), output_hidden_states=True), len(found))
-        if h is not None:
-            hidden.append(h)
-        if p is not None:
-            pooled = p
-        del enc
-    return Context(hidden=torch.cat(hidden, dim=-1).float().cpu(),
-                   pooled=None if pooled is None else pooled.float().cpu())
-
-
-def _stats(ctx: Context) -> Context:
-    """Per-channel mean and spread of encoded contexts (over prompts and tokens), for `random`."""
-    h = ctx.hidden.reshape(-1, ctx.hidden.shape[-1])
-    out = Context(mean=h.mean(0), std=h.std(0).clamp_min(1e-6))
-    if ctx.pooled is not None:
-        out.pooled_mean, out.pooled_std = ctx.pooled.mean(0), ctx.pooled.std(0).clamp_min(1e-6)
-    return out
 
 
 # ------------------------------------------------------------------------------ the inputs
@@ -267,26 +213,5 @@ def default_resolution(model: torch.nn.Module) -> int:
     return int(min(32, size))
 
 
-def contexts(kind: str, prompts: list[str] | None, bases: tuple[BaseModel, BaseModel], tokens: int, device: str
-             ) -> tuple[Context, Context]:
-    """The source's and the target's Context for cond `kind` ("prompts" or "random")."""
-    src, tgt = bases
-    enc = [b for b in bases if has_encoders(b)]
-    if kind == "random":
-        if not enc:
-            ctx = Context()
-        else:
-            ctx = _stats(encode(enc[0], list(NEUTRAL_PROMPTS), tokens, device))
-        return ctx, ctx
-    if not enc:
-        raise OptionError(f"prompt conditioning needs text encoders and tokenizers, and neither {src.name} nor "
-                          f"{tgt.name} ships them (a diffusers pipeline folder does); use --refine-cond random")
-    assert prompts
-    if len(enc) == 2:
-        return encode(src, prompts, tokens, device), encode(tgt, prompts, tokens, device)
-    ctx = encode(enc[0], prompts, tokens, device)
-    return ctx, ctx
-
-
-__all__ = ["Conditioner", "Context", "Inputs", "NEUTRAL_PROMPTS", "contexts", "default_resolution", "default_tokens",
-           "encode", "has_encoders", "parse_cond", "read_prompts", "signature", "tag_prompts"]
+__all__ = ["Conditioner", "Context", "HELDOUT_PROMPTS", "Inputs", "NEUTRAL_PROMPTS", "default_resolution",
+           "default_tokens", "parse_cond", "read_prompts", "signature", "tag_prompts"]

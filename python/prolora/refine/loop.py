@@ -32,8 +32,9 @@ class RefineOptions:
     resolution: int | None = None  # latent size; None: the model's sample size, at most 32
     seed: int = 0
     cond: str | None = None  # prompts | prompts:FILE | tags | random; None: tags if the LoRA has them, else prompts
-    tokens: int | None = None  # context tokens for random (None: 77 for UNets, 256 for Flux)
+    tokens: int | None = None  # context tokens for random (None: the encoders' 77 / the family's; required without one)
     holdout: int = 16  # held-out inputs the delta-matching error is measured on
+    text_encoders: tuple[str, ...] = ()  # --text-encoder FILE (repeatable): encoders for models that carry none
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seed", "holdout"):
@@ -51,6 +52,9 @@ class RefineOptions:
         from .cond import parse_cond
 
         parse_cond(self.cond)
+        if isinstance(self.text_encoders, (str, bytes)) or not all(isinstance(f, str) for f in self.text_encoders):
+            raise OptionError(f"refine text_encoders {self.text_encoders!r}: a list of file paths")
+        self.text_encoders = tuple(self.text_encoders)
 
     @classmethod
     def of(cls, value: "RefineOptions | dict | int | None") -> "RefineOptions | None":
@@ -72,7 +76,10 @@ class RefineStats:
     """What the refinement did: the loss curve and the delta-matching error before and after.
 
     error = E||(T+L')(x) - [T(x) + (S+L)(x) - S(x)]||^2 / E||(S+L)(x) - S(x)||^2 on `holdout`
-    inputs drawn apart from the training ones (0: the target reproduces the source's delta)."""
+    inputs drawn apart from the training ones, with held-out contexts (conditioning.py; 0: the
+    target reproduces the source's delta). `kept` is False when the refined factors did not do
+    better there than the transfer's beyond the held-out noise (`improved`): the output is then
+    the transfer, unrefined."""
 
     steps: int
     loss_first: float
@@ -84,6 +91,10 @@ class RefineStats:
     curve: list[float] = field(default_factory=list)  # mean loss per tenth of the run
     modules: dict[str, float] = field(default_factory=dict)  # relative change of each module's dW
     settings: dict[str, str] = field(default_factory=dict)
+    conditioning: dict[str, str] = field(default_factory=dict)  # what conditioned it and from where
+    kept: bool = True  # the refined factors were kept (False: the held-out error did not fall beyond its noise)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: build, encode, held_out, steps
+    probes: dict[str, list[float]] = field(default_factory=dict)  # other context shapes: [before, after]
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -122,13 +133,32 @@ def _chunks(n: int, size: int) -> list[int]:
 
 
 @torch.no_grad()
-def held_out_error(pair: Pair, batches: list[Inputs]) -> float:
-    err = ref = 0.0
+def held_out_terms(pair: Pair, batches: list[Inputs]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input: (||(T+L')(x) - goal||^2, ||(S+L)(x) - S(x)||^2)."""
+    err, ref = [], []
     for inp in batches:
         goal, delta = pair.goal(inp)
-        err += float((pair.predict(inp) - goal).pow(2).sum())
-        ref += float(delta.pow(2).sum())
-    return err / max(ref, 1e-30)
+        err.append((pair.predict(inp) - goal).pow(2).flatten(1).sum(1).double())
+        ref.append(delta.pow(2).flatten(1).sum(1).double())
+    return torch.cat(err), torch.cat(ref)
+
+
+def held_out_error(pair: Pair, batches: list[Inputs]) -> float:
+    err, ref = held_out_terms(pair, batches)
+    return float(err.sum() / ref.sum().clamp_min(1e-30))
+
+
+def improved(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether the held-out error fell beyond the noise of the held-out inputs: the mean of the
+    paired per-input falls (before - after, relative to each input's delta) more than twice its
+    standard error, and the pooled error lower (one input: simply lower). A fall within the noise
+    keeps the transfer."""
+    if not after.sum() < before.sum():
+        return False
+    d = (before - after) / ref.clamp_min(1e-30)
+    if len(d) < 2:
+        return bool(d.sum() > 0)
+    return bool(d.mean() > 2 * d.std() / len(d) ** 0.5)
 
 
 def relative_groups(start: list[torch.Tensor], params: list[torch.nn.Parameter], lr: float) -> list[dict]:
@@ -142,16 +172,24 @@ def relative_groups(start: list[torch.Tensor], params: list[torch.nn.Parameter],
     return [{"params": [p], "lr": lr * (r if r > 0 else fallback)} for p, r in zip(params, rms)]
 
 
-def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=None) -> RefineStats:
-    """Run `opts.steps` Adam steps on the refined adapter's factors; returns the stats."""
+def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=None,
+          heldout: Conditioner | None = None, probes: dict[str, Conditioner] | None = None) -> RefineStats:
+    """Run `opts.steps` Adam steps on the refined adapter's factors; returns the stats. The
+    held-out error is measured on `heldout`'s inputs (default: other draws from `cond`), and
+    before and after on each of `probes` (reported only: stats.probes)."""
     t0 = time.perf_counter()
     params = [p for p in pair.refined.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     start_norm = sum(float(p.pow(2).sum()) for p in start) or 1.0
     g = torch.Generator().manual_seed(opts.seed)
     held = torch.Generator().manual_seed(opts.seed + 1_000_003)
-    holdout = [cond.batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
-    before = held_out_error(pair, holdout)
+    holdout = [(heldout or cond).batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
+    err0, ref = held_out_terms(pair, holdout)
+    before = float(err0.sum() / ref.sum().clamp_min(1e-30))
+    probed = {k: [c.batch(n, held, pair.dtypes) for n in _chunks(opts.holdout, opts.batch)]
+              for k, c in (probes or {}).items()}
+    shape = {k: [held_out_error(pair, b)] for k, b in probed.items()}
+    t_held = time.perf_counter() - t0
     opt = torch.optim.Adam(relative_groups(start, params, opts.lr))
     losses: list[float] = []
     for _ in range(opts.steps):
@@ -166,8 +204,16 @@ def train(pair: Pair, cond: Conditioner, opts: RefineOptions, interrupt_check=No
         losses.append(float(loss.detach()))
         if interrupt_check is not None:
             interrupt_check()
-    after = held_out_error(pair, holdout) if opts.steps else before
+    t_steps = time.perf_counter()
+    err1 = held_out_terms(pair, holdout)[0] if opts.steps else err0
+    after = float(err1.sum() / ref.sum().clamp_min(1e-30))
+    for k, b in probed.items():
+        shape[k].append(held_out_error(pair, b))
+    t_held += time.perf_counter() - t_steps
     tenth = max(1, len(losses) // 10)
     curve = [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 6) for i in range(0, len(losses), tenth)]
+    total = time.perf_counter() - t0
     return RefineStats(opts.steps, losses[0] if losses else 0.0, losses[-1] if losses else 0.0,
-                       min(losses) if losses else 0.0, before, after, round(time.perf_counter() - t0, 3), curve)
+                       min(losses) if losses else 0.0, before, after, round(total, 3), curve,
+                       kept=improved(err0, err1, ref), probes={k: [round(v, 6) for v in x] for k, x in shape.items()},
+                       timings={"held_out": round(t_held, 3), "steps": round(total - t_held, 3)})

@@ -10,6 +10,8 @@
     claims(base)                      whether the model holds a denoiser the part builds
     from_single_file(base, dtype)     (model on the meta device, its state dict from the file)
     text_encoders(base, root)         [(role, encoder folder, tokenizer folder)] of a pipeline folder
+    encoder_components(base)          [(component, drop its last layer)] a single file may embed
+    context_width([(role, hidden)])   the context width those encoders give (checked against the denoiser)
     take(role, output, count)         (context part, pooled) of one encoder's output
     signature(config, forward names)  the Signature fields of a denoiser, or None when not its own
     noise(sig, n, resolution, g)      latent noise and timesteps

@@ -1,6 +1,5 @@
-"""Synthetic base models on disk: write_model, and the SD-family layouts (a diffusers pipeline
-folder or one single file with LDM/SGM keys); other families' configs write themselves (their
-synthetic parts, e.g. prolora.families.flux.synthetic).
+"""Synthetic base models on disk: write_model for any family config (the config writes its own
+layouts, see configs), and the values context every family writer runs in (model_values).
 
 Files are written one tensor at a time (writing.write_tensors), never the whole model in memory.
 A TARGET model is its source plus a fine-tune-like perturbation of each weight (values.Values).
@@ -19,48 +18,52 @@ import torch
 
 from ..checkpoints import BaseModel
 from ..families import open_model
-from ..families.sd.read import single_file_plan
-from .configs import UNET_DEFAULTS, ConfigLike, ModelConfig, TextEncoderConfig, resolve
-from .params import Params, model_params
+from .configs import ConfigLike, resolve
+from .params import model_params
 from .values import Perturbation, Values
-from .writing import WEIGHTS, write_tensors
 
 
-def write_model(path: str | os.PathLike, cfg: ConfigLike = "sdxl:tiny", layout: str = "diffusers",
-                dtype: torch.dtype = torch.float16, seed: int = 0, base: str | os.PathLike | BaseModel | None = None,
+def write_model(path: str | os.PathLike, cfg: ConfigLike | None = None, layout: str = "diffusers",
+                dtype: torch.dtype | None = None, seed: int = 0, base: str | os.PathLike | BaseModel | None = None,
                 perturbation: Perturbation | float = Perturbation(), threads: int | None = None,
-                shard_bytes: int = 10 * 2**30, device: str | None = None) -> Path:
+                shard_bytes: int | None = None, device: str | None = None) -> Path:
     """Write a synthetic base model; returns its path.
 
-    `cfg`: a ModelConfig, a family part's config (FluxConfig, ...) or a preset name ("sdxl",
-    "sd15:tiny", "ssd-1b:small", "flux-dev", "flux-schnell:tiny", ...).
-    `layout`: "diffusers" (a pipeline folder at `path`; Flux: transformer/ in shards of at most
-    `shard_bytes`, with an index) or "single-file" (one .safetensors file; Flux: BFL keys), and for
-    Flux "single-file-prefixed" (BFL keys under ComfyUI's `model.diffusion_model.`).
+    `cfg`: a family config (ModelConfig, FluxConfig, QwenConfig, WanConfig, ...) or a preset name
+    ("sdxl", "sd15:tiny", "ssd-1b:small", "flux-dev", "flux-schnell:tiny", "qwen-image:tiny",
+    "wan2.1-t2v-14b:tiny", ...); None: the default preset (configs.default_preset, "sdxl:tiny").
+    `layout`: one of the config's `layouts`: "diffusers" (a pipeline folder at `path`; a
+    transformer/ in shards of at most `shard_bytes`, with an index), "single-file" (one
+    .safetensors file with the family's original keys: LDM/SGM, BFL, Wan's, ...) and, for the
+    transformer families, "single-file-prefixed" (those keys under ComfyUI's
+    `model.diffusion_model.`).
+    `dtype`: None is the config's own default (float16 where it names none; Qwen-Image and Wan:
+    bfloat16).
     `base`: a source model (path or BaseModel) written earlier with the same config and seed;
     the result is then a TARGET: each source weight plus a `perturbation` (relative Frobenius
     size, or a Perturbation); other parameters equal the source's. A base of another family
     (FLUX.1-schnell under a "chroma" config) gives a derived model: the weights both have are
     perturbed from the base, the ones only the config has are drawn fresh.
-    `threads`: torch threads while generating (default: 1 below 100M parameters, else torch's).
+    `threads`: torch threads while generating (default: the config's, else 1 below 100M
+    parameters, else torch's).
     `device`: draw the values on this device (e.g. "cuda": a full-size pair in seconds); the
     values then differ from the CPU's, the shapes and layout do not.
     """
     cfg = resolve(cfg)
-    layouts = getattr(cfg, "layouts", ("diffusers", "single-file"))
-    if layout not in layouts:
-        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(layouts)}")
+    if layout not in cfg.layouts:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(cfg.layouts)}")
     path = Path(path)
     params = model_params(cfg)
     numel = sum(math.prod(s) for plist in params.values() for _, s in plist)
+    if dtype is None:
+        dtype = getattr(cfg, "dtype", torch.float16)
+    if shard_bytes is None:
+        shard_bytes = getattr(cfg, "shard_bytes", 10 * 2**30)
+    threads = threads if threads is not None else getattr(cfg, "threads", None)
+    facts = cfg.facts() if hasattr(cfg, "facts") else {}
     with model_values(cfg.family, seed, base, perturbation, device, threads, numel,
-                      derived_from=getattr(cfg, "derived_from", ())) as (values, meta):
-        if not isinstance(cfg, ModelConfig):  # a family part's config writes itself
-            cfg.write(path, params, layout, values, dtype, meta, shard_bytes)
-        elif layout == "single-file":
-            _write_single_file(path, cfg, params, values, dtype, meta)
-        else:
-            _write_folder(path, cfg, params, values, dtype, meta)
+                      derived_from=getattr(cfg, "derived_from", ()), **facts) as (values, meta):
+        cfg.write(path, params, layout, values, dtype, meta, shard_bytes)
     return path
 
 
@@ -98,54 +101,3 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _write_single_file(path: Path, cfg: ModelConfig, params: dict[str, Params], values: Values, dtype: torch.dtype,
-                       meta: dict[str, str]) -> None:
-    """One file with LDM/SGM keys, laid out by the reader's own map (single_file_plan)."""
-    te1 = cfg.text_encoders.get("text_encoder")
-    shapes = {c: dict(plist) for c, plist in params.items()}
-    items = []
-    for e in single_file_plan(params, openclip_te1=te1 is not None and te1.openclip):
-        def make(e=e):
-            parts = [values(c, n, shapes[c][n]) for c, n in e.sources]
-            t = torch.cat(parts) if len(parts) > 1 else parts[0]
-            return t.t() if e.transpose else t
-        items.append((e.key, e.shape, make))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tensors(path, items, dtype, meta)
-
-
-def _write_folder(path: Path, cfg: ModelConfig, params: dict[str, Params], values: Values, dtype: torch.dtype,
-                  meta: dict[str, str]) -> None:
-    """A diffusers pipeline folder: model_index.json and one folder (config.json + weights) per component."""
-    path.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in params else "StableDiffusionPipeline",
-             "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"]}
-    for comp, plist in params.items():
-        folder = path / comp
-        folder.mkdir(exist_ok=True)
-        if comp == "unet":
-            conf, fname = _unet_config_json(cfg), f"{WEIGHTS}.safetensors"
-        else:
-            te = cfg.text_encoders[comp]
-            conf, fname = _clip_config_json(te, dtype), "model.safetensors"
-            index[comp] = ["transformers", conf["architectures"][0]]
-        (folder / "config.json").write_text(json.dumps(conf, indent=2))
-        items = [(n, s, (lambda c=comp, n=n, s=s: values(c, n, s))) for n, s in plist]
-        write_tensors(folder / fname, items, dtype, meta)
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-
-
-def _unet_config_json(cfg: ModelConfig) -> dict:
-    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0", **UNET_DEFAULTS, **cfg.unet}
-
-
-def _clip_config_json(te: TextEncoderConfig, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["CLIPTextModelWithProjection" if te.projection else "CLIPTextModel"],
-        "model_type": "clip_text_model", "hidden_size": te.hidden, "intermediate_size": te.intermediate,
-        "num_attention_heads": te.heads, "num_hidden_layers": te.layers, "vocab_size": te.vocab,
-        "max_position_embeddings": te.max_positions, "projection_dim": te.projection or te.hidden,
-        "hidden_act": te.act, "layer_norm_eps": 1e-5, "torch_dtype": str(dtype).replace("torch.", ""),
-    }

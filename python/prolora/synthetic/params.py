@@ -1,26 +1,19 @@
 """Parameter lists: the (name, shape) of every parameter of a synthetic model, in state_dict order.
 
-They mirror diffusers' UNet2DConditionModel and transformers' CLIP text encoders so that a
-synthetic file is laid out like a real one without importing either library (tests/test_synthetic.py
-checks them against those classes); the other families' lists are their synthetic parts'
-(e.g. prolora.families.flux.synthetic.flux_params), built with the same `_P` helper.
+Each family's synthetic part builds its own lists (they mirror diffusers' model classes exactly,
+so that a synthetic file is laid out like a real one without importing diffusers; the tests check
+them against those classes) with `ParamList`'s helpers; a family config's `params()` gives them
+per component, and `model_params` asks it.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .configs import UNET_DEFAULTS, ModelConfig, TextEncoderConfig
-
 Params = list[tuple[str, tuple[int, ...]]]
 
-# config keys that change no parameter shape
-_SHAPELESS = {"sample_size", "center_input_sample", "flip_sin_to_cos", "freq_shift", "downsample_padding",
-              "mid_block_scale_factor", "dropout", "act_fn", "norm_num_groups", "norm_eps", "upcast_attention",
-              "resnet_out_scale_factor", "_class_name", "_diffusers_version", "_name_or_path"}
 
-
-class _P(list):
-    """A growing parameter list with the module helpers diffusers' blocks are made of."""
+class ParamList(list):
+    """A growing parameter list with the module helpers models are made of."""
 
     def linear(self, name: str, out: int, inp: int, bias: bool = True) -> None:
         self.append((f"{name}.weight", (out, inp)))
@@ -33,136 +26,8 @@ class _P(list):
     def norm(self, name: str, ch: int) -> None:
         self += [(f"{name}.weight", (ch,)), (f"{name}.bias", (ch,))]
 
-    def resnet(self, name: str, inp: int, out: int, temb: int) -> None:
-        self.norm(f"{name}.norm1", inp)
-        self.conv(f"{name}.conv1", out, inp, 3)
-        self.linear(f"{name}.time_emb_proj", out, temb)
-        self.norm(f"{name}.norm2", out)
-        self.conv(f"{name}.conv2", out, out, 3)
-        if inp != out:
-            self.conv(f"{name}.conv_shortcut", out, inp, 1)
 
-    def transformer(self, name: str, ch: int, heads: int, depth: int, cross: int, linear_proj: bool) -> None:
-        inner = heads * (ch // heads)
-        self.norm(f"{name}.norm", ch)
-        proj = (lambda n, o, i: self.linear(n, o, i)) if linear_proj else (lambda n, o, i: self.conv(n, o, i, 1))
-        proj(f"{name}.proj_in", inner, ch)
-        for t in range(depth):
-            b = f"{name}.transformer_blocks.{t}"
-            for a, kv in (("attn1", inner), ("attn2", cross)):
-                self.norm(f"{b}.norm{a[-1]}", inner)
-                self.linear(f"{b}.{a}.to_q", inner, inner, bias=False)
-                self.linear(f"{b}.{a}.to_k", inner, kv, bias=False)
-                self.linear(f"{b}.{a}.to_v", inner, kv, bias=False)
-                self.linear(f"{b}.{a}.to_out.0", inner, inner)
-            self.norm(f"{b}.norm3", inner)
-            self.linear(f"{b}.ff.net.0.proj", 8 * inner, inner)
-            self.linear(f"{b}.ff.net.2", inner, 4 * inner)
-        proj(f"{name}.proj_out", ch, inner)
-
-
-def _per_level(v, n: int) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v] * n
-
-
-def unet_params(cfg: dict) -> Params:
-    """(diffusers name, shape) of every UNet2DConditionModel parameter, in state_dict order.
-
-    Supports the block types of SD1.x/SD2.x/SDXL/SSD-1B (CrossAttn/plain down and up blocks,
-    cross-attention or resnet-only or no mid block, text_time added embedding).
-    """
-    unknown = set(cfg) - set(UNET_DEFAULTS) - _SHAPELESS
-    if unknown:
-        raise ValueError(f"unet config keys not supported by the synthetic generator: {sorted(unknown)}")
-    c = {**UNET_DEFAULTS, **cfg}
-    chans, L, n = list(c["block_out_channels"]), c["layers_per_block"], len(c["block_out_channels"])
-    if not isinstance(L, int):
-        raise ValueError("layers_per_block must be one int")
-    heads = _per_level(c["num_attention_heads"] or c["attention_head_dim"], n)
-    depth = _per_level(c["transformer_layers_per_block"], n)
-    rdepth = c["reverse_transformer_layers_per_block"] or list(reversed(depth))
-    cross, lin = c["cross_attention_dim"], c["use_linear_projection"]
-    T = c["time_embedding_dim"] or chans[0] * 4
-    p = _P()
-    p.conv("conv_in", chans[0], c["in_channels"], c["conv_in_kernel"])
-    p.linear("time_embedding.linear_1", T, chans[0])
-    p.linear("time_embedding.linear_2", T, T)
-    if c["addition_embed_type"] == "text_time":
-        p.linear("add_embedding.linear_1", T, c["projection_class_embeddings_input_dim"])
-        p.linear("add_embedding.linear_2", T, T)
-    elif c["addition_embed_type"] is not None:
-        raise ValueError(f"addition_embed_type {c['addition_embed_type']!r} not supported")
-    out = chans[0]
-    for i, kind in enumerate(c["down_block_types"]):
-        inp, out = out, chans[i]
-        name = f"down_blocks.{i}"
-        if kind == "CrossAttnDownBlock2D":
-            for j in range(L):
-                d = depth[i][j] if isinstance(depth[i], list) else depth[i]
-                p.transformer(f"{name}.attentions.{j}", out, heads[i], d, cross, lin)
-        elif kind != "DownBlock2D":
-            raise ValueError(f"down block type {kind!r} not supported")
-        for j in range(L):
-            p.resnet(f"{name}.resnets.{j}", inp if j == 0 else out, out, T)
-        if i < n - 1:
-            p.conv(f"{name}.downsamplers.0.conv", out, out, 3)
-    mid = _P()
-    if c["mid_block_type"] == "UNetMidBlock2DCrossAttn":
-        d = depth[-1][-1] if isinstance(depth[-1], list) else depth[-1]
-        mid.transformer("mid_block.attentions.0", chans[-1], heads[-1], d, cross, lin)
-        mid.resnet("mid_block.resnets.0", chans[-1], chans[-1], T)
-        mid.resnet("mid_block.resnets.1", chans[-1], chans[-1], T)
-    elif c["mid_block_type"] == "UNetMidBlock2D":  # resnet only (SSD-1B)
-        mid.resnet("mid_block.resnets.0", chans[-1], chans[-1], T)
-    elif c["mid_block_type"] is not None:
-        raise ValueError(f"mid block type {c['mid_block_type']!r} not supported")
-    rev, rheads = list(reversed(chans)), list(reversed(heads))
-    out = rev[0]
-    for i, kind in enumerate(c["up_block_types"]):
-        prev, out, inp = out, rev[i], rev[min(i + 1, n - 1)]
-        name = f"up_blocks.{i}"
-        if kind == "CrossAttnUpBlock2D":
-            for j in range(L + 1):
-                d = rdepth[i][j] if isinstance(rdepth[i], list) else rdepth[i]
-                p.transformer(f"{name}.attentions.{j}", out, rheads[i], d, cross, lin)
-        elif kind != "UpBlock2D":
-            raise ValueError(f"up block type {kind!r} not supported")
-        for j in range(L + 1):
-            skip = inp if j == L else out
-            p.resnet(f"{name}.resnets.{j}", (prev if j == 0 else out) + skip, out, T)
-        if i < n - 1:
-            p.conv(f"{name}.upsamplers.0.conv", out, out, 3)
-    p += mid
-    p.norm("conv_norm_out", chans[0])
-    p.conv("conv_out", c["out_channels"], chans[0], c["conv_out_kernel"])
-    return list(p)
-
-
-def clip_params(te: TextEncoderConfig) -> Params:
-    """(transformers name, shape) of a CLIP text encoder, `text_model.`-rooted, state_dict order."""
-    h = te.hidden
-    p = _P()
-    p.append(("text_model.embeddings.token_embedding.weight", (te.vocab, h)))
-    p.append(("text_model.embeddings.position_embedding.weight", (te.max_positions, h)))
-    for i in range(te.layers):
-        b = f"text_model.encoder.layers.{i}"
-        for x in ("k", "v", "q", "out"):
-            p.linear(f"{b}.self_attn.{x}_proj", h, h)
-        p.norm(f"{b}.layer_norm1", h)
-        p.linear(f"{b}.mlp.fc1", te.intermediate, h)
-        p.linear(f"{b}.mlp.fc2", h, te.intermediate)
-        p.norm(f"{b}.layer_norm2", h)
-    p.norm("text_model.final_layer_norm", h)
-    if te.projection:
-        p.linear("text_projection", te.projection, h, bias=False)
-    return list(p)
-
-
-def model_params(cfg: "ModelConfig | Any") -> dict[str, Params]:
-    """{component: params}: the UNet and every text encoder, or what a family part's config (e.g.
-    FluxConfig) says it holds (its `params()`)."""
-    if not isinstance(cfg, ModelConfig):
-        return cfg.params()
-    out = {"unet": unet_params(cfg.unet)}
-    out.update({name: clip_params(te) for name, te in cfg.text_encoders.items()})
-    return out
+def model_params(cfg: Any) -> dict[str, Params]:
+    """{component: params}: what a family config says its model holds (its `params()`), e.g. a
+    UNet and its text encoders, or one transformer."""
+    return cfg.params()

@@ -13,7 +13,8 @@ an all-in-one file carries), diffusers folders and modules in memory.
     refine.py     the Flux denoiser for --refine (imported on first use)
 
 FLUX.2 (Flux2Transformer2DModel, BFL files with a shared double_stream_modulation) shares the
-block names and is never claimed here (the `unsupported` package refuses it by name).
+block names and is never claimed here: it is its own family (families/flux2/), and rules.lora_hint
+asks flux2.rules.generation to tell the two generations' LoRAs apart.
 """
 from __future__ import annotations
 

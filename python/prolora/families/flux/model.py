@@ -11,7 +11,7 @@ each part is transferred with its slice's bases, and the parts are written back 
 layout (kohya split_qkv block-diagonal form for kohya/ComfyUI/XLabs keys, separate modules for
 diffusers/PEFT). Measured on synthetic slices with trained-like spectra (q, k, v, mlp independent
 operators; h = 384 and 768, rank-16 LoRA, energy:0.9, prolora-full; rerun it with
-`PYTHONPATH=python python tests/test_flux.py 384`, and test_flux.py checks the first point on a
+`PYTHONPATH=python:tests python tests/families/test_flux.py 384`, and test_flux.py checks the first point on a
 synthetic tiny Flux):
 
 - Function-preserving reparametrisation (q rows x2, k rows x0.5: Flux's QK RMSNorm makes the model

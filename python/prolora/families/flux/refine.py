@@ -17,7 +17,7 @@ import torch
 
 from ...errors import ModelError
 from .chroma import CHROMA, FLUX
-from .keys import COMPONENT, bfl_file_plan, is_flux_keys
+from .keys import COMPONENT, T5, bfl_file_plan, is_flux_keys
 from .model import FluxModel
 
 DESCRIBES = "Flux/Chroma transformers"  # what the refusal of other families says refinement supports
@@ -104,6 +104,17 @@ def text_encoders(base: FluxModel, root: Path) -> list[tuple[str, str, str]]:
     if base.family == CHROMA:
         return [("t5", "text_encoder", "tokenizer")]
     return [("clip", "text_encoder", "tokenizer"), ("t5", "text_encoder_2", "tokenizer_2")]
+
+
+def encoder_components(base) -> list[tuple[str, bool]]:
+    """(component, drop the last layer) of the encoders a single file may embed (ComfyUI's
+    all-in-one `text_encoders.clip_l.*` and `text_encoders.t5xxl.*`): CLIP-L, T5."""
+    return [("text_encoder", False), (T5, False)]
+
+
+def context_width(encoders: list[tuple[str, int]]) -> int:
+    """Context width the encoders [(role, hidden)] give: T5's states (CLIP gives the pooled input)."""
+    return sum(h for role, h in encoders if role == "t5")
 
 
 def take(role: str, out, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

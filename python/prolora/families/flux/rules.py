@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ..flux2.rules import generation
 from .chroma import CHROMA, FLUX
 
 RELATED = frozenset({(FLUX, CHROMA), (CHROMA, FLUX)})
@@ -14,8 +15,15 @@ _FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|^lora
 
 
 def lora_hint(lora) -> tuple[str, str] | None:
-    """("flux", how) when a LoRA's keys name FLUX.1 blocks (BFL or diffusers names)."""
-    return (FLUX, "Flux block names") if any(_FLUX.search(k) for k in lora.modules) else None
+    """("flux", how) when a LoRA's keys name FLUX.1 blocks (BFL or diffusers names) and neither
+    they nor their shapes are FLUX.2's, which shares the block names (flux2.rules.generation tells
+    the two apart; a LoRA of attention only, which both share, is taken for FLUX.1's)."""
+    if not any(_FLUX.search(k) for k in lora.modules):
+        return None
+    hit = generation(lora)
+    if hit is None or hit[0] == 0 and hit[1].startswith("Flux block names"):
+        return FLUX, "Flux block names"
+    return (FLUX, hit[1]) if hit[0] == 1 else None
 
 
 def lora_metadata(model) -> dict[str, str]:

@@ -9,11 +9,13 @@ real ones. The diffusers folder shards transformer/ like `save_pretrained` does.
 
 What prolora.synthetic asks of this part (no family named there): `PRESETS` and `preset(name,
 scale)` (a preset name -> a FluxConfig); a config's `layouts`, `derived_from`, `params()` and
-`write(...)` (write_model); and `write_lora_modules(...)` (write_lora).
+`write(...)` (write_model); `write_lora_modules(...)` (write_lora); `EXPORTS` (the names
+prolora.synthetic re-exports) and `CONFORMANCE` (tests/families/test_conformance.py).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,13 +24,17 @@ import torch
 
 from ...checkpoints.model import BaseModel
 from ...lora import LoraModule
-from ...synthetic.loras import _check_targets, _chosen, _fit
-from ...synthetic.params import Params, _P
+from ...synthetic.conformance import Conformance
+from ...synthetic.loras import check_targets, chosen, fit
+from ...synthetic.params import ParamList, Params
 from ...synthetic.spectra import generator
 from ...synthetic.values import Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
 from .chroma import CHROMA, FLUX
 from .keys import COMPONENT, bfl_file_plan
+
+# the names prolora.synthetic re-exports from this part (imported on first use there)
+EXPORTS = ("FLUX_PRESETS", "FLUX_SCALES", "FluxConfig", "flux_config", "flux_lora_targets", "flux_params")
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ def flux_params(cfg: FluxConfig) -> Params:
     mlp = 4 * h
     hd = cfg.attention_head_dim
     chroma = cfg.approximator is not None  # no modulation linears, no embedders: the approximator
-    p = _P()
+    p = ParamList()
     if chroma:
         cin, width, layers = cfg.approximator
         p.linear("distilled_guidance_layer.in_proj", width, cin)
@@ -226,12 +232,12 @@ _SPELLING = {"peft": "peft", "comfy": "comfy", "xlabs": "xlabs"}
 
 def flux_lora_targets(modules: Iterable[str], targets: str = "transformer") -> Iterator[str]:
     """Canonical Flux transformer ids a LoRA of this kind adapts (see prolora.synthetic.write_lora)."""
-    _check_targets(targets)
+    check_targets(targets)
     for module in modules:
         if not module.startswith(f"{COMPONENT}."):
             continue
         in_block = module.startswith((f"{COMPONENT}.transformer_blocks.", f"{COMPONENT}.single_transformer_blocks."))
-        if _chosen(targets, attn=".attn." in module, transformer=in_block):
+        if chosen(targets, attn=".attn." in module, transformer=in_block):
             yield module
 
 
@@ -267,6 +273,56 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
             cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
             for a, b in rows or ((0, total),):
                 up[a:b, cols] = torch.randn(b - a, rank, generator=g)
-        _fit(up, down, alpha / (n * rank), size)
+        fit(up, down, alpha / (n * rank), size)
         mods[key] = LoraModule(key, down.half(), up.half(), alpha)
     return mods, {"ss_base_model_version": "flux1"}
+
+
+# ----------------------------------------------------------------------------- conformance
+
+_LINEAR1 = "its kohya / ComfyUI converter splits single_blocks.*.linear1 at FLUX.1's widths only (assert)"
+# `prolora bench`: (source preset, target preset) of each bench preset (Chroma is derived from
+# FLUX.1-schnell), and what its LoRAs adapt: attention, MLP and output projections of every double
+# and single block (what Flux LoRA trainers adapt by default), as PEFT (split q/k/v, as ai-toolkit
+# and diffusers write them); q, k, v and the MLP input are row slices of BFL's fused weights
+BENCH_PAIRS = {"flux": ("flux-dev", "flux-dev"), "chroma": ("flux-schnell", "chroma")}
+BENCH_LORA = ("peft", re.compile(r"^transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|"
+                                 r"add_k_proj|add_v_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))|"
+                                 r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$"))
+
+
+def bench_pair(name: str, width: float, depth: float) -> tuple[FluxConfig, FluxConfig]:
+    """(source, target) configs of bench preset `name`: width 1 is the real 3072, anything less
+    the small preset (384); depth scales both block counts."""
+    scale = "full" if width >= 1.0 else "small"
+
+    def at_depth(preset_name: str) -> FluxConfig:
+        base = flux_config(preset_name, scale)
+        return flux_config(preset_name, scale, blocks=(max(1, round(base.num_layers * depth)),
+                                                       max(1, round(base.num_single_layers * depth))))
+    src, tgt = BENCH_PAIRS[name]
+    return at_depth(src), at_depth(tgt)
+
+
+CONFORMANCE = Conformance(
+    pairs=(("flux-dev:tiny", "flux-dev:tiny"), ("flux-schnell:tiny", "chroma:tiny")),
+    layouts=("diffusers", "single-file", "single-file-prefixed"),
+    loras={"kohya": {"format": "kohya"},  # BFL names, fused qkv / linear1 (kohya sd-scripts, ComfyUI-trained)
+           "kohya-split": {"format": "kohya", "split_qkv": True},  # kohya's split_qkv form of the fused keys
+           "kohya-diffusers": {"format": "kohya", "spelling": "kohya-diffusers"},  # lora_transformer_ (SimpleTuner)
+           "comfy": {"format": "comfy"}, "xlabs": {"format": "xlabs"},
+           "peft": {"format": "peft"}},  # diffusers, ai-toolkit
+    component="transformer",
+    model_classes={FLUX: "FluxTransformer2DModel", CHROMA: "ChromaTransformer2DModel"},
+    pipelines={FLUX: "FluxPipeline", CHROMA: "ChromaPipeline"},
+    dtype="bfloat16",
+    # diffusers 0.42's Flux loader (lora_conversion_utils):
+    loader_gaps={
+        # _convert_kohya_flux_lora_to_diffusers splits single_blocks.N.linear1 (q, k, v, mlp) at
+        # FLUX.1's own widths (3 x 3072 + 12288): at any other width it fails an assert
+        "kohya": _LINEAR1, "kohya-split": _LINEAR1, "comfy": _LINEAR1,
+        # lora_transformer_<flat diffusers path> outside attention is mapped onto the block itself
+        # (e.g. single_transformer_blocks.0 for ...proj_mlp): KeyError 'single_transformer_blocks.0.weight'
+        "kohya-diffusers": "lora_transformer_ names outside attention are mapped onto the block itself (KeyError)",
+    },
+)

@@ -21,13 +21,19 @@ Entry points:
     write_qwen_lora(model, path, format="kohya", ...) -> Path
         a LoRA on the model's transformer spelled as each trainer writes it (see its docstring).
 
-Parameter names and shapes follow diffusers' QwenImageTransformer2DModel (tests/test_qwen.py
+Parameter names and shapes follow diffusers' QwenImageTransformer2DModel (tests/families/test_qwen.py
 checks them against the class).
+
+What prolora.synthetic asks of this part (no family named there): `PRESETS` ("qwen-image",
+"qwen-image-edit") and `preset(name, scale)`; a QwenConfig's `layouts`, `params()` and `write(...)`
+(write_model, which write_qwen_model calls); `write_lora_modules(...)` and `save_lora(...)`
+(write_lora, which write_qwen_lora calls); `EXPORTS` (the names prolora.synthetic re-exports) and
+`CONFORMANCE` (tests/families/test_conformance.py).
 """
 from __future__ import annotations
 
-import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,12 +43,17 @@ from ...checkpoints import BaseModel
 from ...formats import write_lora as write_lora_file
 from ...lora import LoraFile, LoraModule
 from ...safetensors_io import save
-from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
-from ...synthetic.models import model_values
-from ...synthetic.params import Params, _P
+from ...synthetic.conformance import Conformance
+from ...synthetic.loras import check_targets, chosen, spelled_pairs
+from ...synthetic.loras import write_lora as write_synthetic_lora
+from ...synthetic.models import write_model
+from ...synthetic.params import ParamList, Params
 from ...synthetic.values import Perturbation, Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
-from .keys import CLASS, COMPONENT
+from .keys import CLASS, COMPONENT, MEMBER
+
+# the names prolora.synthetic re-exports from this part (imported on first use there)
+EXPORTS = ("QwenConfig", "qwen_config", "qwen_params", "write_qwen_lora", "write_qwen_model")
 
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 
@@ -52,7 +63,7 @@ class QwenConfig:
     """QwenImageTransformer2DModel's config fields (defaults: Qwen-Image at full size) and the
     pipeline class written to model_index.json."""
 
-    family: str = "qwen-image"
+    family: str = MEMBER
     num_layers: int = 60
     num_attention_heads: int = 24
     attention_head_dim: int = 128
@@ -63,9 +74,31 @@ class QwenConfig:
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
     pipeline: str = "QwenImagePipeline"
 
+    # what prolora.synthetic.write_model asks of a config (see synthetic.configs)
+    layouts = LAYOUTS
+    derived_from = ()
+    dtype = torch.bfloat16
+    shard_bytes = 5 * 2**30
+
     @property
     def hidden(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    def params(self) -> dict[str, Params]:
+        """{component: params} (write_model's model_params)."""
+        return {COMPONENT: qwen_params(self)}
+
+    def write(self, path: Path, params: dict[str, Params], layout: str, values: Values, dtype: torch.dtype,
+              meta: dict[str, str], shard_bytes: int) -> None:
+        """write_model's hook: one file (bare diffusers names, or under ComfyUI's prefix) or a
+        pipeline folder."""
+        if layout.startswith("single-file"):
+            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+            items = [(prefix + n, s, (lambda n=n, s=s: values(COMPONENT, n, s))) for n, s in params[COMPONENT]]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_tensors(path, items, dtype, meta)
+        else:
+            _write_folder(path, self, params[COMPONENT], values, dtype, meta, shard_bytes)
 
     def diffusers_config(self) -> dict:
         """transformer/config.json (what QwenImageTransformer2DModel(**...) takes, minus the keys
@@ -104,20 +137,29 @@ def qwen_config(scale: str = "full", blocks: int | None = None, edit: bool = Fal
     return cfg
 
 
+# prolora.synthetic.preset's names (at full size; `preset` scales them)
+PRESETS = {"qwen-image": QwenConfig(), "qwen-image-edit": QwenConfig(pipeline="QwenImageEditPipeline")}
+
+
+def preset(name: str, scale: str = "full") -> QwenConfig:
+    """prolora.synthetic.preset's hook: "qwen-image" or "qwen-image-edit" at a scale of QWEN_SCALES."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown Qwen-Image preset {name!r}; use 'qwen-image' or 'qwen-image-edit'")
+    return qwen_config(scale, edit=name == "qwen-image-edit")
+
+
 def _resolve(config: QwenConfig | str) -> QwenConfig:
     """A config, or "qwen-image[:scale]" / "qwen-image-edit[:scale]"."""
     if isinstance(config, QwenConfig):
         return config
     name, _, scale = config.partition(":")
-    if name not in ("qwen-image", "qwen-image-edit"):
-        raise ValueError(f"unknown Qwen-Image preset {name!r}; use 'qwen-image' or 'qwen-image-edit'")
-    return qwen_config(scale or "full", edit=name == "qwen-image-edit")
+    return preset(name, scale or "full")
 
 
 def qwen_params(cfg: QwenConfig) -> Params:
     """(diffusers name, shape) of every QwenImageTransformer2DModel parameter, in state_dict order."""
     h, hd, mlp = cfg.hidden, cfg.attention_head_dim, 4 * cfg.hidden
-    p = _P()
+    p = ParamList()
     p.linear("time_text_embed.timestep_embedder.linear_1", h, 256)
     p.linear("time_text_embed.timestep_embedder.linear_2", h, h)
     p.append(("txt_norm.weight", (cfg.joint_attention_dim,)))
@@ -154,21 +196,7 @@ def write_qwen_model(path: str | os.PathLike, config: QwenConfig | str = "qwen-i
     values on a GPU (other values, the same layout). `threads`: torch threads while generating
     (default: 1 below 100M parameters, else torch's).
     """
-    cfg = _resolve(config)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    path = Path(path)
-    params = qwen_params(cfg)
-    numel = sum(math.prod(s) for _, s in params)
-    with model_values(cfg.family, seed, base, perturbation, device, threads, numel) as (values, meta):
-        if layout.startswith("single-file"):
-            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
-            items = [(prefix + n, s, (lambda n=n, s=s: values(COMPONENT, n, s))) for n, s in params]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_tensors(path, items, dtype, meta)
-        else:
-            _write_folder(path, cfg, params, values, dtype, meta, shard_bytes)
-    return path
+    return write_model(path, _resolve(config), layout, dtype, seed, base, perturbation, threads, shard_bytes, device)
 
 
 def _write_folder(path: Path, cfg: QwenConfig, params: Params, values: Values, dtype: torch.dtype,
@@ -192,11 +220,11 @@ def qwen_lora_targets(modules, targets: str = "transformer"):
     """Canonical Qwen-Image transformer ids a LoRA of this kind adapts: "attn" (the attention
     projections, q/k/v/out of both streams), "transformer" (every linear of the blocks: attention,
     MLPs, img_mod / txt_mod), "all" (also img_in, txt_in, the timestep embedder, norm_out, proj_out)."""
-    _check_targets(targets)
+    check_targets(targets)
     for module in modules:
         if module.startswith(f"{COMPONENT}."):
             in_block = module.startswith(f"{COMPONENT}.transformer_blocks.")
-            if _chosen(targets, attn=".attn." in module, transformer=in_block):
+            if chosen(targets, attn=".attn." in module, transformer=in_block):
                 yield module
 
 
@@ -213,23 +241,65 @@ def write_qwen_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLik
     `extra`: modules added as given (e.g. text-encoder keys a trainer wrote). Each module's dW has
     Frobenius norm about `size` * sqrt(out); alpha defaults to rank / 2.
     """
+    return write_synthetic_lora(model, path, format, rank, alpha, targets, seed, size=size, spelling=spelling,
+                                lora_ab=lora_ab, extra=extra)
+
+
+def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
+                       spelling: str | None = None, lora_ab: bool = False, extra: dict[str, LoraModule] | None = None,
+                       **_ignored: object) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """prolora.synthetic.write_lora's hook (see write_qwen_lora): the modules, no family metadata."""
     spelling = spelling or _SPELLING.get(format)
     if spelling is None:
         raise ValueError(f"format {format!r} has no Qwen-Image layout; use kohya, peft or comfy")
-    alpha = rank / 2 if alpha is None else float(alpha)
-    with as_model(model) as m:
-        mods = spelled_pairs(m, qwen_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size)
+    if lora_ab and format != "comfy":
+        raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
+    mods = spelled_pairs(m, qwen_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size)
     mods.update(extra or {})
-    path = Path(path)
-    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "prolora.synthetic": "1"}
-    if lora_ab:
-        if format != "comfy":
-            raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
-        tensors = {}
-        for key, mod in mods.items():
-            tensors[f"{key}.lora_A.weight"] = mod.down
-            tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
-        save(path, tensors, {"prolora.synthetic": "1"})
-    else:
-        write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
-    return path
+    return mods, {}
+
+
+def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **_ignored: object) -> None:
+    """prolora.synthetic.write_lora's hook: ai-toolkit's layout (`lora_ab`: lora_A / lora_B under
+    `diffusion_model.`, the scale folded into B, no alpha) or the format's own."""
+    if not lora_ab:
+        write_lora_file(path, lora, format)
+        return
+    tensors = {}
+    for key, mod in lora.modules.items():
+        tensors[f"{key}.lora_A.weight"] = mod.down
+        tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
+    save(path, tensors, {"prolora.synthetic": "1"})
+
+
+# ----------------------------------------------------------------------------- conformance
+
+# `prolora bench`: Qwen-Image -> Qwen-Image-Edit (the same layout); its LoRAs adapt the attention
+# and MLP projections of both streams of every block, as PEFT (diffusers' and ai-toolkit's layout)
+BENCH_LORA = ("peft", re.compile(r"^transformer\.transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|"
+                                 r"add_k_proj|add_v_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$"))
+
+
+def bench_pair(name: str, width: float, depth: float) -> tuple[QwenConfig, QwenConfig]:
+    """(source, target) configs: Qwen-Image and Qwen-Image-Edit at full width (width 1) or the
+    small preset, with `depth` of the 60 blocks."""
+    blocks = max(1, round(qwen_config("full").num_layers * depth))
+    scale = "full" if width >= 1.0 else "small"
+    return qwen_config(scale, blocks=blocks), qwen_config(scale, blocks=blocks, edit=True)
+
+
+CONFORMANCE = Conformance(
+    pairs=(("qwen-image:tiny", "qwen-image-edit:tiny"),),
+    layouts=LAYOUTS,
+    loras={"kohya": {"format": "kohya"},  # musubi-tuner's lora_unet_
+           "peft": {"format": "peft"},  # diffusers, ai-toolkit's PEFT files: transformer.
+           "peft-bare": {"format": "peft", "spelling": "peft-bare"},  # no prefix (DiffSynth-Studio)
+           "comfy": {"format": "comfy"},  # ComfyUI: diffusion_model. + lora_down / lora_up
+           "ai-toolkit": {"format": "comfy", "lora_ab": True}},  # diffusion_model. + lora_A / lora_B, no alpha
+    component=COMPONENT,
+    model_classes={MEMBER: CLASS},
+    pipelines={MEMBER: "QwenImagePipeline"},
+    dtype="bfloat16",
+    rewritten={"peft-bare": "unprefixed PEFT keys are written back under `transformer.` (model.py: diffusers "
+                            "drops unprefixed keys without `.default.`; diffusers, ComfyUI, DiffSynth read prefixed)"},
+)

@@ -53,7 +53,7 @@ def unet_config(base: BaseModel) -> dict:
 
     Everything that shapes a parameter comes from the shapes; what no shape tells (the number of
     attention heads) follows the member: 8 heads for SD1.x, 64-wide heads otherwise (SD2.x, SDXL),
-    as in the published configs."""
+    as in the published configs, 32-wide at widths no published UNet has (`_heads`)."""
     w = lambda m: _shape(base, "unet." + m)  # noqa: E731
     levels = _count(base, r"^unet\.down_blocks\.(\d+)\.")
     if levels == 0 or w("conv_in") is None:
@@ -84,7 +84,7 @@ def unet_config(base: BaseModel) -> dict:
         cross_attention_dim=_shape(base, k)[1] if k else 768,
         use_linear_projection=proj is not None and len(_shape(base, proj)) == 2,
         transformer_layers_per_block=depths, norm_num_groups=32,
-        attention_head_dim=8 if sd1 else [max(1, c // 64) for c in chans],
+        attention_head_dim=_heads(chans, sd1),
     )
     reverse = [d for d in up_depths]
     if reverse != [[depths[levels - 1 - i]] * (layers + 1) for i in range(levels)]:
@@ -95,6 +95,15 @@ def unet_config(base: BaseModel) -> dict:
         cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=total,
                    addition_time_embed_dim=(total - pooled) // 6)
     return cfg
+
+
+def _heads(chans: list[int], sd1: bool) -> int | list[int]:
+    """Heads per level where no shape tells: at the published widths (levels of 320, 640, 1280
+    channels) SD1.x's 8 heads and the 64-wide heads of SD2.x / SDXL / SSD-1B; other widths are the
+    project's shrunken synthetic UNets, whose configs (synthetic.shrink) use 32-wide heads."""
+    if all(c in (320, 640, 1280) for c in chans):
+        return 8 if sd1 else [c // 64 for c in chans]
+    return [max(1, c // 32) for c in chans]
 
 
 def _pooled_width(base: BaseModel, total: int) -> int:
@@ -143,6 +152,23 @@ def text_encoders(base: BaseModel, root: Path) -> list[tuple[str, str, str]]:
     if (root / "text_encoder_2").is_dir():
         return [("clip", "text_encoder", "tokenizer"), ("clip2", "text_encoder_2", "tokenizer_2")]
     return [("clip", "text_encoder", "tokenizer")]
+
+
+def encoder_components(base: BaseModel) -> list[tuple[str, bool]]:
+    """(component, drop the last layer) of the encoders a single file may embed, in context order:
+    CLIP-L / OpenCLIP-H (`cond_stage_model.*`, SDXL's `conditioner.embedders.0`) and SDXL's
+    OpenCLIP-G (`conditioner.embedders.1`). SD2.x files store OpenCLIP-H's 24 layers and read its
+    penultimate one, as diffusers' converter does (a 23-layer encoder): the last layer is dropped."""
+    layers = {m.split(".")[3] for m in base.weights if m.startswith("text_encoder.text_model.encoder.layers.")}
+    ref = next((r for m, r in base.weights.items() if m.startswith("text_encoder.")), None)
+    penultimate = ref is not None and ".resblocks." in ref.key and len(layers) == 24 and \
+        not any(m.startswith("text_encoder_2.") for m in base.weights)
+    return [("text_encoder", penultimate), ("text_encoder_2", False)]
+
+
+def context_width(encoders: list[tuple[str, int]]) -> int:
+    """Context width the encoders [(role, hidden)] give: every CLIP's states, concatenated."""
+    return sum(h for _, h in encoders)
 
 
 def take(role: str, out, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -17,8 +17,6 @@ from ..record import Family
 
 # (title, diffusers class names, single-file marker keys without ComfyUI's `model.diffusion_model.`)
 KNOWN: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("a FLUX.2 transformer", ("Flux2Transformer2DModel",),
-     ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight")),
     ("a FLUX.3 transformer", ("Flux3Transformer2DModel",), ("early_stream_modulations.image.lin.weight",)),
     ("a Qwen-Image 2.1 transformer", ("QwenImage21Transformer2DModel",), ("txt_in.text_norm.weight",)),
     ("a Krea 2 transformer", ("Krea2Transformer2DModel",), ("txtfusion.projector.weight",)),
@@ -26,7 +24,6 @@ KNOWN: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
      ("joint_blocks.0.context_block.adaLN_modulation.1.bias",)),
     ("a HiDream-I1 transformer", ("HiDreamImageTransformer2DModel",),
      ("double_stream_blocks.0.block.adaLN_modulation.1.bias",)),
-    ("a Z-Image transformer", ("ZImageTransformer2DModel",), ()),
     ("a Lumina 2 transformer", ("Lumina2Transformer2DModel",), ("cap_embedder.0.weight",)),
     ("an LTX-2 transformer", ("LTX2VideoTransformer3DModel",),
      ("av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight",)),

@@ -5,7 +5,7 @@ Wan 2.2 A14B pipeline folder with both experts (transformer/ high-noise, transfo
 low-noise, model_index.json with boundary_ratio), and single files with the original Wan keys,
 bare or under ComfyUI's `model.diffusion_model.` (ComfyUI's split expert files). Original names
 come from the reader's own map (keys.diffusers_to_original), so a synthetic file is
-read back by the same map that reads real ones; tests/test_wan.py checks the map against
+read back by the same map that reads real ones; tests/families/test_wan.py checks the map against
 diffusers' own converter and the parameter list against WanTransformer3DModel.
 
 Presets (diffusers config fields; published sizes):
@@ -14,6 +14,11 @@ Presets (diffusers config fields; published sizes):
     wan2.1-t2v-1.3b  30 blocks, width 1536, ffn 8960
     wan2.2-ti2v-5b   30 blocks, width 3072 (24 heads of 128), ffn 14336, 48 latent channels
 ":tiny" keeps each preset's structure (latent channels, text width ratio) at a few dozen channels.
+
+What prolora.synthetic asks of this part (no family named there): `PRESETS` and `preset(name,
+scale)`; a WanConfig's `layouts`, `params()`, `facts()` and `write(...)` (write_model);
+`write_lora_modules(...)` (write_lora); `EXPORTS` (the names prolora.synthetic re-exports) and
+`CONFORMANCE` (tests/families/test_conformance.py).
 """
 from __future__ import annotations
 
@@ -26,16 +31,19 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from ...formats import write_lora as write_lora_file
-from ...lora import LoraFile
-from ...synthetic.loras import _check_targets, _chosen, as_model, spelled_pairs
-from ...synthetic.models import model_values
+from ...lora import LoraModule
+from ...synthetic.conformance import Conformance
+from ...synthetic.loras import check_targets, chosen, spelled_pairs
+from ...synthetic.loras import write_lora as write_synthetic_lora
+from ...synthetic.models import model_values, write_model
 from ...synthetic.params import Params
 from ...synthetic.values import Perturbation, Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
 from .experts import EXPERTS
 from .keys import COMPONENT, diffusers_to_original
 
+# the names prolora.synthetic re-exports from this part (imported on first use there)
+EXPORTS = ("WanConfig", "wan_config", "wan_params", "write_wan22_experts", "write_wan_lora", "write_wan_model")
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
 BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's model_index.json
 
@@ -61,9 +69,35 @@ class WanConfig:
     image_dim: int | None = None  # Wan 2.1 I2V: CLIP image features (1280), projected by img_emb
     added_kv_proj_dim: int | None = None  # Wan 2.1 I2V: k_img / v_img input width (the model width)
 
+    # what prolora.synthetic.write_model asks of a config (see synthetic.configs)
+    family = "wan"  # the label the file metadata gives every Wan model
+    layouts = LAYOUTS
+    derived_from = ()
+    dtype = torch.bfloat16
+    threads = 1
+
     @property
     def hidden(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    def params(self) -> dict[str, Params]:
+        """{component: params} (write_model's model_params)."""
+        return {COMPONENT: wan_params(self)}
+
+    def facts(self) -> dict:
+        """What the file metadata says of the model besides the family and seed: its config."""
+        return {"config": self.diffusers_config()}
+
+    def write(self, path: Path, params: dict[str, Params], layout: str, values: Values, dtype: torch.dtype,
+              meta: dict[str, str], shard_bytes: int) -> None:
+        """write_model's hook: a pipeline folder, or one file of original Wan keys (bare or under
+        ComfyUI's prefix)."""
+        if layout == "diffusers":
+            _write_component(path / COMPONENT, self, values, dtype, meta, shard_bytes)
+            _model_index(path, {COMPONENT: ["diffusers", "WanTransformer3DModel"]})
+        else:
+            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
+            _write_original(path, self, prefix, values, dtype, meta)
 
     def diffusers_config(self) -> dict:
         """config.json of a transformer folder (what WanTransformer3DModel(**...) takes, plus _class_name)."""
@@ -82,6 +116,14 @@ WAN_PRESETS = {
 # tiny sizes: (blocks, heads, head dim, ffn), text width 64, 32 timestep channels; latent channels kept
 WAN_TINY = {"wan2.1-t2v-14b": (3, 2, 16, 88), "wan2.1-t2v-1.3b": (2, 2, 8, 56), "wan2.2-ti2v-5b": (2, 2, 12, 112),
             "wan2.1-i2v-14b": (3, 2, 16, 88)}
+
+
+PRESETS = WAN_PRESETS  # prolora.synthetic.preset's names
+
+
+def preset(name: str, scale: str = "full") -> WanConfig:
+    """prolora.synthetic.preset's hook: a preset of WAN_PRESETS at "full" or "tiny" size."""
+    return wan_config(name, scale)
 
 
 def wan_config(name: str = "wan2.1-t2v-14b", scale: str = "full") -> WanConfig:
@@ -152,17 +194,7 @@ def write_wan_model(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-t2v-
     `base`: a Wan model written earlier with the same config and seed; the result is then a
     TARGET, each weight the base's plus `perturbation` (see synthetic.values)."""
     cfg = wan_config(cfg) if isinstance(cfg, str) else cfg
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    path = Path(path)
-    with model_values("wan", seed, base, perturbation, threads=1, config=cfg.diffusers_config()) as (values, meta):
-        if layout == "diffusers":
-            _write_component(path / COMPONENT, cfg, values, dtype, meta, shard_bytes)
-            _model_index(path, {COMPONENT: ["diffusers", "WanTransformer3DModel"]})
-        else:
-            prefix = "model.diffusion_model." if layout == "single-file-prefixed" else ""
-            _write_original(path, cfg, prefix, values, dtype, meta)
-    return path
+    return write_model(path, cfg, layout, dtype, seed, base, perturbation, shard_bytes=shard_bytes)
 
 
 def write_wan22_experts(path: str | os.PathLike, cfg: WanConfig | str = "wan2.1-t2v-14b:tiny",
@@ -236,13 +268,13 @@ def wan_lora_targets(model: BaseModel, targets: str = "transformer") -> list[str
     """Canonical ids a Wan LoRA adapts: "attn" (self and cross attention q/k/v/o), "transformer"
     (every linear of the blocks: attention and ffn, what musubi-tuner and diffusers trainers
     target), "all" (also the embedders and proj_out)."""
-    _check_targets(targets)
+    check_targets(targets)
     out = []
     for module in model.weights:
         if not module.startswith(COMPONENT + "."):
             continue
         in_block = module.startswith(f"{COMPONENT}.blocks.")
-        if _chosen(targets, attn=in_block and (".attn1." in module or ".attn2." in module), transformer=in_block):
+        if chosen(targets, attn=in_block and (".attn1." in module or ".attn2." in module), transformer=in_block):
             out.append(module)
     return out
 
@@ -255,14 +287,30 @@ def write_wan_lora(model: str | os.PathLike | BaseModel, path: str | os.PathLike
     `lora_unet_blocks_0_self_attn_q.lora_down.weight` + alpha) or "comfy"
     (`diffusion_model.blocks.0.self_attn.q.lora_down.weight`). Each module's delta has Frobenius
     norm about `size` * sqrt(out); alpha defaults to rank / 2."""
-    spelling = {"peft": "peft", "kohya": "kohya-ldm", "comfy": "comfy"}.get(format)
+    return write_synthetic_lora(model, path, format, rank, alpha, targets, seed, size=size)
+
+
+def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targets: str, seed: int, size: float,
+                       spelling: str | None = None, **_ignored: object) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """prolora.synthetic.write_lora's hook (see write_wan_lora; `spelling` "kohya-diffusers":
+    `lora_transformer_<diffusers path>`): bf16 modules and the base-model metadata."""
+    spelling = spelling or {"peft": "peft", "kohya": "kohya-ldm", "comfy": "comfy"}.get(format)
     if spelling is None:
         raise ValueError(f"format {format!r} has no Wan layout here; use peft, kohya or comfy")
-    alpha = rank / 2 if alpha is None else float(alpha)
-    with as_model(model) as m:
-        mods = spelled_pairs(m, wan_lora_targets(m, targets), spelling, rank, alpha, seed, size, torch.bfloat16)
-    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "ss_base_model_version": "wan",
-            "prolora.synthetic": "1"}
-    path = Path(path)
-    write_lora_file(path, LoraFile(format=format, modules=mods, metadata=meta), format)
-    return path
+    mods = spelled_pairs(m, wan_lora_targets(m, targets), spelling, rank, alpha, seed, size, torch.bfloat16)
+    return mods, {"ss_base_model_version": "wan"}
+
+
+# ----------------------------------------------------------------------------- conformance
+
+CONFORMANCE = Conformance(
+    pairs=(("wan2.1-t2v-14b:tiny", "wan2.1-t2v-14b:tiny"), ("wan2.2-ti2v-5b:tiny", "wan2.2-ti2v-5b:tiny")),
+    layouts=LAYOUTS,
+    loras={"peft": {"format": "peft"},  # diffusers, ai-toolkit: transformer.blocks.0.attn1.to_q
+           "kohya": {"format": "kohya"},  # musubi-tuner: lora_unet_blocks_0_self_attn_q (original names)
+           "comfy": {"format": "comfy"}},  # ComfyUI / DiffSynth: diffusion_model.blocks.0.self_attn.q
+    component=COMPONENT,
+    model_classes={"wan": "WanTransformer3DModel", "wan-ti2v": "WanTransformer3DModel"},
+    pipelines={"wan": "WanPipeline", "wan-ti2v": "WanPipeline"},
+    dtype="bfloat16",
+)
