@@ -95,3 +95,20 @@ def test_tables_from_rows(tmp_path):
     md.write_text(f"intro\n{report.MARK_BEGIN}\nold\n{report.MARK_END}\nend\n")
     assert report.update_results(md, block)
     assert md.read_text().startswith("intro\n") and "old" not in md.read_text() and md.read_text().endswith("end\n")
+
+
+def test_refine_builds_the_benchmark_unet(tmp_path):
+    """The benchmark's UNet is of no known SD size (its model reads as member "unknown"): refinement
+    still finds the SD part that builds it, and the denoiser is diffusers' class with its weights."""
+    from prolora.families import open_model
+    from prolora.refine.denoisers import build_denoiser
+
+    torch.set_num_threads(1)
+    models.save_model(models.new_model(models.SOURCE_UNET, seed=0), tmp_path / "m")
+    with open_model(tmp_path / "m" / "unet") as m:
+        assert m.family == "unknown"
+        net = build_denoiser(m)
+    want = models.load_model(tmp_path / "m").unet.state_dict()
+    got = dict(net.named_parameters())
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(got[name].detach().float(), want[name].float())

@@ -15,6 +15,7 @@ from .errors import InputFileError, LoraMismatchError, OptionError
 from .experts import experts_of, transfer_experts, transfer_experts_many
 from .families import model_of, open_model
 from .formats import read_lora, summarize
+from .formats.adapters import refuse_base_dependent
 from .formats.parts import canonical_modules
 from .lora import LoraFile
 from .options import TransferOptions
@@ -25,8 +26,8 @@ from .outputs import (
     resolve_report_path,
     write_checked,
 )
-from .safetensors_io import read_header
 from .subspaces import SimilarityResult, build_cache, similarity
+from .tensor_files import quantization, read_header
 from .transfers import (
     BatchResult,
     Failure,
@@ -106,6 +107,8 @@ def compare(lora_a: PathLike | LoraFile, lora_b: PathLike | LoraFile, base: Path
     two files may be in different formats; without it they must spell modules alike."""
     a = lora_a if isinstance(lora_a, LoraFile) else read_lora(lora_a)
     b = lora_b if isinstance(lora_b, LoraFile) else read_lora(lora_b)
+    for lf in (a, b):
+        refuse_base_dependent(lf, "compare")
     if base is None:
         if a.format != b.format:
             raise OptionError(f"the LoRAs are in different formats ({a.format} vs {b.format}): pass --base MODEL "
@@ -141,4 +144,5 @@ def inspect(path: PathLike) -> dict[str, Any]:
     if p.is_file() and _looks_like_lora(p):
         return {"kind": "lora", "path": str(p), **summarize(read_lora(p))}
     with open_model(p) as m:
-        return {"kind": "model", "path": str(p), **m.describe()}
+        q = quantization(m)
+        return {"kind": "model", "path": str(p), **m.describe(), **({"quantization": q} if q else {})}

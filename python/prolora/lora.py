@@ -26,7 +26,16 @@ class LoraModule:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None
-    bias: torch.Tensor | None = None  # PEFT lora_B.bias, carried as is
+    bias: torch.Tensor | None = None  # PEFT lora_B.bias (or a full difference's diff_b), carried as is
+    # the adapter kind it was read as ("lora", "locon-tucker", "lokr", "loha", "full", "dora",
+    # "lokr+dora", ...; formats.adapters) and the relative Frobenius error of its LoRA form (None: exact)
+    kind: str = "lora"
+    error: float | None = None
+    # DoRA: the magnitude vector, its axis ("out": per output row, "in": per input column) and the
+    # eps added to the norm; the dW needs the source weight (formats.adapters.realize_dora)
+    magnitude: torch.Tensor | None = None
+    dora_axis: str | None = None
+    dora_eps: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -48,6 +57,11 @@ class LoraModule:
     @property
     def out_features(self) -> int:
         return int(self.up.shape[0])
+
+    @property
+    def needs_base(self) -> bool:
+        """Its dW depends on the base weight (DoRA): formed when the source weight is read."""
+        return self.magnitude is not None
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import OptionError
+from .formats.lowrank import DEFAULT_MAX_ERROR as DEFAULT_CONVERT_ERROR, Conversion
 from .lora import FORMATS
 from .method import KMode, RankSpec
 from .ops import ALL_OPS, METHODS
@@ -58,6 +59,9 @@ class TransferOptions:
     cache_dir: str | None = None  # default: $PROLORA_CACHE_DIR or ~/.cache/prolora
     # --refine: RefineOptions, a dict of its fields or a step count (None / 0: off; prolora.refine)
     refine: object = None
+    # adapters that are not a low-rank pair (LoKr, LoHa, full differences, DoRA) are written as the
+    # LoRA of the smallest rank whose relative Frobenius error is within this bound (--rank N wins)
+    convert_error: float = DEFAULT_CONVERT_ERROR
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,10 +89,19 @@ class TransferOptions:
                 setattr(self, name, parse_size(v))
             elif v is not None and v <= 0:
                 raise OptionError(f"{name} must be positive")
+        self.conversion()  # validates convert_error
         check_overrides(ALL_OPS, self.backends, self.device)
         from .refine.loop import RefineOptions
 
         self.refine = RefineOptions.of(self.refine)
+
+    def conversion(self) -> Conversion:
+        """How adapters that are not a low-rank pair become a LoRA: the bound, or --rank N."""
+        try:
+            err = float(self.convert_error)
+        except (TypeError, ValueError):
+            raise OptionError(f"convert error {self.convert_error!r}: expected a number in [0, 1)") from None
+        return Conversion(err, self.rank.value if self.rank.kind == "fixed" else None)
 
     def describe(self) -> dict[str, str]:
         """The options as strings, for reports and file metadata."""

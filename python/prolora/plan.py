@@ -2,6 +2,8 @@
 Reads headers only (through BaseModel); no tensor math beyond shape checks."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .checkpoints import BaseModel
@@ -102,6 +104,15 @@ def out_key(target: BaseModel, module: str, spelling: str) -> tuple[str | None, 
         return None, str(e)
 
 
+def fit_to_weight(lm: LoraModule, shape: tuple[int, ...]) -> LoraModule:
+    """A converted adapter (LoHa, LoKr: formats.adapters) whose factors are flattened [k, in*kh*kw]
+    shaped as a conv LoRA for the conv weight it adapts; anything else as it is."""
+    if len(shape) == 4 and lm.down.dim() == 2 and lm.kind != "lora" and lm.down.shape[1] == math.prod(shape[1:]):
+        return dataclasses.replace(lm, down=lm.down.reshape(lm.rank, *shape[1:]),
+                                   up=lm.up.reshape(lm.up.shape[0], lm.rank, 1, 1))
+    return lm
+
+
 def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseModel) -> None:
     """Raise if the LoRA's factors cannot multiply into a weight of this shape."""
     out, rest = shape[0], shape[1:]
@@ -114,6 +125,10 @@ def _check_fits(lm: LoraModule, shape: tuple[int, ...], where: str, model: BaseM
         raise LoraMismatchError(
             f"{where}: LoRA module '{lm.key}' (up {tuple(lm.up.shape)}, down {tuple(lm.down.shape)}) "
             f"does not fit the weight of shape {shape}{hint}")
+    if lm.magnitude is not None and lm.magnitude.numel() != (out if lm.dora_axis == "out" else rest[0]):
+        raise LoraMismatchError(
+            f"{where}: DoRA module '{lm.key}' has a magnitude of {lm.magnitude.numel()} "
+            f"{'rows' if lm.dora_axis == 'out' else 'input columns'} but the weight has shape {shape}{hint}")
 
 
 def _unresolved_reason(source: BaseModel, key: str) -> str:
@@ -188,6 +203,7 @@ def build_plan(lora: LoraFile, source: BaseModel, target: BaseModel, out_format:
             if lm is None:
                 skipped.append(Skip(key, module, shape, "the LoRA is zero on this slice of the fused weight"))
                 continue
+            lm = fit_to_weight(lm, shape)
             _check_fits(lm, shape, where, source)
             tmodule = mapping.get(module, module) if mapping else module
             if tmodule is None:

@@ -33,6 +33,17 @@ class LayerRecord:
     rank_out: int | None = None
     retained_energy: float | None = None
     seconds: float = 0.0
+    # for adapters that are not a plain LoRA (formats.adapters): the kind read and the relative
+    # Frobenius error of the LoRA it was written as (rank_in is that LoRA's rank)
+    adapter: str | None = None
+    compression_error: float | None = None
+
+
+_OPTIONAL = ("adapter", "compression_error")  # left out of a report's JSON when unset (plain LoRA)
+
+
+def _record_dict(r: LayerRecord) -> dict[str, Any]:
+    return {k: v for k, v in asdict(r).items() if not (k in _OPTIONAL and v is None)}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -64,11 +75,12 @@ class Report:
             "k_max": max(ks, default=None),
             "mean_retained_energy": _mean(ret),
             "seconds": self.info.get("seconds"),
+            **_adapter_summary(self.layers),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "info": self.info, "warnings": self.warnings,
-                "layers": [asdict(r) for r in self.layers]}
+                "layers": [_record_dict(r) for r in self.layers]}
 
     def write_json(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
@@ -99,9 +111,24 @@ class Report:
                         f"min {s['min_phi']:.4f}; k {s['k_min']}..{s['k_max']}")
         if s["mean_retained_energy"] is not None:
             rows.append(f"mean retained energy after compression {s['mean_retained_energy']:.4f}")
+        if s.get("adapters"):
+            rows.append("adapters written as LoRA: " + ", ".join(f"{v} {k}" for k, v in s["adapters"].items())
+                        + f"; compression error max {s['max_compression_error']:.2e}"
+                        + f", ranks {s['converted_rank_min']}..{s['converted_rank_max']}")
         if s["seconds"] is not None:
             rows.append(f"time {s['seconds']:.2f} s")
         return "\n".join(rows)
+
+
+def _adapter_summary(layers: list[LayerRecord]) -> dict[str, Any]:
+    """Counts of converted adapter kinds and their worst compression error (empty for plain LoRA)."""
+    conv = [r for r in layers if r.adapter is not None and r.adapter != "lora"]
+    if not conv:
+        return {}
+    errs = [r.compression_error for r in conv if r.compression_error is not None]
+    ranks = [r.rank_in for r in conv if r.rank_in is not None]
+    return {"adapters": dict(Counter(r.adapter for r in conv)), "max_compression_error": max(errs, default=0.0),
+            "converted_rank_min": min(ranks, default=None), "converted_rank_max": max(ranks, default=None)}
 
 
 def _reason_class(reason: str) -> str:

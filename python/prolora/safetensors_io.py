@@ -176,6 +176,29 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path, dict(metadata), tensors, 8 + n, raw)
 
 
+def read_bytes(fd: int, path: Path, name: str, offset: int, nbytes: int, corrupt) -> torch.Tensor:
+    """`nbytes` bytes at absolute `offset` of an open file, by pread into a fresh uint8 tensor;
+    a short file raises corrupt(what) (the caller's one-line error for its format)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    pread_into(fd, path, name, offset, buf, corrupt)
+    return buf
+
+
+def pread_into(fd: int, path: Path, name: str, offset: int, buf: torch.Tensor, corrupt) -> None:
+    """Fill the contiguous uint8 host tensor `buf` from absolute `offset` of an open file."""
+    nbytes = buf.numel()
+    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise InputFileError(f"{path}: cannot read '{name}': {e.strerror or e}") from None
+        if n == 0:
+            raise corrupt(f"file ends inside the data of key '{name}' (truncated?)")
+        done += n
+
+
 class SafetensorsFile:
     """A validated safetensors file whose tensors are read on demand (whole or by row range).
 
@@ -223,17 +246,8 @@ class SafetensorsFile:
     def _pread(self, name: str, offset: int, buf: torch.Tensor) -> None:
         if self._fd is None:
             raise InputFileError(f"{self.path}: file already closed")
-        nbytes = buf.numel()
-        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
-        done = 0
-        while done < nbytes:
-            try:
-                n = os.preadv(self._fd, [view[done:]], self.header.data_start + offset + done)
-            except OSError as e:
-                raise InputFileError(f"{self.path}: cannot read '{name}': {e.strerror or e}") from None
-            if n == 0:
-                raise _corrupt(self.path, f"file ends inside the data of key '{name}' (truncated?)")
-            done += n
+        pread_into(self._fd, self.path, name, self.header.data_start + offset, buf,
+                   lambda what: _corrupt(self.path, what))
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in its stored dtype."""

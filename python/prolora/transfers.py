@@ -28,6 +28,7 @@ from .engine import (
 from .errors import NothingTransferredError, OptionError, OutputPathError, ProloraError
 from .families import model_of, pad_output
 from .formats import read_lora, write_lora
+from .formats.adapters import drop_bias_deltas
 from .formats.parts import assemble_parts
 from .lora import LoraFile
 from .matching import block_mapping, depths_differ, match_blocks
@@ -35,6 +36,7 @@ from .options import TransferOptions
 from .outputs import resolve_output
 from .plan import build_plan, check_families
 from .report import LayerRecord, Report
+from .tensor_files import quantization, quantization_warnings
 
 PathLike = str | os.PathLike
 Progress = Callable[[int], None]
@@ -64,6 +66,8 @@ def _provenance(lf: LoraFile, source: BaseModel, target: BaseModel, opts: Transf
     })
     if "ss_sd_model_name" in meta:
         meta["ss_sd_model_name"] = target.name
+    if any(r.adapter for r in report.layers):
+        meta["prolora.convert_error"] = f"{opts.convert_error:g}"
     return meta
 
 
@@ -99,8 +103,11 @@ def _report(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOption
     records += [LayerRecord(s.module, s.lora_key, None, s.shape, False, s.reason, rank_in=lf.modules[s.lora_key].rank)
                 for s in plan.skipped]
     report = Report(records, warnings=list(plan.warnings))
+    quant = {role: q for role, q in (("source", quantization(src)), ("target", quantization(tgt))) if q}
+    report.warnings += quantization_warnings(src, "source") + quantization_warnings(tgt, "target")
     report.info = {
         "source": src.name, "source_id": src.identity(), "target": tgt.name, "target_id": tgt.identity(),
+        **{f"{role}_quantization": q for role, q in quant.items()},
         "lora": str(lf.path) if lf.path else None, "input_format": lf.format, "output_format": plan.out_format,
         **opts.describe(), "device": opts.device, "seconds": round(seconds, 3),
     }
@@ -112,6 +119,7 @@ def _complete(task: LoraTask, src: BaseModel, tgt: BaseModel, opts: TransferOpti
     lf, fmt = task.lora, task.plan.out_format
     report = _report(task, src, tgt, opts, time.perf_counter() - t0)
     modules = assemble_parts(finalize(task.results, opts, lf.dtype))  # fused slices back into one module
+    report.warnings += drop_bias_deltas(modules, fmt)
     if modules:
         report.warnings += pad_text_encoders(modules, fmt, tgt)
         report.warnings += pad_output(modules, fmt, tgt)
@@ -185,7 +193,7 @@ def _run(source, target, items: list[tuple[Any, Path | None]], opts: TransferOpt
             for lora, out in (items[j] for j in group):
                 name = str(lora.path if isinstance(lora, LoraFile) else lora)
                 try:
-                    lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+                    lf = lora if isinstance(lora, LoraFile) else read_lora(lora, opts.conversion())
                     fmt = lf.format if opts.format == "same" else opts.format
                     plan = build_plan(lf, src, tgt, fmt, mapping, opts.widths)
                     if matches:

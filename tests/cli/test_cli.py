@@ -95,7 +95,7 @@ def _bad_loras(d: Path, good: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case,expect", [
     ("missing", "no such file"), ("truncated", "not a valid safetensors"), ("nan", "NaN"),
-    ("loha", "LoHa"), ("pickle_base", "never unpickles"), ("out_is_input", "overwrite an input"),
+    ("loha", "lacks its hada_w1_b"), ("pickle_base", "never unpickles"), ("out_is_input", "overwrite an input"),
     ("bad_option", "subspace mode"), ("wrong_family", "another model"),
 ])
 def test_errors_are_one_line(sdxl_pair, sd15_pair, tmp_path, case, expect):

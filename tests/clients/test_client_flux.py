@@ -28,8 +28,9 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 
-from client_flux import GLOBAL, kohya_loadable, load_and_fuse, without, write_models  # noqa: E402
+from client_flux import DEEP, GLOBAL, kohya_loadable, load_and_fuse, without, write_models  # noqa: E402
 from zoo import FLUX_H as H  # noqa: E402
+from zoo import read_tensors  # noqa: E402
 
 import prolora  # noqa: E402
 from prolora.formats import read_lora  # noqa: E402
@@ -44,6 +45,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return write_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def deep_models(tmp_path_factory):
+    return write_models(tmp_path_factory, DEEP, "client_flux_deep")
 
 
 # ----------------------------------------------------------------------------- LoRAs
@@ -64,6 +70,32 @@ def loras(models):
                          kohya_loadable),
         "xlabs": synth_lora(src, d / "xlabs.safetensors", "xlabs", rank=4, seed=6),
     }
+
+
+def test_xlabs_output_keeps_the_keys_comfyui_needs(models, loras, deep_models, tmp_path):
+    """ComfyUI reads an XLabs file only when it holds double_blocks.18.processor.qkv_lora2 and
+    single_blocks.37.processor.qkv_lora (bare): an output whose LoRA lacks them (here: dropped
+    from the input, as the gate may drop them) gets them as zero-delta modules; diffusers loads it
+    with the intended weights; a model without those blocks gets its XLabs output with a warning
+    that points at --format comfy."""
+    res = prolora.transfer(models["source"], models["target"], loras["xlabs"], tmp_path / "x.safetensors",
+                           cache=False)
+    assert any("ComfyUI will read nothing" in w and "--format comfy" in w for w in res.report.warnings)
+    src, tgt = deep_models["source"], deep_models["target"]
+    need = ("double_blocks.18.processor.qkv_lora2", "single_blocks.37.processor.qkv_lora")
+    lora = without(synth_lora(src, tmp_path / "xl.safetensors", "xlabs", rank=4, seed=7), lambda k: k in need)
+    out = tmp_path / "o.safetensors"
+    res = prolora.transfer(src, tgt, lora, out, cache=False)
+    assert sum("zero-delta" in w for w in res.report.warnings) == 2
+    tensors, _ = read_tensors(out)
+    assert all(f"{k}.up.weight" in tensors and not tensors[f"{k}.up.weight"].any() for k in need)
+    got = load_and_fuse(tgt, out, DEEP)
+    assert not got["ignored"] and got["modules"] >= 100 and got["worst"] < 1e-5
+    # kohya (with linear1) -> xlabs: the MLP rows of linear1 have no XLabs name and are reported
+    kohya = synth_lora(src, tmp_path / "k.safetensors", "kohya", rank=4, targets="all", seed=8)
+    res = prolora.transfer(src, tgt, kohya, tmp_path / "kx.safetensors", format="xlabs", cache=False)
+    why = {r.module for r in res.report.layers if not r.transferred and "XLabs" in r.reason}
+    assert "transformer.single_transformer_blocks.0.proj_mlp" in why
 
 
 @pytest.mark.parametrize("name", ["peft", "kohya", "kohya-split", "kohya-diffusers", "comfy", "xlabs"])

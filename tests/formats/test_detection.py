@@ -38,19 +38,15 @@ def test_detect_format_from_keys(keys, fmt):
     assert detect_format(keys) == fmt
 
 
+# DoRA, LoHa, LoKr, LoCon Tucker and full differences are read (tests/formats/test_adapters.py)
 @pytest.mark.parametrize("kind,key", [
-    ("DoRA", f"{KS}.dora_scale"),
-    ("DoRA", "unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector"),
-    ("LoHa", f"{KS}.hada_w1_a"),
-    ("LoKr", f"{KS}.lokr_w1"),
-    ("LoCon-Tucker", f"{KS}.lora_mid.weight"),
+    ("LoKr Tucker-1", f"{KS}.lokr_t1"),
+    ("LyCORIS norm", f"{KS}.w_norm"),
     ("GLoRA", f"{KS}.a1.weight"),
     ("OFT/BOFT", f"{KS}.oft_blocks"),
     ("OFT/BOFT", f"{KS}.oft_diag"),
     ("OFT/BOFT", "base_model.model.down_blocks.0.attentions.0.proj_in.boft_R"),
     ("IA3", "base_model.model.down_blocks.0.attentions.0.proj_in.ia3_l"),
-    ("full-difference", f"{KS}.diff"),
-    ("full-difference", f"{KS}.diff_b"),
 ])
 def test_refuses_unsupported_adapter_kinds(tmp_path, kind, key):
     path = raw(tmp_path / "x.safetensors", {**pair(KS), key: torch.ones(8, 2)})

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from lora_samples import lora_file, mod, names_file_and_key, pair, raw
+from lora_samples import close, dw, lora_file, mod, names_file_and_key, pair, raw
 from safetensors import safe_open
 
 from prolora.errors import InvalidLoraError
@@ -34,11 +34,13 @@ def test_peft_metadata_follows_diffusers_layout(tmp_path):
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 4
     assert meta["unet.rank_pattern"] == {"^mid_block.attentions.0.proj_in": 8}
-    assert meta["unet.alpha_pattern"] == {"^mid_block.attentions.0.proj_in": 2}
+    # alpha 2 on rank 8 is written as alpha 8 with the scale folded into up (ComfyUI reads no metadata)
+    assert meta["unet.alpha_pattern"] == {"^mid_block.attentions.0.proj_in": 8}
     assert meta["text_encoder.r"] == 2 and meta["text_encoder.lora_alpha"] == 2  # alpha None -> scale 1
     assert meta["text_encoder.target_modules"] == ["encoder.layers.0.self_attn.q_proj"]
     back = read_lora(path)
-    assert [back.modules[m.key].scale for m in mods] == [1.0, 1.0, 0.25, 1.0]
+    assert [back.modules[m.key].scale for m in mods] == [1.0, 1.0, 1.0, 1.0]
+    assert all(close(dw(back.modules[m.key]), dw(m)) for m in mods)
 
 
 def test_peft_patterns_are_anchored_like_peft_resolves_them(tmp_path):
@@ -57,9 +59,10 @@ def test_peft_patterns_are_anchored_like_peft_resolves_them(tmp_path):
         name = m.key.removeprefix("transformer.")
         r = rp.get(get_pattern_key(list(rp), name), meta["transformer.r"])
         a = ap.get(get_pattern_key(list(ap), name), meta["transformer.lora_alpha"])
-        assert (r, a) == (m.rank, m.alpha), name
+        assert (r, a) == (m.rank, m.rank), name  # scales folded into up: alpha = rank
     back = read_lora(path)
-    assert [back.modules[m.key].alpha for m in mods] == [4.0, 2.0, 2.0]
+    assert [back.modules[m.key].alpha for m in mods] == [4.0, 8.0, 8.0]
+    assert all(close(dw(back.modules[m.key]), dw(m)) for m in mods)
 
 
 def test_peft_reads_diffusers_written_metadata(tmp_path):
@@ -85,4 +88,5 @@ def test_peft_model_level_file_uses_unprefixed_metadata(tmp_path):
     lf = read_lora(raw(tmp_path / "m.safetensors", tensors, meta))
     assert lf.modules["down_blocks.0.attentions.0.proj_in"].scale == 0.5
     write_lora(tmp_path / "m2.safetensors", lf)
-    assert read_lora(tmp_path / "m2.safetensors").modules["down_blocks.0.attentions.0.proj_in"].scale == 0.5
+    back = read_lora(tmp_path / "m2.safetensors").modules["down_blocks.0.attentions.0.proj_in"]
+    assert back.scale == 1.0 and close(dw(back), dw(lf.modules["down_blocks.0.attentions.0.proj_in"]))

@@ -166,7 +166,8 @@ LORA_CASES = {
     "unet_two_spellings": (_unet_twice, "both adapt", "lora_unet_down_blocks_1_attentions_0_proj_in"),
     "nothing_matches_source": (nothing_matches, "only 0 of 12 modules exist", "lora_unet_nowhere_9"),
     "unknown_keys": (_set("model.some_weight", torch.ones(2)), "no known LoRA format", "model.some_weight"),
-    "dora": (_set(f"{K0}.dora_scale", torch.ones(1, 64).half()), "DoRA", f"{K0}.dora_scale"),
+    # a DoRA module is read (formats/test_adapters.py); one whose magnitude fits neither axis is not
+    "dora_bad_shape": (_set(f"{K0}.dora_scale", torch.ones(3, 5).half()), "a dora_scale is", f"{K0}.dora_scale"),
 }
 
 

@@ -36,7 +36,11 @@ def test_round_trip_keeps_tensors_keys_alphas_metadata(tmp_path, fmt, dtype):
     for key, m in src.modules.items():
         b = back.modules[key]
         assert b.down.dtype == dtype and b.up.dtype == dtype
-        assert torch.equal(b.down, m.down) and torch.equal(b.up, m.up)
+        assert torch.equal(b.down, m.down)
+        if fmt == "peft":  # written with the scale folded into up, alpha = rank (ComfyUI ignores the metadata)
+            assert b.alpha == m.rank and close(dw(b), dw(m), 2e-3)
+            continue
+        assert torch.equal(b.up, m.up)
         assert b.alpha == m.alpha
     for k, v in meta.items():
         assert back.metadata[k] == v

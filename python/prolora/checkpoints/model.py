@@ -167,8 +167,10 @@ class BaseModel:
             return held
         with self._lock:  # loads may come from a prefetch thread
             h = self._handles.get(path)
-            if h is None:
-                h = self._handles[path] = SafetensorsFile(path)
+            if h is None:  # safetensors, GGUF or scaled safetensors, by the file (tensor_files)
+                from ..tensor_files import open_file
+
+                h = self._handles[path] = open_file(path)
             return h
 
     def load(self, module: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -291,7 +293,7 @@ def sample_runs(ref: WeightRef) -> list[tuple[int, int]]:
 
 def read_runs(src: "SafetensorsFile | TensorSource", key: str, runs: list[tuple[int, int]]) -> bytes:
     """The bytes of `runs` (see sample_runs) of tensor `key` in a file (pread) or a TensorSource."""
-    if not isinstance(src, SafetensorsFile):
+    if not isinstance(src, SafetensorsFile):  # in memory, GGUF, scaled: the dequantized elements
         return src.runs(key, runs)
     info = src.info(key)
     size = ITEMSIZE[info.dtype]

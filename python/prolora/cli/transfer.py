@@ -17,12 +17,16 @@ def register(sub) -> None:
     t.add_argument("source", metavar="SOURCE_BASE", help="diffusers folder or .safetensors checkpoint the LoRA was trained on")
     t.add_argument("target", metavar="TARGET_BASE", help="diffusers folder or .safetensors checkpoint to move it to")
     t.add_argument("loras", metavar="LORA", nargs="*",
-                   help="LoRA .safetensors files (kohya, diffusers/PEFT, old diffusers, ComfyUI)")
+                   help="LoRA .safetensors files (kohya, diffusers/PEFT, old diffusers, ComfyUI; LoRA, LoCon, LoHa, "
+                        "LoKr, full differences, DoRA)")
     t.add_argument("--lora-dir", metavar="DIR", help="also every .safetensors LoRA in DIR")
     t.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output .safetensors file, or a folder (required for several LoRAs; created if missing)")
     t.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="(default %(default)s)")
     t.add_argument("--rank", default="same", help="output rank: same (input rank), 2r (exact), or N (default %(default)s)")
+    t.add_argument("--convert-error", type=float, default=0.01, metavar="F",
+                   help="LoKr, LoHa, full-difference and DoRA modules are written as the LoRA of the smallest rank "
+                        "within this relative error of their dW (--rank N wins) (default %(default)s)")
     t.add_argument("--format", choices=("same",) + FORMATS, default="same", help="output format (default: as the input)")
     t.add_argument("--alpha", choices=("keep", "rank"), default="keep",
                    help="keep the input's alpha/r convention, or write alpha = rank (default %(default)s)")
@@ -50,7 +54,8 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     from ..api import TransferResult, transfer_files
 
     opts = options(a, method=a.method, rank=a.rank, format=a.format, alpha=a.alpha, skipped=a.skipped,
-                   match=a.match, widths=a.widths, refine=refine.refine_options(a))
+                   match=a.match, widths=a.widths, refine=refine.refine_options(a),
+                   convert_error=a.convert_error)
     progress = progress_factory(a.quiet)
 
     def say(r) -> None:  # each LoRA of a batch as it completes

@@ -178,9 +178,11 @@ class Loader:
             self.io.wait(self.io.fence())
         return W
 
-    def prefetch(self, modules: list[str], targets: dict[str, str] | None = None) -> dict[str, Prefetched]:
+    def prefetch(self, modules: list[str], targets: dict[str, str] | None = None,
+                 keep: frozenset[str] = frozenset()) -> dict[str, Prefetched]:
         """Runs in the loader thread: cached source bases, and the weights that are not cached.
-        `targets` maps a source module to its target module (default: the same name)."""
+        `targets` maps a source module to its target module (default: the same name); the source
+        weights of `keep` (modules whose adapter's dW needs them: DoRA) are read even when cached."""
         t0 = time.perf_counter()
         out = {}
         for m in modules:
@@ -190,7 +192,7 @@ class Loader:
                 p.tgt_stored_k = self.cache.stored_k(self.target.identity(), p.target, self.dtype)
                 if p.src is not None and p.tgt_stored_k >= self.target_k(p.src, p.target):
                     p.tgt = self.cached(self.target, p.target, self.target_k(p.src, p.target))
-            if p.src is None:
+            if p.src is None or m in keep:
                 p.Ws = self.read(self.source, m)
             if p.tgt_stored_k == 0 and not on_device(self.target, p.target):
                 p.Wt = self.read(self.target, p.target)  # else read where it is used (bases.py)

@@ -42,10 +42,10 @@ class JobResult:
         if self.module is None or self.math.up is None:
             return
         m = self.module
-        if opts.alpha == "keep":
+        if opts.alpha == "keep" and self.job.lora.kind == "lora":  # converted adapters wait (finalize)
             m, self.final = _with_alpha(m, self.job.lora.alpha, dtype), True
         self.spill, self.parked = spill, (spill.put(m.down), spill.put(m.up))
-        self.module = LoraModule(m.key, m.down.to("meta"), m.up.to("meta"), m.alpha, m.bias)
+        self.module = LoraModule(m.key, m.down.to("meta"), m.up.to("meta"), m.alpha, m.bias, kind=m.kind)
         self.math.up = self.math.down = None
 
     def output(self) -> LoraModule | None:
@@ -53,7 +53,8 @@ class JobResult:
         if self.parked is None:
             return self.module
         m = self.module
-        return LoraModule(m.key, self.spill.get(self.parked[0]), self.spill.get(self.parked[1]), m.alpha, m.bias)
+        return LoraModule(m.key, self.spill.get(self.parked[0]), self.spill.get(self.parked[1]), m.alpha, m.bias,
+                          kind=m.kind)
 
     def record(self) -> LayerRecord:
         """The report's record: the method's verdict and figures, and where the layer is."""
@@ -61,7 +62,22 @@ class JobResult:
         return dataclasses.replace(
             self.math.record, module=job.module, source_key=job.lora_key, target_key=out.key if out else None,
             shape=job.shape, rank_in=job.lora.rank, rank_out=out.rank if out else None,
-            seconds=round(self.seconds, 6))
+            seconds=round(self.seconds, 6), **_adapter_fields(job.lora))
+
+
+def _adapter_fields(lm: LoraModule) -> dict:
+    """The report's adapter kind and compression error, for modules that were not a plain LoRA."""
+    if lm.kind == "lora":
+        return {}
+    return {"adapter": lm.kind, "compression_error": 0.0 if lm.error is None else float(lm.error)}
+
+
+def realize(job: LayerJob, weight: torch.Tensor, opts: TransferOptions) -> None:
+    """Form a DoRA module's dW on the source weight (its own shape) and put the LoRA it is
+    written as in the job (formats.adapters.realize_dora)."""
+    from ..formats.adapters import realize_dora
+
+    job.lora = realize_dora(job.lora, weight.reshape(job.shape), opts.conversion())
 
 
 @dataclass
@@ -86,12 +102,12 @@ def _folded_module(job: LayerJob, math_: LayerMath) -> LoraModule:
     if lm.is_conv:
         kernel = job.target_shape[1:] if job.widths_differ else lm.down.shape[1:]
         up, down = up.reshape(up.shape[0], r, 1, 1), down.reshape(r, *kernel)
-    return LoraModule(job.out_key, down, up, None, lm.bias)
+    return LoraModule(job.out_key, down, up, None, lm.bias, kind=lm.kind)
 
 
 def _copied(job: LayerJob) -> LoraModule:
     lm = job.lora
-    return LoraModule(job.out_key, lm.down, lm.up, lm.alpha, lm.bias)
+    return LoraModule(job.out_key, lm.down, lm.up, lm.alpha, lm.bias, kind=lm.kind)
 
 
 def factors(job: LayerJob, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +170,14 @@ def _with_alpha(m: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraM
     """The same dW = scale * up @ down written with `alpha` (None: scale 1), in `dtype`."""
     new_scale = 1.0 if alpha is None else alpha / m.rank
     up = m.up.double() * (m.scale / new_scale)
-    return LoraModule(m.key, m.down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, m.bias)
+    return LoraModule(m.key, m.down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha, m.bias, kind=m.kind)
 
 
 def finalize(results: list[JobResult], opts: TransferOptions, dtype: torch.dtype) -> dict[str, LoraModule]:
     """Output modules in the chosen alpha convention: `keep` writes each module with its input
     alpha; `rank` writes one alpha (the largest output rank) for all, since loaders such as
-    diffusers apply one alpha per component. Copied modules stay bit-for-bit unless converted."""
+    diffusers apply one alpha per component (so do converted adapters, whatever the option).
+    Copied modules stay bit-for-bit unless converted."""
     out: dict[str, LoraModule] = {}
     made = [r for r in results if r.module is not None and r.computed]
     top = max((r.module.rank for r in made), default=0)
@@ -169,7 +186,11 @@ def finalize(results: list[JobResult], opts: TransferOptions, dtype: torch.dtype
         if m is None or r.final:
             pass
         elif r.computed:
-            m = _with_alpha(m, r.job.lora.alpha if opts.alpha == "keep" else float(top), dtype)
+            # a converted adapter (LoKr, LoHa, DoRA...) has no alpha convention to keep, and its ranks
+            # differ per module: one alpha for all (diffusers applies one per component; kohya and
+            # ComfyUI read each module's), as --alpha rank writes
+            keep = opts.alpha == "keep" and r.job.lora.kind == "lora"
+            m = _with_alpha(m, r.job.lora.alpha if keep else float(top), dtype)
         elif opts.alpha == "rank" and opts.method != "copy" and top:
             m = _with_alpha(m, float(top), dtype)
         if m is not None:

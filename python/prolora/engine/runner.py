@@ -10,6 +10,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from ..cache import BasisCache
 from ..checkpoints import BaseModel
 from ..method import Similarity, similarity_many
@@ -23,7 +25,7 @@ from .device import in_worker, pending_bytes
 from .loader import read_ahead
 from .memory import budget as host_budget, current_rss, peak_rss, trim_near
 from .planner import chunk_limit, chunk_modules
-from .results import JobResult, LoraTask, factors, matrix_shape, run_job
+from .results import JobResult, LoraTask, factors, matrix_shape, realize, run_job
 from .writer import writer_for
 
 Progress = Callable[[int], None]
@@ -113,9 +115,12 @@ class Engine:
                 on_done(task)
         order = [m for m in self.source.weights if m in work]
         self.stats.modules = len(order)
+        # modules whose adapter's dW needs the source weight (DoRA): it is read even when cached
+        keep = frozenset(m for m in order if any(job.lora.needs_base for _, job in work[m]))
         if self.opts.method == "copy":
             for m in order:
-                self._apply(m, work[m], None, None, on_done)
+                weight = self.source.load(m, dtype=None) if m in keep else None
+                self._apply(m, work[m], None, None, on_done, weight=weight)
             self.stats.seconds = {"total": time.perf_counter() - t0}
             return self.stats
         provider = BasisProvider(self.source, self.target, self.opts, self.cache, background_writes=True)
@@ -135,10 +140,11 @@ class Engine:
             written(task)
             self._write_s += time.perf_counter() - t
 
-        with read_ahead(chunks, lambda chunk: prefetch(chunk, targets)) as reads, \
+        with read_ahead(chunks, lambda chunk: prefetch(chunk, targets, keep)) as reads, \
                 closing(Spill(_spill_folder(tasks))) as spill, closing(provider):  # closed: CPU cache entries written
             try:
                 for chunk, pre in reads:
+                    weights = {m: pre[m].Ws for m in chunk if m in keep}
                     bases = provider.bases(pre)
                     del pre
                     t1 = time.perf_counter()
@@ -147,7 +153,8 @@ class Engine:
                     pending: list | None = [] if io is not None else None
                     for m in chunk:
                         src, tgt = bases.pop(m)
-                        self._apply(m, work[m], src, tgt, on_done, spill, shared.pop(m, None), pending)
+                        self._apply(m, work[m], src, tgt, on_done, spill, shared.pop(m, None), pending,
+                                    weights.pop(m, None))
                     if pending:  # the chunk's finished factors: one wait for all their copies
                         io.mark().synchronize()
                         for task, res in pending:
@@ -208,12 +215,19 @@ class Engine:
         return dict(zip(items, similarity_many(list(items.values()))))
 
     def _apply(self, module: str, items, src, tgt, on_done, spill: Spill | None = None,
-               shared: Similarity | None = None, pending: list | None = None) -> None:
+               shared: Similarity | None = None, pending: list | None = None,
+               weight: torch.Tensor | None = None) -> None:
         """Every LoRA of one module through the method. Results are finished here, or on a GPU
         run appended to `pending` and finished once their copies to the host are done."""
         started = False  # the module's similarity, backend and joint projection, once for all LoRAs
         backend = None
         projected: dict[int, tuple] = {}
+        for task, job in items:  # DoRA: its dW on the source weight, written as a LoRA
+            if task.error is None and job.lora.needs_base:
+                try:
+                    realize(job, weight.cpu(), self.opts)
+                except Exception as e:  # one LoRA's failure must not stop the others
+                    task.error = f"{job.lora_key}: {type(e).__name__}: {e}"
         for n, (task, job) in enumerate(items):
             if task.error is not None:
                 continue

@@ -16,7 +16,8 @@ from typing import Any
 from ..checkpoints.memory import InMemory, held, is_in_memory
 from ..checkpoints.model import BaseModel
 from ..errors import InputFileError, ModelError
-from ..safetensors_io import Header, read_header
+from ..safetensors_io import Header
+from ..tensor_files import read_header  # safetensors or GGUF, by the file's magic
 from .registry import families
 
 __all__ = ["open_model", "in_memory_model", "is_in_memory", "looks_like", "model_of"]
@@ -27,7 +28,7 @@ def open_model(path: str | os.PathLike) -> BaseModel:
 
     `path`: a diffusers pipeline folder (model_index.json), a bare component folder (config.json,
     e.g. unet/ or a transformer/), or a single .safetensors checkpoint in any layout a registered
-    family reads. Pickled files are refused.
+    family reads (safetensors, fp8 / scaled fp8 / int8 safetensors, or GGUF). Pickled files are refused.
     """
     p = Path(path)
     if not p.exists():

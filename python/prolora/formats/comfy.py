@@ -11,13 +11,15 @@ import torch
 
 from ..errors import InvalidLoraError
 from ..lora import LoraFile, LoraModule
-from .common import DOWN, UP, folded_up
+from .common import ADAPTER_SUFFIX_RE, ADAPTER_SUFFIXES, DOWN, UP, folded_up
 
 NAME = "comfy"
 PREFIXES = ("diffusion_model.", "text_encoders.")
 
-_KEY = re.compile(r"^((?:diffusion_model|text_encoders)\..+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight)$")
-_ROLES = {"lora_down.weight": DOWN, "lora_up.weight": UP, "lora_A.weight": DOWN, "lora_B.weight": UP}
+_KEY = re.compile(r"^((?:diffusion_model|text_encoders)\..+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|"
+                  rf"lora_B\.weight|{ADAPTER_SUFFIX_RE})$")
+_ROLES = {"lora_down.weight": DOWN, "lora_up.weight": UP, "lora_A.weight": DOWN, "lora_B.weight": UP,
+          **ADAPTER_SUFFIXES}
 
 
 def match(key: str) -> tuple[str, str] | None:
@@ -39,12 +41,10 @@ def to_tensors(lora: LoraFile, path: object) -> dict[str, torch.Tensor]:
                 f"{path}: module key '{name}' is not a ComfyUI name (diffusion_model.<module> or "
                 "text_encoders.<encoder>.<module>)"
             )
-        if m.bias is not None:
-            raise InvalidLoraError(
-                f"{path}: module '{name}' has a LoRA bias, which the comfy format cannot carry; write peft instead"
-            )
         out[f"{name}.lora_up.weight"] = folded_up(m)
         out[f"{name}.lora_down.weight"] = m.down
+        if m.bias is not None:  # ComfyUI adds `<module>.diff_b` to the module's bias
+            out[f"{name}.diff_b"] = m.bias
     return out
 
 

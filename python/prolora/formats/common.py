@@ -17,6 +17,12 @@ from ..lora import LoraModule
 
 # Roles a tensor can play in a module.
 DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
+# LyCORIS tensor suffixes (kohya and ComfyUI module names) -> role (formats.adapters reads them)
+ADAPTER_SUFFIXES = {"lora_mid.weight": "mid", "dora_scale": "dora_scale", "diff": "diff", "diff_b": "diff_b",
+                    **{s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                      "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                      "lokr_t2")}}
+ADAPTER_SUFFIX_RE = "|".join(k.replace(".", r"\.") for k in sorted(ADAPTER_SUFFIXES, key=len, reverse=True))
 
 
 class Collector:
@@ -106,26 +112,6 @@ def check_pair(path: Path | str | None, module: str, down: torch.Tensor, up: tor
     for key, t in ((down_key, down), (up_key, up), (bias_key, bias)):
         if t is not None and not all_finite(t):
             raise InvalidLoraError(f"{path}: '{key}' contains NaN or Inf values")
-
-
-def build_modules(col: Collector) -> dict[str, LoraModule]:
-    """Validate collected parts and turn them into LoraModules."""
-    path = col.path
-    out: dict[str, LoraModule] = {}
-    for module, t in col.modules.items():
-        if DOWN not in t or UP not in t:
-            have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
-            missing = " and ".join(r for r in (DOWN, UP) if r not in t)
-            raise InvalidLoraError(
-                f"{path}: '{have_key}' has no matching {missing} weight (module '{module}'); a LoRA module "
-                "needs both its down and up weights"
-            )
-        (down_key, down), (up_key, up) = t[DOWN], t[UP]
-        bias_key, bias = t.get(BIAS, ("", None))
-        check_pair(path, module, down, up, down_key, up_key, bias, bias_key)
-        alpha = alpha_value(path, t[ALPHA][0], t[ALPHA][1]) if ALPHA in t else None
-        out[module] = LoraModule(key=module, down=down, up=up, alpha=alpha, bias=bias)
-    return out
 
 
 def common_dtype(modules: Iterable[LoraModule]) -> torch.dtype:

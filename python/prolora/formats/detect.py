@@ -14,17 +14,12 @@ FORMAT_MODULES = {m.NAME: m for m in (kohya, comfy, xlabs, diffusers_old, peft)}
 
 # (kind, pattern searched in each key, why it cannot be transferred)
 UNSUPPORTED: list[tuple[str, re.Pattern, str]] = [
-    ("DoRA", re.compile(r"dora_scale|lora_magnitude_vector"),
-     "DoRA magnitudes depend on the base weight and do not transfer like a low-rank dW"),
-    ("LoHa", re.compile(r"\.hada_(w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "a Hadamard-product adapter is not a low-rank pair"),
-    ("LoKr", re.compile(r"\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "a Kronecker-product adapter is not a low-rank pair"),
-    ("LoCon-Tucker", re.compile(r"\.lora_mid\.weight$"), "a Tucker-decomposed conv LoRA has a core tensor"),
-    ("GLoRA", re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "a generalised LoRA is not a single low-rank pair"),
+    ("GLoRA", re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "a generalised LoRA is not a single additive update"),
     ("OFT/BOFT", re.compile(r"\.(oft_blocks|oft_diag|oft_r|oft_s|oft_R|boft_\w+)(\.|$)"),
-     "an orthogonal fine-tune rotates the weight instead of adding a low-rank dW"),
-    ("IA3", re.compile(r"\.ia3_l\b|\.on_input$"), "an IA3 adapter scales activations instead of adding a low-rank dW"),
-    ("full-difference", re.compile(r"\.diff(_b)?$"), "a full weight difference is not a low-rank pair"),
-    ("LyCORIS norm", re.compile(r"\.(w_norm|b_norm)$"), "norm-layer adapters are not low-rank pairs"),
+     "an orthogonal fine-tune rotates the weight instead of adding a dW"),
+    ("IA3", re.compile(r"\.ia3_l\b|\.on_input$"), "an IA3 adapter scales activations instead of adding a dW"),
+    ("LyCORIS norm", re.compile(r"\.(w_norm|b_norm)$"), "norm-layer adapters change no LoRA-able weight"),
+    ("LoKr Tucker-1", re.compile(r"\.lokr_t1$"), "no LoKr loader (LyCORIS, ComfyUI) reads a first-factor core"),
 ]
 
 # Known harmless extras: (pattern, reason recorded in LoraFile.dropped)
@@ -56,7 +51,7 @@ def refuse_unsupported(path: object, keys: Iterable[str]) -> None:
         if found:
             raise UnsupportedFormatError(
                 f"{path}: {kind} adapter key {_examples(found, 1)} ({len(found)} {kind} keys in all): {why}; "
-                "prolora transfers plain LoRA (down/up pairs) only"
+                "prolora transfers adapters with a dense dW (LoRA, LoCon, LoHa, LoKr, full differences, DoRA)"
             )
 
 

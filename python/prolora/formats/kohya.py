@@ -8,16 +8,16 @@ import torch
 
 from ..errors import InvalidLoraError
 from ..lora import LoraFile, LoraModule
-from .common import DOWN, UP, folded_up
+from .common import ADAPTER_SUFFIX_RE, ADAPTER_SUFFIXES, DOWN, UP, folded_up
 
 NAME = "kohya"
 
 # lora_unet (UNet or Flux DiT, BFL names), lora_transformer (Flux, diffusers names), lora_te (SD1/2 CLIP),
 # lora_te1/lora_te2 (SDXL), lora_te3 (T5)
 _MODULE = r"lora_(?:unet|te\d?|transformer)_[^.]+"
-_KEY = re.compile(rf"^({_MODULE})\.(lora_down\.weight|lora_up\.weight)$")
+_KEY = re.compile(rf"^({_MODULE})\.(lora_down\.weight|lora_up\.weight|{ADAPTER_SUFFIX_RE})$")
 _MODULE_RE = re.compile(rf"^{_MODULE}$")
-_ROLES = {"lora_down.weight": DOWN, "lora_up.weight": UP}
+_ROLES = {"lora_down.weight": DOWN, "lora_up.weight": UP, **ADAPTER_SUFFIXES}
 # modules written with scale 1 (alpha = rank, scale folded into up): diffusers (0.42) converts
 # kohya Flux LoRAs on the final layer without applying their alpha
 _SCALE_FREE = ("lora_unet_final_layer_",)

@@ -58,15 +58,22 @@ def split_module(lm: LoraModule, rows: Rows) -> LoraModule | None:
     so that the part's scale (alpha / its rank) equals `lm`'s."""
     up = _take(lm.up, rows)
     bias = _take(lm.bias, rows) if lm.bias is not None else None
+    extra = dict(kind=lm.kind, error=lm.error)
+    if lm.magnitude is not None:  # DoRA: per-row magnitudes cut like up; the slice changes even where up is 0
+        if lm.dora_axis != "out":
+            raise InvalidLoraError(f"DoRA module '{lm.key}' normalises per input column, across every slice of "
+                                   "the fused weight it adapts; prolora cannot cut it into the slices")
+        extra.update(magnitude=_take(lm.magnitude, rows), dora_axis=lm.dora_axis, dora_eps=lm.dora_eps)
+        return LoraModule(lm.key, lm.down, up, lm.alpha, bias, **extra)
     flat = up.reshape(up.shape[0], up.shape[1])
     used = (flat != 0).any(dim=0)
     if not bool(used.any()):
         return None
     if bool(used.all()):
-        return LoraModule(lm.key, lm.down, up, lm.alpha, bias)
+        return LoraModule(lm.key, lm.down, up, lm.alpha, bias, **extra)
     idx = torch.nonzero(used).flatten()
     alpha = None if lm.alpha is None else lm.scale * int(idx.numel())
-    return LoraModule(lm.key, lm.down[idx], up[:, idx], alpha, bias)
+    return LoraModule(lm.key, lm.down[idx], up[:, idx], alpha, bias, **extra)
 
 
 def _place(dst: torch.Tensor, src: torch.Tensor, rows: Rows, cols: slice) -> None:

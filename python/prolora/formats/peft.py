@@ -16,6 +16,7 @@ Without metadata, diffusers uses alpha = rank (scale 1) for every module.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -30,7 +31,7 @@ except ImportError:  # pragma: no cover
 
 from ..errors import InvalidLoraError
 from ..lora import LoraFile, LoraModule
-from .common import BIAS, DOWN, UP
+from .common import BIAS, DOWN, UP, folded_up
 
 NAME = "peft"
 METADATA_KEY = "lora_adapter_metadata"
@@ -40,12 +41,13 @@ COMPONENTS = frozenset({
     "unet", "transformer", "transformer_2", "transformer_ref", "prior",
     "text_encoder", "text_encoder_2", "text_encoder_3", "connectors", "text_conditioner",
 })
-_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
-_ROLES = {"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_B.bias": BIAS}
+_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?)$")
+_ROLES = {"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_B.bias": BIAS, "lora_magnitude_vector": "magnitude",
+          "lora_magnitude_vector.weight": "magnitude"}
 _NOT_PEFT = ("diffusion_model.", "text_encoders.")  # ComfyUI prefixes
 # DiffSynth-Studio (Qwen-Image) saves peft's in-model names, `<module>.lora_A.default.weight`;
 # diffusers' Qwen-Image converter drops the `default.`, and so does this reader
-_DEFAULT = re.compile(r"\.(lora_[AB])\.default\.weight$")
+_DEFAULT = re.compile(r"\.(lora_[AB]|lora_magnitude_vector)\.default\.weight$")
 _TEXT_MODEL = "text_model."
 LORA_CONFIG_DEFAULTS = {"r": 8, "lora_alpha": 8}
 
@@ -280,6 +282,16 @@ def adapter_metadata(modules: dict[str, LoraModule]) -> str | None:
         prefix = f"{component}." if component else ""
         out.update({prefix + k: v for k, v in cfg.items()})
     return json.dumps(out, indent=2, sort_keys=True)
+
+
+def unit_scales(modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """Every module with its scale folded into up and alpha = its rank (scale 1): the metadata then
+    says alpha = r for each module, which diffusers applies, and a loader that ignores the metadata
+    (ComfyUI) uses scale 1, so both apply the intended dW. The same dict when nothing changes."""
+    if all(m.alpha is None or m.scale == 1.0 for m in modules.values()):
+        return modules
+    return {k: m if m.alpha is None or m.scale == 1.0 else
+            dataclasses.replace(m, up=folded_up(m), alpha=float(m.rank)) for k, m in modules.items()}
 
 
 def to_tensors(lora: LoraFile, path: object) -> dict[str, torch.Tensor]:

@@ -7,23 +7,51 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidLoraError, OptionError, OutputPathError
-from ..lora import FORMATS, LoraFile
+from ..lora import FORMATS, LoraFile, LoraModule
 from ..safetensors_io import load_all, save
-from . import peft
-from .parts import assemble_parts
-from .common import ALPHA, Collector, build_modules, common_dtype, validate_for_write
+from . import adapters, peft
+from .common import ALPHA, BIAS, DOWN, UP, Collector, alpha_value, check_pair, common_dtype, validate_for_write
 from .detect import FORMAT_MODULES, classify
+from .lowrank import Conversion
+from .parts import assemble_parts
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Load a (small) LoRA file, detect its format from the keys, validate every module."""
+def build_modules(col: Collector, conversion=None) -> dict[str, LoraModule]:
+    """Validate collected parts and turn them into LoraModules; adapters other than a plain pair
+    (LoKr, LoHa, Tucker, full differences, DoRA) through formats.adapters, converted to a LoRA by
+    `conversion` (a lowrank.Conversion; default bound when None)."""
+    path = col.path
+    out: dict[str, LoraModule] = {}
+    for module, t in col.modules.items():
+        if not set(t) <= {DOWN, UP, ALPHA, BIAS}:
+            out[module] = adapters.build(path, module, t, conversion or Conversion())
+            continue
+        if DOWN not in t or UP not in t:
+            have_key = t[DOWN if DOWN in t else UP if UP in t else next(iter(t))][0]
+            missing = " and ".join(r for r in (DOWN, UP) if r not in t)
+            raise InvalidLoraError(
+                f"{path}: '{have_key}' has no matching {missing} weight (module '{module}'); a LoRA module "
+                "needs both its down and up weights"
+            )
+        (down_key, down), (up_key, up) = t[DOWN], t[UP]
+        bias_key, bias = t.get(BIAS, ("", None))
+        check_pair(path, module, down, up, down_key, up_key, bias, bias_key)
+        alpha = alpha_value(path, t[ALPHA][0], t[ALPHA][1]) if ALPHA in t else None
+        out[module] = LoraModule(key=module, down=down, up=up, alpha=alpha, bias=bias)
+    return out
+
+
+def read_lora(path: str | os.PathLike, conversion: Conversion | None = None) -> LoraFile:
+    """Load a (small) LoRA file, detect its format from the keys, validate every module.
+    Adapters that are not a plain pair (LoKr, LoHa, full differences) become the LoRA nearest
+    their dW by `conversion` (its error bound or fixed rank; formats.lowrank)."""
     path = Path(path)
     tensors, metadata = load_all(path)
-    return lora_from_tensors(tensors, metadata, path)
+    return lora_from_tensors(tensors, metadata, path, conversion)
 
 
 def lora_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      path: Path | str = "<state dict>") -> LoraFile:
+                      path: Path | str = "<state dict>", conversion: Conversion | None = None) -> LoraFile:
     """A LoRA held in memory (a state dict as a LoRA file would hold it, with that file's metadata
     if any): format detected from the keys, every module validated, as `read_lora` does. `path`
     names it in messages; a LoraFile built from memory has no path."""
@@ -34,7 +62,7 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         col.add(module, role, key, tensors[key])
     for key, module in found.alphas.items():
         col.add(module, ALPHA, key, tensors[key])
-    modules = build_modules(col)
+    modules = build_modules(col, conversion)
     if found.format == peft.NAME:
         peft.apply_metadata_alphas(path, modules, metadata)
     return LoraFile(
@@ -93,6 +121,8 @@ def write_lora(path: str | os.PathLike, lora: LoraFile, format: str | None = Non
     is updated to the assembled modules, so that the object matches the file."""
     fmt = format or lora.format
     assembled = assemble_parts(lora.modules)
+    if fmt == peft.NAME:  # scale folded in, alpha = rank: diffusers (metadata) and ComfyUI (none) agree
+        assembled = peft.unit_scales(assembled)
     if assembled is not lora.modules:
         lora.modules = assembled
     if fmt not in FORMATS:

@@ -1,6 +1,8 @@
 """summarize(): the facts `prolora inspect` shows about a LoRA file."""
 from __future__ import annotations
 
+from collections import Counter
+
 from ..families import guess_lora
 from ..lora import LoraFile
 
@@ -55,4 +57,13 @@ def summarize(lora: LoraFile) -> dict:
         "dtype": str(lora.dtype).removeprefix("torch."),
         "metadata": dict(lora.metadata),
         "dropped": dict(lora.dropped),
+        **_adapters(mods),
     }
+
+
+def _adapters(mods) -> dict:
+    """{"adapters": {kind: modules}, "max_compression_error": ...} when any module was not a plain LoRA."""
+    kinds = Counter(m.kind for m in mods if m.kind != "lora")
+    if not kinds:
+        return {}
+    return {"adapters": dict(kinds), "max_compression_error": max((m.error or 0.0) for m in mods)}

@@ -27,6 +27,7 @@ from ..checkpoints import BaseModel
 from ..families import open_model
 from ..errors import LoraMismatchError, ModelError, OptionError, OutputPathError
 from ..formats import read_lora, write_lora
+from ..formats.adapters import refuse_base_dependent
 from ..formats.parts import canonical_modules
 from ..lora import FORMATS, LoraFile, LoraModule
 from ..method import factor_svd
@@ -106,6 +107,8 @@ def merge(loras: list[str | os.PathLike | LoraFile], output: str | os.PathLike, 
     if not loras:
         raise OptionError("merge needs at least one LoRA")
     files = [x if isinstance(x, LoraFile) else read_lora(x) for x in loras]
+    for f in files:
+        refuse_base_dependent(f, "merge")
     ratios = [1.0] * len(files) if ratios is None else [float(r) for r in ratios]
     if len(ratios) != len(files):
         raise OptionError(f"{len(ratios)} ratios for {len(files)} LoRAs; give one ratio per LoRA")
@@ -198,6 +201,8 @@ def merge_into(loras: list[str | os.PathLike | LoraFile], into: str | os.PathLik
     from ..safetensors_io import SafetensorsFile, StreamingWriter
 
     files = [x if isinstance(x, LoraFile) else read_lora(x) for x in loras]
+    for f in files:
+        refuse_base_dependent(f, "merge --into")
     ratios = [1.0] * len(files) if ratios is None else [float(r) for r in ratios]
     if len(ratios) != len(files):
         raise OptionError(f"{len(ratios)} ratios for {len(files)} LoRAs; give one ratio per LoRA")

@@ -22,6 +22,7 @@ import torch
 from ..version import __version__
 from ..errors import OutputPathError
 from ..formats import read_lora, write_lora
+from ..formats.adapters import refuse_base_dependent
 from ..lora import LoraFile, LoraModule
 from ..method import factor_svd
 from .factors import EXACT, RankRule, uniform_alpha
@@ -108,6 +109,7 @@ def resize(lora: str | os.PathLike | LoraFile, output: str | os.PathLike, rule: 
     elif isinstance(rule, str):
         rule = RankRule.parse(rule, max_rank)
     lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+    refuse_base_dependent(lf, "resize")
     output = Path(output)
     if lf.path is not None and output.exists() and output.resolve() == Path(lf.path).resolve():
         raise OutputPathError(f"{output}: is the input LoRA; refusing to overwrite an input, choose another output")

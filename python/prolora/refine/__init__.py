@@ -141,6 +141,9 @@ def refine(source: PathLike | BaseModel, target: PathLike | BaseModel, lora: Pat
     out = resolve_output(output, transferred, [source, target, lora, transferred], overwrite) if output else None
     lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
     tf = transferred if isinstance(transferred, LoraFile) else read_lora(transferred)
+    from ..formats.adapters import refuse_base_dependent
+
+    refuse_base_dependent(lf, "refine")
     with ExitStack() as stack:
         src = source if isinstance(source, BaseModel) else model_of(source, stack)
         tgt = target if isinstance(target, BaseModel) else model_of(target, stack)

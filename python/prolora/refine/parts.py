@@ -34,12 +34,16 @@ def parts() -> list[tuple[families.Family, ModuleType]]:
 
 
 def part_of(base) -> ModuleType:
-    """The refine part of `base`'s family; ModelError naming the family when refinement cannot
-    train it (a family without a refine part, e.g. Qwen-Image or Wan, or a model without the
-    denoiser)."""
+    """The refine part of `base`'s family (for a model of no known member, the part that claims
+    its denoiser: the quality benchmark's small UNets); ModelError naming the family when
+    refinement cannot train it (a family without a refine part, e.g. Qwen-Image or Wan, or a
+    model without the denoiser)."""
     fam = families.of(base)
-    if fam is not None and fam.has("refine"):
-        part = fam.part("refine")
+    if fam is not None:
+        candidates = [fam.part("refine")] if fam.has("refine") else []
+    else:  # a model its reader opened without naming a member (an SD-layout UNet of no known size)
+        candidates = [p for _, p in parts()]
+    for part in candidates:
         if part.claims(base):
             return part
     raise ModelError(f"{base.path}: refinement supports {' and '.join(p.DESCRIBES for _, p in parts())}; "

@@ -24,6 +24,7 @@ from ..checkpoints import BaseModel
 from ..families import open_model
 from ..formats import write_lora as write_lora_file
 from ..lora import LoraFile, LoraModule
+from ..safetensors_io import save as save_file
 from .configs import synthetic_part
 from .spectra import generator
 
@@ -104,6 +105,63 @@ def spelled_pairs(m: BaseModel, modules: Iterable[str], spelling: str, rank: int
         key = m.spell(module, spelling)
         mods[key] = LoraModule(key, down.to(dtype), up.to(dtype), alpha)
     return mods
+
+
+def format_spelling(format: str, spelling: str | None, spellings: dict[str, str], title: str,
+                    lora_ab: bool = False) -> str:
+    """The spelling a family's writer uses for `format` (the one given, else the family's table);
+    ValueError for a format the family has no layout for, or `lora_ab` outside "comfy"."""
+    spelling = spelling or spellings.get(format)
+    if spelling is None:
+        raise ValueError(f"format {format!r} has no {title} layout; use {', '.join(spellings)}")
+    if lora_ab and format != "comfy":
+        raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
+    return spelling
+
+
+def fused_pairs(m: BaseModel, modules: Iterable[str], spelling: str, rank: int, alpha: float, seed: int,
+                size: float, split_qkv: bool = False) -> dict[str, LoraModule]:
+    """One (down, up) pair per key `spelling` gives; a key that is one fused weight of several
+    modules (Flux's qkv, a single block's linear1, ...) gets one down and an up whose row blocks
+    are its slices' (under `split_qkv` kohya's split form: a rank-`rank` pair per slice, down
+    [n*rank, in], block-diagonal up). Deterministic per (seed, key)."""
+    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}  # key -> [(module, rows, total)]
+    for module in modules:
+        if m.unspellable(module, spelling) is not None:
+            continue
+        fused = m.spell_fused(module, spelling)
+        if fused is None:
+            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
+        else:
+            key, total, rows = fused
+            groups.setdefault(key, []).append((module, rows, total))
+    mods = {}
+    for key, members in groups.items():
+        g = generator("lora", seed, key)
+        total, inp = members[0][2], m.weights[members[0][0]].shape[1]
+        n = len(members) if split_qkv and members[0][1] is not None else 1
+        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
+        up = torch.zeros(total, n * rank)
+        for j, (_, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
+            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
+            for a, b in rows or ((0, total),):
+                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
+        fit(up, down, alpha / (n * rank), size)
+        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    return mods
+
+
+def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **_ignored: object) -> None:
+    """A family part's `save_lora` hook for ai-toolkit's layout (`lora_ab`: lora_A / lora_B under
+    `diffusion_model.`, the scale folded into B, no alpha), else the format's own."""
+    if not lora_ab:
+        write_lora_file(path, lora, format)
+        return
+    tensors = {}
+    for key, mod in lora.modules.items():
+        tensors[f"{key}.lora_A.weight"] = mod.down
+        tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
+    save_file(path, tensors, {"prolora.synthetic": "1"})
 
 
 @contextmanager

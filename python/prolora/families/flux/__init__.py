@@ -9,6 +9,7 @@ an all-in-one file carries), diffusers folders and modules in memory.
     read.py       single files and diffusers folders (claim_file / claim_folder)
     memory.py     pipelines and transformers held in memory (claim_memory)
     rules.py      LoRA hints and extract's base-model metadata
+    xlabs.py      the two XLabs keys ComfyUI's reader requires (zero-delta padding, or a warning)
     synthetic.py  synthetic FLUX.1 / Chroma models and LoRAs (imported on first use)
     refine.py     the Flux denoiser for --refine (imported on first use)
 
@@ -24,6 +25,12 @@ from .memory import claim_memory
 from .read import claim_file, claim_folder
 from .rules import METADATA_HINTS, RELATED, lora_hint, lora_metadata
 
+
+def pad_output(modules, fmt, model):
+    from .xlabs import pad_output as pad
+    return pad(modules, fmt, model)
+
+
 FAMILY = Family(
     name="flux",
     members=(FLUX, CHROMA),
@@ -31,6 +38,7 @@ FAMILY = Family(
     claim_file=claim_file,
     claim_folder=claim_folder,
     claim_memory=claim_memory,
+    pad_output=pad_output,  # the two XLabs keys ComfyUI requires, as zero-delta modules
     related=RELATED,
     formats=("kohya", "peft", "comfy", "xlabs"),
     member_formats={CHROMA: ("kohya", "peft", "comfy")},  # XLabs LoRAs exist for FLUX.1 only

@@ -14,7 +14,6 @@ prolora.synthetic re-exports) and `CONFORMANCE` (tests/families/test_conformance
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,9 +24,8 @@ import torch
 from ...checkpoints.model import BaseModel
 from ...lora import LoraModule
 from ...synthetic.conformance import Conformance
-from ...synthetic.loras import check_targets, chosen, fit
+from ...synthetic.loras import check_targets, chosen, format_spelling, fused_pairs
 from ...synthetic.params import ParamList, Params
-from ...synthetic.spectra import generator
 from ...synthetic.values import Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
 from .chroma import CHROMA, FLUX
@@ -247,34 +245,9 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
     """prolora.synthetic.write_lora's hook: (modules, the family's metadata). One pair per key the
     format spells: a fused BFL key (q, k, v [, mlp]) gets one down and an up whose row blocks are
     the slices' (block-diagonal under split_qkv)."""
-    spelling = spelling or (m.kohya_spelling if format == "kohya" else _SPELLING.get(format))
-    if spelling is None:
-        raise ValueError(f"format {format!r} has no Flux layout")
-    # key -> [(module, its rows in the fused output or None, the fused output's rows)]
-    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}
-    for module in flux_lora_targets(m.weights, targets):
-        if m.unspellable(module, spelling) is not None:
-            continue
-        fused = m.spell_fused(module, spelling)
-        if fused is None:
-            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
-        else:
-            key, total, rows = fused
-            groups.setdefault(key, []).append((module, rows, total))
-    mods = {}
-    for key, members in groups.items():
-        g = generator("lora", seed, key)
-        total = members[0][2]
-        inp = m.weights[members[0][0]].shape[1]
-        n = len(members) if split_qkv and members[0][1] is not None else 1
-        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
-        up = torch.zeros(total, n * rank)
-        for j, (module, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
-            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
-            for a, b in rows or ((0, total),):
-                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
-        fit(up, down, alpha / (n * rank), size)
-        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    spelling = format_spelling(format, spelling or (m.kohya_spelling if format == "kohya" else None), _SPELLING,
+                               "Flux")
+    mods = fused_pairs(m, flux_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size, split_qkv)
     return mods, {"ss_base_model_version": "flux1"}
 
 

@@ -16,7 +16,6 @@ and `save_lora`; `EXPORTS`; `CONFORMANCE`; and `bench_pair` / `BENCH_LORA` for `
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,16 +23,29 @@ from pathlib import Path
 import torch
 
 from ...checkpoints.model import BaseModel
-from ...formats import write_lora as write_lora_file
-from ...lora import LoraFile, LoraModule
-from ...safetensors_io import save
+from ...lora import LoraModule
 from ...synthetic.conformance import Conformance
-from ...synthetic.loras import check_targets, chosen, fit
+from ...synthetic.loras import (
+    check_targets,
+    chosen,
+    format_spelling,
+    fused_pairs,
+    save_lora,  # noqa: F401  (the part's hook: ai-toolkit's lora_A / lora_B keys)
+)
 from ...synthetic.params import ParamList, Params
-from ...synthetic.spectra import generator
 from ...synthetic.values import Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
-from .keys import CLASS, COMPONENT, DOUBLE_NORMS, GLU_SLICES, MEMBER, SINGLE_NORMS, SINGLE_SLICES, Structure, places
+from .keys import (
+    CLASS,
+    COMPONENT,
+    DOUBLE_NORMS,
+    GLU_SLICES,
+    MEMBER,
+    SINGLE_NORMS,
+    SINGLE_SLICES,
+    Structure,
+    places,
+)
 
 EXPORTS = ("FLUX2_PRESETS", "Flux2Config", "flux2_config", "flux2_params")
 LAYOUTS = ("diffusers", "single-file", "single-file-prefixed")
@@ -256,46 +268,9 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
     (BFL qkv / linear1 / img_mlp.0, diffusers to_qkv_mlp_proj / linear_in) gets one down and an up
     whose row blocks are its slices' (block-diagonal, one rank-`rank` pair per slice, under
     split_qkv). `lora_ab`: ai-toolkit's keys (written by save_lora)."""
-    spelling = spelling or _SPELLING.get(format)
-    if spelling is None:
-        raise ValueError(f"format {format!r} has no FLUX.2 layout; use kohya, peft or comfy")
-    if lora_ab and format != "comfy":
-        raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
-    groups: dict[str, list[tuple[str, tuple[tuple[int, int], ...] | None, int]]] = {}
-    for module in flux2_lora_targets(m.weights, targets):
-        fused = m.spell_fused(module, spelling)
-        if fused is None:
-            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
-        else:
-            key, total, rows = fused
-            groups.setdefault(key, []).append((module, rows, total))
-    mods = {}
-    for key, members in groups.items():
-        g = generator("lora", seed, key)
-        total, inp = members[0][2], m.weights[members[0][0]].shape[1]
-        n = len(members) if split_qkv and members[0][1] is not None else 1
-        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
-        up = torch.zeros(total, n * rank)
-        for j, (_, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
-            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
-            for a, b in rows or ((0, total),):
-                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
-        fit(up, down, alpha / (n * rank), size)
-        mods[key] = LoraModule(key, down.half(), up.half(), alpha)
+    spelling = format_spelling(format, spelling, _SPELLING, "FLUX.2", lora_ab)
+    mods = fused_pairs(m, flux2_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size, split_qkv)
     return mods, {"ss_base_model_version": "flux2"}
-
-
-def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **_ignored: object) -> None:
-    """prolora.synthetic.write_lora's hook: ai-toolkit's layout (`lora_ab`: lora_A / lora_B under
-    `diffusion_model.`, the scale folded into B, no alpha) or the format's own."""
-    if not lora_ab:
-        write_lora_file(path, lora, format)
-        return
-    tensors = {}
-    for key, mod in lora.modules.items():
-        tensors[f"{key}.lora_A.weight"] = mod.down
-        tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
-    save(path, tensors, {"prolora.synthetic": "1"})
 
 
 # ----------------------------------------------------------------------------- conformance, bench

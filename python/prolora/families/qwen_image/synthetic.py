@@ -40,11 +40,15 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from ...formats import write_lora as write_lora_file
-from ...lora import LoraFile, LoraModule
-from ...safetensors_io import save
+from ...lora import LoraModule
 from ...synthetic.conformance import Conformance
-from ...synthetic.loras import check_targets, chosen, spelled_pairs
+from ...synthetic.loras import (
+    check_targets,
+    chosen,
+    format_spelling,
+    save_lora,  # noqa: F401  (the part's hook: ai-toolkit's lora_A / lora_B keys)
+    spelled_pairs,
+)
 from ...synthetic.loras import write_lora as write_synthetic_lora
 from ...synthetic.models import write_model
 from ...synthetic.params import ParamList, Params
@@ -249,27 +253,10 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
                        spelling: str | None = None, lora_ab: bool = False, extra: dict[str, LoraModule] | None = None,
                        **_ignored: object) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """prolora.synthetic.write_lora's hook (see write_qwen_lora): the modules, no family metadata."""
-    spelling = spelling or _SPELLING.get(format)
-    if spelling is None:
-        raise ValueError(f"format {format!r} has no Qwen-Image layout; use kohya, peft or comfy")
-    if lora_ab and format != "comfy":
-        raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
+    spelling = format_spelling(format, spelling, _SPELLING, "Qwen-Image", lora_ab)
     mods = spelled_pairs(m, qwen_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size)
     mods.update(extra or {})
     return mods, {}
-
-
-def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **_ignored: object) -> None:
-    """prolora.synthetic.write_lora's hook: ai-toolkit's layout (`lora_ab`: lora_A / lora_B under
-    `diffusion_model.`, the scale folded into B, no alpha) or the format's own."""
-    if not lora_ab:
-        write_lora_file(path, lora, format)
-        return
-    tensors = {}
-    for key, mod in lora.modules.items():
-        tensors[f"{key}.lora_A.weight"] = mod.down
-        tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
-    save(path, tensors, {"prolora.synthetic": "1"})
 
 
 # ----------------------------------------------------------------------------- conformance

@@ -22,7 +22,6 @@ bench's `bench_pair` and `BENCH_LORA`.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -31,15 +30,18 @@ from pathlib import Path
 import torch
 
 from ...checkpoints import BaseModel
-from ...formats import write_lora as write_lora_file
-from ...lora import LoraFile, LoraModule
-from ...safetensors_io import save
+from ...lora import LoraModule
 from ...synthetic.conformance import Conformance
-from ...synthetic.loras import check_targets, chosen, fit
+from ...synthetic.loras import (
+    check_targets,
+    chosen,
+    format_spelling,
+    fused_pairs,
+    save_lora,  # noqa: F401  (the part's hook: ai-toolkit's lora_A / lora_B keys)
+)
 from ...synthetic.loras import write_lora as write_synthetic_lora
 from ...synthetic.models import write_model
 from ...synthetic.params import ParamList, Params
-from ...synthetic.spectra import generator
 from ...synthetic.values import Perturbation, Values
 from ...synthetic.writing import write_tensors, write_transformer_folder
 from .keys import CLASS, COMPONENT, FUSED, MEMBER, QKV, diffusers_to_original, fused_of
@@ -270,46 +272,9 @@ def write_lora_modules(m: BaseModel, format: str, rank: int, alpha: float, targe
     """prolora.synthetic.write_lora's hook (see write_z_image_lora): one pair per key the spelling
     names; a fused attention key gets one down and an up whose row blocks are q's, k's and v's
     (block-diagonal under `split_qkv`)."""
-    spelling = spelling or _SPELLING.get(format)
-    if spelling is None:
-        raise ValueError(f"format {format!r} has no Z-Image layout; use kohya, peft or comfy")
-    if lora_ab and format != "comfy":
-        raise ValueError("lora_ab writes ai-toolkit's diffusion_model.*.lora_A/lora_B keys: format 'comfy' only")
-    groups: dict[str, list[tuple[str, Rows | None, int]]] = {}  # key -> [(module, rows, total rows)]
-    for module in z_image_lora_targets(m.weights, targets):
-        fused = m.spell_fused(module, spelling)
-        if fused is None:
-            groups.setdefault(m.spell(module, spelling), []).append((module, None, m.weights[module].shape[0]))
-        else:
-            key, total, rows = fused
-            groups.setdefault(key, []).append((module, rows, total))
-    mods = {}
-    for key, members in groups.items():
-        g = generator("lora", seed, key)
-        total, inp = members[0][2], m.weights[members[0][0]].shape[1]
-        n = len(members) if split_qkv and members[0][1] is not None else 1
-        down = torch.randn(n * rank, inp, generator=g) / math.sqrt(inp)
-        up = torch.zeros(total, n * rank)
-        for j, (module, rows, _) in enumerate(sorted(members, key=lambda x: x[1][0][0] if x[1] else 0)):
-            cols = slice(j * rank, (j + 1) * rank) if n > 1 else slice(0, rank)
-            for a, b in rows or ((0, total),):
-                up[a:b, cols] = torch.randn(b - a, rank, generator=g)
-        fit(up, down, alpha / rank, size)  # alpha x n over rank x n: each slice's scale stays alpha / rank
-        mods[key] = LoraModule(key, down.half(), up.half(), alpha * n)
+    spelling = format_spelling(format, spelling, _SPELLING, "Z-Image", lora_ab)
+    mods = fused_pairs(m, z_image_lora_targets(m.weights, targets), spelling, rank, alpha, seed, size, split_qkv)
     return mods, {"ss_base_model_version": "z_image"}
-
-
-def save_lora(path: Path, lora: LoraFile, format: str, lora_ab: bool = False, **_ignored: object) -> None:
-    """prolora.synthetic.write_lora's hook: ai-toolkit's layout (`lora_ab`: lora_A / lora_B under
-    `diffusion_model.`, the scale folded into B, no alpha) or the format's own."""
-    if not lora_ab:
-        write_lora_file(path, lora, format)
-        return
-    tensors = {}
-    for key, mod in lora.modules.items():
-        tensors[f"{key}.lora_A.weight"] = mod.down
-        tensors[f"{key}.lora_B.weight"] = (mod.up.float() * mod.scale).to(mod.up.dtype)
-    save(path, tensors, {"prolora.synthetic": "1"})
 
 
 # ----------------------------------------------------------------------------- bench, conformance
