@@ -77,6 +77,10 @@ def test_the_new_solver_slot_times_topk_eigh():
     assert row["present"] and row["op"] == "topk_eigh" and "error" not in row, row
     assert row["max_rel_eigenvalue_error"] < 1e-5 and row["min_subspace_phi"] > 0.9999
     assert all("median_s" in row[key] for key in ("eigh", "new", "both"))
+    # the other backends too: subspace warm-started from a related matrix's basis, lapack
+    sub = row["others"]["subspace"]
+    assert "median_s" in sub and 0 <= sub["fallbacks"] <= G.shape[0], row["others"]
+    assert "lapack" in row["others"] and "reference" not in row["others"]
 
 
 def test_the_new_solver_slot_takes_an_op_named_by_the_environment(monkeypatch):
