@@ -32,7 +32,8 @@ from prolora.ops.registry import problem_for as svd_problem
 from prolora.synthetic import generator, spectral_weight
 
 # the torch fast path each backend is measured against (the default dispatch picks today)
-BASELINE = {"truncated_svd": "gram", "project_lora": "torch", "subspace_phi": "torch", "small_svd": "torch"}
+BASELINE = {"truncated_svd": "gram", "topk_eigh": "eigh", "project_lora": "torch", "subspace_phi": "torch",
+            "small_svd": "torch"}
 RATIO = 2.0  # accuracy contract: error vs float64 at most RATIO x torch's in the same precision
 EPS32 = torch.finfo(torch.float32).eps
 HAS_GPU = torch.cuda.is_available()

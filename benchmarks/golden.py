@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-_VOLATILE = ("seconds", "time", "elapsed", "peak", "path", "cache", "dir", "file", "rss", "_s")
+_VOLATILE = ("seconds", "time", "elapsed", "peak", "path", "cache", "dir", "file", "rss", "_s", "phases")  # phases: timings
 
 
 IGNORED: set[str] = set()  # report keys left out on request (--ignore), e.g. a statistic added later

@@ -25,6 +25,7 @@ step's 30 s cover both).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -90,9 +91,10 @@ def grams(n: int, b: int, device: str) -> torch.Tensor:
 def find_new_solver():
     """The slot for the new solver (issue 26, another branch): an op of prolora.ops named by
     $PROLORA_NEW_SOLVER, else the first op of prolora.ops.ALL_OPS besides the known four whose
-    name holds "eig". None while this checkout has none. It is called as its default backend's
-    fn(G, k) on a batch of Gram matrices G (b, n, n) and may return (evals (b, k), evecs (b, n, k)),
-    in any order, or a list of Basis-like objects with .S (square roots of the eigenvalues) and .U."""
+    name holds "eig" (topk_eigh since issue 26). None where a checkout has none. It is called as its
+    default backend's fn(G, k) on a batch of Gram matrices G (b, n, n) and may return (evals (b, k),
+    evecs (b, n, k)), in any order, a list of Eig-like objects with .values (descending) and .vectors,
+    or a list of Basis-like objects with .S (square roots of the eigenvalues) and .U."""
     import prolora.ops as ops
 
     name = os.environ.get(NEW_SOLVER_ENV)
@@ -104,6 +106,9 @@ def find_new_solver():
 
 def _as_pairs(out, k: int):
     """(evals (b, k) descending, evecs (b, n, k)) from what the new solver returned."""
+    if isinstance(out, (list, tuple)) and out and hasattr(out[0], "vectors"):  # prolora.ops.Eig (topk_eigh)
+        return (torch.stack([o.values[:k].to(o.vectors.device).float() for o in out]),
+                torch.stack([o.vectors[:, :k] for o in out]))
     if isinstance(out, (list, tuple)) and out and hasattr(out[0], "U"):  # bases of G = W W^T: S^2 = evals
         return (torch.stack([o.S[:k].to(o.U.device).float() ** 2 for o in out]),
                 torch.stack([o.U[:, :k] for o in out]))
@@ -151,10 +156,36 @@ def new_solver_rows(G: torch.Tensor, device: str, budget: Budget) -> dict:
         row["new"] = timed(lambda: backend.fn(G, k), device, budget, share=0.4)
         row["both"] = timed(lambda: _concurrently([lambda: torch.linalg.eigh(G[:half]),
                                                     lambda: backend.fn(G[half:], k)], device),
-                            device, budget, share=0.9)
+                            device, budget, share=0.6)
+        row["others"] = other_backend_rows(op, backend.name, G, k, device, budget)
         return row
     except Exception as exc:  # the slot must not cost the step
         return {"present": True, "op": getattr(op, "name", str(op)), "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def other_backend_rows(op, default: str, G: torch.Tensor, k: int, device: str, budget: Budget) -> dict:
+    """The op's other backends (not the reference, not the default) on the same batch: for a
+    warm-started solver (topk_eigh's subspace) the start is the top-k eigenvectors of a related
+    matrix (G plus a symmetric perturbation of 2% of its norm, as the other model of a pair gives),
+    the way a transfer runs it; each row says how many matrices fell back to a dense solve."""
+    rows = {}
+    n = G.shape[-1]
+    E = torch.randn(G.shape, generator=torch.Generator().manual_seed(26)).to(G.device, G.dtype)
+    E = (E + E.mT) * (0.01 * G.norm(dim=(-2, -1), keepdim=True) / n)
+    warm = list(torch.linalg.eigh(G + E)[1].flip(-1)[..., :k])
+    for name, b in op.backends.items():
+        if b.reference or name == default:
+            continue
+        try:
+            fn = (lambda b=b: b.fn(G, k, warm=warm)) if "warm" in inspect.signature(b.fn).parameters else \
+                (lambda b=b: b.fn(G, k))
+            out = fn()
+            fell = [getattr(o, "solver", "") for o in out] if isinstance(out, (list, tuple)) else []
+            rows[name] = {"fallbacks": sum("fallback" in str(f) for f in fell),
+                          **timed(fn, device, budget, share=0.5)}
+        except Exception as exc:  # a backend that refuses this device or size: say so, go on
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return rows
 
 
 def size_rows(G: torch.Tensor, streams: int, device: str, budget: Budget, share: float) -> dict:

@@ -66,24 +66,40 @@ def test_outputs_are_compared_through_small_products():
     assert lowrank_gap(b, b)[0] == pytest.approx(0.0, abs=1e-9 * n2)
 
 
-def test_the_new_solver_slot_times_an_op_when_prolora_ops_has_one(monkeypatch):
-    """Issue 26's truncated eigensolver lands in another branch: once prolora.ops has an op with
-    "eig" in its name, the eigh step times it, eigh and both, and checks it against eigh."""
+def test_the_new_solver_slot_times_topk_eigh():
+    """Issue 26's truncated eigensolver (prolora.ops.topk_eigh, "eig" in its name): the eigh step
+    times its default backend, eigh and both, and checks it against eigh."""
     import prolora.ops as ops
 
-    assert gpu_eigh.find_new_solver() is None  # not in this checkout yet
-    op = registry.Op("topk_eigh", "top-k eigenpairs of symmetric matrices (a stand-in)")
+    assert gpu_eigh.find_new_solver() is ops.topk_eigh
+    G = gpu_eigh.grams(24, 2, "cpu")
+    row = gpu_eigh.new_solver_rows(G, "cpu", gpu_eigh.Budget(20))
+    assert row["present"] and row["op"] == "topk_eigh" and "error" not in row, row
+    assert row["max_rel_eigenvalue_error"] < 1e-5 and row["min_subspace_phi"] > 0.9999
+    assert all("median_s" in row[key] for key in ("eigh", "new", "both"))
+    # the other backends too: subspace warm-started from a related matrix's basis, lapack
+    sub = row["others"]["subspace"]
+    assert "median_s" in sub and 0 <= sub["fallbacks"] <= G.shape[0], row["others"]
+    assert "lapack" in row["others"] and "reference" not in row["others"]
+
+
+def test_the_new_solver_slot_takes_an_op_named_by_the_environment(monkeypatch):
+    """$PROLORA_NEW_SOLVER names the op; one returning (evals, evecs) pairs is timed the same way."""
+    import prolora.ops as ops
+
+    op = registry.Op("other_eig", "top-k eigenpairs of symmetric matrices (a stand-in)")
 
     @op.register("torch", priority=10)
     def _topk(G, k, dtype=None):
         w, v = torch.linalg.eigh(G)
         return w[..., -k:], v[..., -k:]
 
-    monkeypatch.setattr(ops, "ALL_OPS", (*ops.ALL_OPS, op))
+    monkeypatch.setattr(ops, "other_eig", op, raising=False)
+    monkeypatch.setenv(gpu_eigh.NEW_SOLVER_ENV, "other_eig")
     assert gpu_eigh.find_new_solver() is op
     G = gpu_eigh.grams(24, 2, "cpu")
     row = gpu_eigh.new_solver_rows(G, "cpu", gpu_eigh.Budget(20))
-    assert row["present"] and row["op"] == "topk_eigh" and "error" not in row, row
+    assert row["present"] and row["op"] == "other_eig" and "error" not in row, row
     assert row["max_rel_eigenvalue_error"] < 1e-5 and row["min_subspace_phi"] > 0.9999
     assert all("median_s" in row[key] for key in ("eigh", "new", "both"))
 

@@ -26,12 +26,14 @@ from typing import Any
 import torch
 
 from . import families
+from .bench_cost import children_cpu as _children_cpu, phase_line
 from .errors import OptionError
 from .families import open_model
 from .formats import read_lora, write_lora
 from .lora import LoraFile, LoraModule
 from .method import KMode
 from .ops import phi, truncated_svd
+from .ops.host import host_map, host_threads
 from .safetensors_io import atomic_path
 
 @dataclass
@@ -50,6 +52,8 @@ class BenchConfig:
     cache: bool = True  # False: the cold run writes no cache and the warm runs are skipped
     dtype: torch.dtype = torch.float16
     device: str | None = None  # where the synthetic models' values are drawn (cuda: full size in seconds)
+    lora_width: int = 0  # only LoRA layers whose smaller side (the Gram matrix) is this wide (0: any)
+    lora_layers: int = 0  # only the first N of those, in model order (0: all)
 
 
 @dataclass
@@ -111,13 +115,24 @@ def prepare(cfg: BenchConfig) -> dict[str, Path]:
     loras = []
     fmt, pattern = bench_part(cfg.family).BENCH_LORA
     with open_model(src) as m:
-        modules = [name for name in m.weights if pattern.match(name)]
+        modules = select_modules(m, cfg, pattern)
+        sel = (f"-w{cfg.lora_width}" if cfg.lora_width else "") + (f"-n{cfg.lora_layers}" if cfg.lora_layers else "")
         for i in range(max(cfg.loras, 1)):
-            p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}.safetensors"
+            p = cfg.folder / f"{tag}-lora{i}-r{cfg.rank}{sel}.safetensors"
             if not p.exists():
                 _write_lora(m, modules, p, cfg.rank, seed=i, fmt=fmt)
             loras.append(p)
     return {"source": src, "target": tgt, "loras": loras, "modules": modules}
+
+
+def select_modules(model, cfg: BenchConfig, pattern: re.Pattern) -> list[str]:
+    """The bench's LoRA layers: every module of the family's pattern (its BENCH_LORA), or
+    (--lora-width, --lora-layers) the first N of those whose smaller side is that wide."""
+    modules = [name for name in model.weights if pattern.match(name)]
+    if cfg.lora_width:
+        modules = [n for n in modules if min(model.weights[n].shape[0], math.prod(model.weights[n].shape[1:]))
+                   == cfg.lora_width]
+    return modules[:cfg.lora_layers] if cfg.lora_layers else modules
 
 
 def _write_lora(model, modules: list[str], path: Path, rank: int, seed: int, fmt: str) -> None:
@@ -158,6 +173,7 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
     """For one layer of each distinct shape: full SVD vs fast basis vs Gram floor, and accuracy."""
     mode = KMode.parse(cfg.subspace)
     ref, fast = truncated_svd.backends["reference"].fn, truncated_svd.backends["gram"].fn
+    threads = host_threads()
     rows = []
     with open_model(paths["source"]) as m:
         seen: dict[tuple, str] = {}
@@ -171,13 +187,15 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
             exact = ref(W, chooser)  # float64
             W32 = W.float()
             t_svd = _median_time(lambda: torch.linalg.svd(W32, full_matrices=False), cfg.repeats)
-            t_fast = _median_time(lambda: fast(W, chooser), cfg.repeats)
+            # as the engine runs it on a CPU: two layers at a time, one thread each (per matrix)
+            t_fast = _median_time(lambda: host_map(lambda X: fast(X, chooser), [W] * threads), cfg.repeats) / threads
+            t_seq = _median_time(lambda: fast(W, chooser), cfg.repeats)  # one matrix on every thread
             t_floor = _median_time(lambda: (W32 @ W32.T) if W.shape[0] <= W.shape[1] else (W32.T @ W32), cfg.repeats)
             b = fast(W, exact.k)
             rows.append({
                 "shape": list(shape), "layers": count[shape], "k": exact.k, "gap": exact.gap(),
                 "s1_over_s_d4": float(exact.S[0] / exact.S[d // 4]),
-                "full_svd_s": t_svd, "fast_s": t_fast, "gram_floor_s": t_floor,
+                "full_svd_s": t_svd, "fast_s": t_fast, "fast_one_at_a_time_s": t_seq, "gram_floor_s": t_floor,
                 "speedup": t_svd / t_fast, "fast_over_floor": t_fast / t_floor,
                 "phi_left_vs_f64": phi(exact.U, b.U.double()), "phi_right_vs_f64": phi(exact.V, b.V.double()),
             })
@@ -191,14 +209,17 @@ def shape_rows(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
 def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run `prolora transfer ... --report R` in a fresh process; return its report and wall time."""
     report = Path(env["PROLORA_BENCH_REPORT"])
+    load = os.getloadavg()[0]  # other work on a shared machine skews every timing: recorded with it
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "prolora.cli", "transfer", *args, "--report", str(report), "-q",
                            "--overwrite"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"bench run failed: {proc.stderr.strip().splitlines()[-1:]}")
     data = json.loads(report.read_text())
-    return {"wall_s": wall, "data": data}
+    return {"wall_s": wall, "cpu_s": cpu, "data": data, "loadavg": [load, os.getloadavg()[0]]}
 
 
 def _engine(data: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +245,10 @@ def end_to_end(paths: dict, cfg: BenchConfig) -> list[dict[str, Any]]:
              "layers_per_s": n_layers / secs if secs else None,
              "gb_read_per_s": eng["bytes_read"] / secs / 1e9 if secs else None, "bytes_read": eng["bytes_read"],
              "peak_rss_gb": eng["peak_rss"] / 2**30, "chunks": eng["chunks"], "backends": eng["backends"],
-             "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"]}
-        _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB")
+             "cache_hits": eng["cache_hits"], "parts_s": eng["seconds"], "basis_phases_thread_s": eng.get("basis_phases"),
+             "solvers": eng.get("solvers"), "fallbacks": eng.get("fallbacks"), "loadavg_1min": res["loadavg"],
+             "cpu_s": res["cpu_s"]}
+        _say(f"{name}: {secs:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GiB; {phase_line(r)}")
         return r
 
     if not cfg.skip_reference:
@@ -255,7 +278,8 @@ def accuracy(paths: dict, cfg: BenchConfig) -> dict[str, Any]:
     lf = read_lora(paths["loras"][0])
     rng = random.Random(0)
     keys = sorted(lf.modules)
-    sample = rng.sample(keys, min(cfg.accuracy_layers, len(keys)))
+    # every layer of a --lora-layers selection, else a sample
+    sample = keys if cfg.lora_layers else rng.sample(keys, min(cfg.accuracy_layers, len(keys)))
     small = LoraFile(lf.format, {k: lf.modules[k] for k in sample}, dict(lf.metadata), lf.dtype)
     common = dict(subspace=cfg.subspace, cache=False)
     fast = transfer(paths["source"], paths["target"], small, **common)
@@ -369,6 +393,7 @@ def targets(res: BenchResult) -> dict[str, Any]:
         out["peak_rss_gb_max"] = max(r["peak_rss_gb"] for r in res.end_to_end)
     if ref and cold:
         out["cold_speedup_vs_reference"] = ref["seconds"] / cold["seconds"]
+        out["cold_cpu_speedup_vs_reference"] = ref["cpu_s"] / cold["cpu_s"] if cold.get("cpu_s") else None
     warm = [r for r in res.end_to_end if r["run"].startswith("fast, warm")]
     if len(warm) == 2 and warm[1]["loras"] > 1:
         out["warm_seconds_per_additional_lora"] = (warm[1]["seconds"] - warm[0]["seconds"]) / (warm[1]["loras"] - 1)
@@ -390,6 +415,8 @@ def table(res: BenchResult) -> str:
     for r in res.end_to_end:
         lines.append(f"{r['run']:<40} {r['loras']:>5} {r['seconds']:>8.1f} {r['layers_per_s']:>9.1f} "
                      f"{r['gb_read_per_s']:>9.3f} {r['peak_rss_gb']:>12.2f} {r['chunks']:>6}")
+    lines += ["", "cost per phase (read and cache write run in background threads):"]
+    lines += [f"  {r['run']}: {phase_line(r)}" for r in res.end_to_end]
     a = res.accuracy
     lines += ["", f"accuracy: merged dW of the fast path vs float64 reference on {a['layers']} sampled layers: "
               f"rel. Frobenius error {a['rel_error_merged_dw']:.2e} (worst layer {a['worst_layer_rel_error']:.2e}), "

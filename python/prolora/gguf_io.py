@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptFileError, InputFileError, UnsupportedFormatError
-from .safetensors_io import MAX_HEADER_BYTES, Header, TensorInfo, read_bytes
+from .safetensors_io import MAX_HEADER_BYTES, Header, TensorFile, TensorInfo, read_bytes
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -229,33 +229,12 @@ _NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _BLOCK_ELEMENTS = 1 << 24  # dequantized a row block at a time: at most this many float32 temporaries
 
 
-class GgufFile:
+class GgufFile(TensorFile):
     """A validated GGUF file whose tensors are read on demand (whole or by row range) and
     dequantized by the `gguf` package; the same interface as safetensors_io.SafetensorsFile."""
 
     def __init__(self, path: str | os.PathLike, header: GgufHeader | None = None):
-        self.header = header or read_header(path)
-        self.path = self.header.path
-        try:
-            self._fd: int | None = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputFileError(f"{self.path}: cannot open: {e.strerror or e}") from None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.header.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.header.tensors[name]
-        except KeyError:
-            raise InputFileError(f"{self.path}: no tensor named '{name}'") from None
+        super().__init__(header or read_header(path))
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
@@ -316,20 +295,3 @@ class GgufFile:
             t = self._rows(info, r, r + 1).reshape(-1)[c:c + n]
             out.append(t.to(torch.float32).numpy().tobytes())
         return b"".join(out)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self) -> "GgufFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

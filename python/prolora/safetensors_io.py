@@ -199,16 +199,14 @@ def pread_into(fd: int, path: Path, name: str, offset: int, buf: torch.Tensor, c
         done += n
 
 
-class SafetensorsFile:
-    """A validated safetensors file whose tensors are read on demand (whole or by row range).
+class TensorFile:
+    """What every validated tensor file shares (safetensors here, GGUF in gguf_io): its header,
+    one read-only descriptor (closed by close(), the context manager or the collector), the
+    metadata and the tensors' names and places."""
 
-    Reads use pread into fresh buffers, not mmap: the bytes read become the tensor, the file's
-    pages never count against the process, and threads can read concurrently.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.header = read_header(path)
-        self.path = self.header.path
+    def __init__(self, header):
+        self.header = header
+        self.path = header.path
         try:
             self._fd: int | None = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -229,6 +227,34 @@ class SafetensorsFile:
             return self.header.tensors[name]
         except KeyError:
             raise InputFileError(f"{self.path}: no tensor named '{name}'") from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsFile(TensorFile):
+    """A validated safetensors file whose tensors are read on demand (whole or by row range).
+
+    Reads use pread into fresh buffers, not mmap: the bytes read become the tensor, the file's
+    pages never count against the process, and threads can read concurrently.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(read_header(path))
 
     def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -262,24 +288,6 @@ class SafetensorsFile:
         row = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
         buf = self._read(name, info.start + start * row, (stop - start) * row)
         return buf.view(DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a (small) file, plus its metadata."""

@@ -38,6 +38,9 @@ def register(sub) -> None:
     b.add_argument("--skip-reference", action="store_true", help="skip the slow full-SVD end-to-end run")
     b.add_argument("--no-cache", action="store_true",
                    help="cold run only, storing no bases (a full-size Flux pair's bases take tens of GB)")
+    b.add_argument("--lora-width", type=int, default=0, metavar="D",
+                   help="LoRA only on layers whose smaller side is D wide (e.g. 1280: their Gram matrix is 1280 x 1280)")
+    b.add_argument("--lora-layers", type=int, default=0, metavar="N", help="LoRA only on the first N such layers")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     b.add_argument("--max-gpu-memory", default="16GB", metavar="SIZE", help="with --device cuda (default %(default)s)")
@@ -63,7 +66,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     cfg = BenchConfig(family=a.family, width=a.width, depth=a.depth, folder=Path(a.dir), loras=a.loras, rank=a.rank,
                       subspace=a.subspace, max_memory=a.max_memory, repeats=a.repeats,
                       skip_reference=a.skip_reference, cache=not a.no_cache,
-                      dtype=getattr(torch, presets()[a.family].dtype))
+                      dtype=getattr(torch, presets()[a.family].dtype), lora_width=a.lora_width,
+                      lora_layers=a.lora_layers)
     if a.dry_run:
         if not a.device.startswith("cuda"):
             raise OptionError("--dry-run plans a GPU run: add --device cuda")

@@ -44,6 +44,12 @@ class EngineStats:
     backends: dict[str, str] = field(default_factory=dict)  # op -> the backends that ran it
     matching: list[dict] = field(default_factory=list)  # block matches, when layers were matched by similarity
     passes: int = 0
+    # the bases' phases in thread-seconds (summed over the host threads computing them: gram,
+    # eigensolver, recover), bases per eigensolver path, and the layers an iterative eigensolver
+    # handed to a dense eigh (module, model, why)
+    basis_phases: dict[str, float] = field(default_factory=dict)
+    solvers: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[dict] = field(default_factory=list)
 
     def add(self, other: "EngineStats") -> None:
         """Fold in the stats of a further pass over the models."""
@@ -57,6 +63,11 @@ class EngineStats:
         self.cache_misses += other.cache_misses
         self.basis_batches += other.basis_batches
         self.backends = self.backends or other.backends
+        for name in ("basis_phases", "solvers"):
+            mine = getattr(self, name)
+            for k, v in getattr(other, name).items():
+                mine[k] = mine.get(k, 0) + v
+        self.fallbacks += other.fallbacks
         self.passes += 1
 
 
@@ -80,6 +91,8 @@ class Engine:
         self.stats = EngineStats()
         self.project_backends: set[str] = set()
         self._to_host = None  # GPU run: non-blocking copies of finished factors (DeviceIO.download)
+        self._similarity_s = 0.0  # within the projection phase: the similarity and the writes
+        self._write_s = 0.0
 
     def chunks(self, modules: list[str]) -> list[list[str]]:
         """Consecutive modules whose working memory fits the budgets (at least one per chunk)."""
@@ -110,7 +123,7 @@ class Engine:
                 self._apply(m, work[m], None, None, on_done, weight=weight)
             self.stats.seconds = {"total": time.perf_counter() - t0}
             return self.stats
-        provider = BasisProvider(self.source, self.target, self.opts, self.cache)
+        provider = BasisProvider(self.source, self.target, self.opts, self.cache, background_writes=True)
         loader, io = provider.loader, provider.io
         provider.writer = writer = writer_for(self.cache, io, pending_bytes(host_budget(self.opts.max_memory)))
         self._to_host = io.download if io is not None else None
@@ -120,8 +133,15 @@ class Engine:
         budget = host_budget(self.opts.max_memory)
         project_s = 0.0
         prefetch = in_worker(loader.prefetch)
+        written = on_done
+
+        def on_done(task: LoraTask) -> None:  # the output's write, timed
+            t = time.perf_counter()
+            written(task)
+            self._write_s += time.perf_counter() - t
+
         with read_ahead(chunks, lambda chunk: prefetch(chunk, targets, keep)) as reads, \
-                closing(Spill(_spill_folder(tasks))) as spill:
+                closing(Spill(_spill_folder(tasks))) as spill, closing(provider):  # closed: CPU cache entries written
             try:
                 for chunk, pre in reads:
                     weights = {m: pre[m].Ws for m in chunk if m in keep}
@@ -129,6 +149,7 @@ class Engine:
                     del pre
                     t1 = time.perf_counter()
                     shared = self._similarities(chunk, work, bases)
+                    self._similarity_s += time.perf_counter() - t1
                     pending: list | None = [] if io is not None else None
                     for m in chunk:
                         src, tgt = bases.pop(m)
@@ -148,8 +169,12 @@ class Engine:
                     writer.abandon()
         self.stats.bytes_read = loader.bytes_read
         self.stats.basis_batches = provider.batches
-        self.stats.seconds = {"load": loader.seconds, **provider.seconds, "project": project_s,
+        self.stats.seconds = {"load": loader.seconds, **provider.seconds, "similarity": self._similarity_s,
+                              "write": self._write_s,
+                              "project": project_s - self._similarity_s - self._write_s,
                               "total": time.perf_counter() - t0}
+        self.stats.basis_phases = dict(provider.clock.seconds)
+        self.stats.solvers, self.stats.fallbacks = dict(provider.solvers), list(provider.fallbacks)
         self.stats.backends = {"truncated_svd": ",".join(sorted(provider.backends)),
                                "project_lora": ",".join(sorted(self.project_backends))}
         if self.cache is not None:
@@ -210,7 +235,10 @@ class Engine:
                 if not started and src is not None and not job.widths_differ:
                     started = True
                     shape = matrix_shape(job)
-                    shared = shared or similarity_many([(src, tgt, shape)])[0]
+                    if shared is None:
+                        t0 = time.perf_counter()
+                        shared = similarity_many([(src, tgt, shape)])[0]
+                        self._similarity_s += time.perf_counter() - t0
                     backend = self._project_backend(src, shape, items)
                     projected = self._projected(backend, items, src, tgt, shared)
                 res = run_job(job, src, tgt, self.opts, shared, projected.pop(n, None),

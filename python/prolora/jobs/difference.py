@@ -75,6 +75,8 @@ def _svd(D: torch.Tensor, ks: list, opts: ExtractOptions) -> tuple[list, str]:
         fn = truncated_svd.backends[RANDOMIZED].fn  # forced: also where dispatch would call it too small
     else:
         name = RANDOMIZED if opts.backend == "auto" and fixed and randomized_check(problem) is None else "svd"
+        if opts.backend == "auto" and not fixed:  # --energy: the transfer's basis (Gram + topk_eigh) fits
+            name = truncated_svd.choose(problem).backend.name  # (a fixed rank near d does not: full SVD)
         fn = truncated_svd.choose(problem, override=name).backend.fn
     return fn(D, ks), name
 

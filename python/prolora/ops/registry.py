@@ -47,6 +47,16 @@ class Backend:
     # fn over a list of operand tuples sharing the other arguments, when the backend does many
     # at once better than one by one (e.g. stacked products)
     batched: Callable[..., list] | None = None
+    # keyword arguments fn takes beyond the op's common ones (e.g. a warm start); a caller passes
+    # them through kwargs(), which drops the ones this backend does not take
+    extras: tuple[str, ...] = ()
+    # on a CPU the caller may run one matrix per host thread with one BLAS thread each (bases of
+    # different layers concurrently, ops/host.py); False for backends that thread themselves
+    host_threads: bool = False
+
+    def kwargs(self, **kw: Any) -> dict[str, Any]:
+        """The keyword arguments of `kw` that fn takes (its extras), Nones dropped."""
+        return {k: v for k, v in kw.items() if k in self.extras and v is not None}
 
     def many(self, items: list[tuple], *args: Any, **kwargs: Any) -> list:
         """fn for each operand tuple of `items`, with the same other arguments."""
@@ -75,10 +85,11 @@ class Op:
 
     def register(self, name: str, *, priority: int = 0, reference: bool = False,
                  check: Reason | None = None, available: Callable[[], str | None] | None = None,
-                 measured: Reason | None = None, batched: Callable[..., list] | None = None):
+                 measured: Reason | None = None, batched: Callable[..., list] | None = None,
+                 extras: tuple[str, ...] = (), host_threads: bool = False):
         def deco(fn):
             self.backends[name] = Backend(name, fn, check or (lambda p: None), priority, reference,
-                                          available or (lambda: None), measured, batched)
+                                          available or (lambda: None), measured, batched, extras, host_threads)
             return fn
 
         return deco

@@ -2,18 +2,22 @@
 backend knows.
 
 k may be an int, None (all), or a chooser called with (spectrum, energy) once the spectrum is
-known, so that energy-based k costs no second pass. Backends accept one matrix (m, n) or a batch
-(b, m, n) of same-shape matrices with one k spec per matrix.
+known, so that energy-based k costs no second pass (ops/kspec.py). Backends accept one matrix
+(m, n) or a batch (b, m, n) of same-shape matrices with one k spec per matrix.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 
-from .registry import Op
-
+from .eigh_topk import Eig, topk_eigh
+from .gram import gram_matrix
+from .host import Clock, timed
+from .kspec import KChooser, KSpec, as_batch, resolve_k  # noqa: F401  (re-exported: their old home)
+from .registry import Op, Problem
 
 @dataclass
 class Basis:
@@ -27,6 +31,7 @@ class Basis:
     S: torch.Tensor  # (>= k,)
     V: torch.Tensor  # (n, k)
     energy: float
+    solver: str = ""  # what computed the basis (the eigensolver path of a Gram backend; "" when not told)
 
     @property
     def k(self) -> int:
@@ -35,13 +40,13 @@ class Basis:
     def truncate(self, k: int) -> "Basis":
         if k > self.k:
             raise ValueError(f"basis holds {self.k} vectors, {k} asked")
-        return Basis(self.U[:, :k], self.S, self.V[:, :k], self.energy)
+        return Basis(self.U[:, :k], self.S, self.V[:, :k], self.energy, self.solver)
 
     def columns(self) -> "Basis":
         """The same basis with U and V column-major (U^T, V^T contiguous): the layout the cache
         stores and truncation keeps, made the one layout for every source (computed, cached,
         truncated) so that the thin products give the same bits whichever it came from."""
-        return Basis(_column_major(self.U), self.S, _column_major(self.V), self.energy)
+        return Basis(_column_major(self.U), self.S, _column_major(self.V), self.energy, self.solver)
 
     def gap(self) -> float | None:
         """sigma_k / sigma_{k+1}: how well separated the subspace boundary is (None at the end)."""
@@ -52,7 +57,7 @@ class Basis:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Basis":
         """The same basis with `fn` applied to U, S and V (a move to a device, pinning)."""
-        return Basis(fn(self.U), fn(self.S), fn(self.V), self.energy)
+        return Basis(fn(self.U), fn(self.S), fn(self.V), self.energy, self.solver)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
@@ -60,29 +65,6 @@ class Basis:
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.T.is_contiguous() else t.T.contiguous().T
-
-
-KChooser = Callable[[torch.Tensor, float], int]
-KSpec = Union[int, None, KChooser]
-
-
-def resolve_k(k: KSpec, S: torch.Tensor, energy: float) -> int:
-    d = S.numel()
-    if k is None:
-        return d
-    if callable(k):
-        k = k(S, energy)
-    return max(0, min(int(k), d))
-
-
-def as_batch(W: torch.Tensor, k: KSpec | Sequence[KSpec]) -> tuple[torch.Tensor, list[KSpec], bool]:
-    """(b, m, n) view, one k spec per matrix, and whether the input was batched."""
-    if W.dim() == 2:
-        return W[None], [k], False
-    ks = list(k) if isinstance(k, (list, tuple)) else [k] * W.shape[0]
-    if len(ks) != W.shape[0]:
-        raise ValueError(f"{len(ks)} k specs for a batch of {W.shape[0]}")
-    return W, ks, True
 
 
 truncated_svd = Op("truncated_svd", "top-k left/right singular vectors and the spectrum of W")
@@ -109,57 +91,86 @@ def _svd_full(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
     return _svd_reference(W, k, dtype=dtype or torch.float32)
 
 
-@truncated_svd.register("gram", priority=10)
-def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None,
-              dtype: torch.dtype | None = None) -> Basis | list[Basis]:
-    """Gram matrix of the smaller side (fp32 accumulation from fp16/bf16), symmetric
-    eigensolver, the other side recovered as W^T U / S for the k vectors kept.
+@truncated_svd.register("gram", priority=10, extras=("warm", "eig", "clock"), host_threads=True)
+def _svd_gram(W: torch.Tensor, k: KSpec | Sequence[KSpec] = None, dtype: torch.dtype | None = None,
+              warm: Sequence[torch.Tensor | None] | None = None, eig: str | None = None,
+              clock: Clock | None = None) -> Basis | list[Basis]:
+    """Gram matrix of the smaller side (fp32 accumulation from fp16/bf16; on a CPU its lower block
+    triangle only, mirrored: gram_matrix), the truncated eigensolver (topk_eigh, dispatched on the
+    Gram problem, or `eig` when forced) for its top k eigenvectors, the other side recovered as
+    W^T U / S for the k vectors kept. `warm` gives each matrix a start for an iterative eigensolver
+    (the other model's basis on the Gram side); `clock` collects seconds per phase.
 
-    Matrices of a batch are computed one by one, so a layer's basis does not depend on which
-    layers share its batch (chunking never changes an answer); batching gains little on a CPU.
+    On a CPU the matrices of a batch are computed one by one, so a layer's basis does not depend on
+    which layers share its batch (chunking never changes an answer); the engine runs them on host
+    threads, one BLAS thread each (host_threads). On a GPU: one batched product and eigensolver call.
     """
     Wb, ks, batched = as_batch(W, k)
-    if Wb.is_cuda:  # one batched GEMM and eigensolver call on the GPU
-        out = _gram_batched(Wb.to(dtype or torch.float32), ks)
+    dt = dtype or torch.float32
+    warms = list(warm) if warm is not None else [None] * Wb.shape[0]
+    if Wb.is_cuda:
+        out = _gram_batched(Wb, ks, dt, warms, eig, clock)
     else:
-        out = [_gram_one(Wi.to(dtype or torch.float32), ki) for Wi, ki in zip(Wb, ks)]
+        out = [_gram_one(Wi, ki, dt, wi, eig, clock) for Wi, ki, wi in zip(Wb, ks, warms)]
     return out if batched else out[0]
 
 
-def _gram_batched(Wb: torch.Tensor, ks: list[KSpec]) -> list[Basis]:
-    """The whole batch in one product and one eigensolver call; the spectra and energies come
-    to the host in one copy (k is chosen there), so the device waits once per batch, not per
-    matrix. The bases keep their spectra on the host (only the host reads them)."""
+def eig_backend(G: torch.Tensor, ks: Sequence[KSpec], override: str | None):
+    """The topk_eigh backend for a Gram problem (b, d, d) or (d, d)."""
+    k = ks[0] if len(ks) == 1 and isinstance(ks[0], int) else None
+    problem = Problem(device=G.device.type, dtype=str(G.dtype).removeprefix("torch."), shape=tuple(G.shape[-2:]),
+                      batch=int(G.shape[0]) if G.dim() == 3 else 1, k=k)
+    return topk_eigh.choose(problem, override).backend
+
+
+def _gram_one(W: torch.Tensor, k: KSpec, dtype: torch.dtype, warm: torch.Tensor | None, eig: str | None,
+              clock: Clock | None) -> Basis:
+    with timed(clock, "gram"):
+        W = W.to(dtype)
+        wide = W.shape[0] <= W.shape[1]
+        A = W.T if wide else W  # (L, d): G = A^T A
+        G = gram_matrix(A)
+    with timed(clock, "eigensolver"):
+        e = eig_backend(G, [k], eig).fn(G, k, warm=None if warm is None else [warm])
+    del G
+    with timed(clock, "recover"):
+        return _finish(A, e, wide)
+
+
+@contextlib.contextmanager
+def _exact_tf32(dtype: torch.dtype):
+    """On a GPU, TF32 tensor-core products for a Gram matrix of float16/bfloat16 weights: their
+    values are exactly representable in TF32 (10-bit mantissa, float32's exponent range) and the
+    products accumulate in float32, so the product is as exact as a float32 one (mixed precision
+    the contract allows). Any other dtype keeps full float32 products."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype in (torch.float16, torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def _gram_batched(Wb: torch.Tensor, ks: list[KSpec], dtype: torch.dtype, warms: list, eig: str | None,
+                  clock: Clock | None) -> list[Basis]:
     wide = Wb.shape[1] <= Wb.shape[2]
-    G = Wb @ Wb.mT if wide else Wb.mT @ Wb
-    energy = G.diagonal(dim1=-2, dim2=-1).double().sum(-1)
-    evals, evecs = torch.linalg.eigh(G)
+    with timed(clock, "gram"), _exact_tf32(Wb.dtype):
+        W = Wb.to(dtype)
+        A = W.mT if wide else W
+        G = A.mT @ A
+    with timed(clock, "eigensolver"):
+        eigs = eig_backend(G, ks, eig).fn(G, ks, warm=warms)
     del G
-    S_all = evals.flip(-1).clamp_min(0).sqrt()
-    host = torch.cat([energy[:, None], S_all.double()], dim=1).cpu()
-    energies, S_host = host[:, 0].tolist(), host[:, 1:].to(S_all.dtype)
-    return [_finish(Wb[i], S_all[i], evecs[i], resolve_k(ks[i], S_host[i], energies[i]), energies[i], wide,
-                    S_host[i]) for i in range(Wb.shape[0])]
+    with timed(clock, "recover"):
+        return [_finish(A[i], e, wide) for i, e in enumerate(eigs)]
 
 
-def _gram_one(W: torch.Tensor, k: KSpec) -> Basis:
-    m, n = W.shape
-    wide = m <= n
-    G = W @ W.T if wide else W.T @ W
-    energy = float(G.diagonal().double().sum())
-    evals, evecs = torch.linalg.eigh(G)
-    del G
-    return _finish(W, evals.flip(-1).clamp_min(0).sqrt(), evecs, k, energy, wide)
-
-
-def _finish(W: torch.Tensor, S: torch.Tensor, evecs: torch.Tensor, k: KSpec, energy: float, wide: bool,
-            keep: torch.Tensor | None = None) -> Basis:
-    """Keep the top-k eigenvectors (ascending order from eigh) and recover the other side.
-    `keep`: the spectrum the basis holds, when not S itself (S's copy on the host)."""
-    kk = resolve_k(k, S, energy)
-    Q = evecs[:, evecs.shape[1] - kk:].flip(-1)
-    inv = torch.where(S[:kk] > 0, 1.0 / S[:kk], torch.zeros_like(S[:kk]))
-    S = S if keep is None else keep
+def _finish(A: torch.Tensor, e: Eig, wide: bool) -> Basis:
+    """Basis from the top-k eigenvectors Q of G = A^T A: the other side is A Q / S."""
+    Q, S = e.vectors.to(A.dtype), e.spectrum().to(A.dtype)  # S on the host for a GPU batch (on_host)
+    Sk = e.top().to(A.dtype)  # on A's device
+    inv = torch.where(Sk > 0, 1.0 / Sk, torch.zeros_like(Sk))
+    other = (A @ Q) * inv
     if wide:
-        return Basis(Q, S, (W.T @ Q) * inv, energy)
-    return Basis((W @ Q) * inv, S, Q, energy)
+        return Basis(Q, S, other, e.trace, e.solver)
+    return Basis(other, S, Q, e.trace, e.solver)
