@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -208,25 +208,34 @@ class BaseModel:
         return self._identity
 
     # ------------------------------------------------------------------ description
+    # a family whose weights are all linears (the transformer families) counts no convs
+    LINEAR_ONLY: ClassVar[bool] = False
+
     def describe(self) -> dict:
-        """Facts for `prolora inspect`: family, layout, files, per-component counts, dtypes; each
-        family's model adds its own (block counts, widths, variant)."""
+        """Facts for `prolora inspect`: family (and variant, where the model has one), layout,
+        files, per-component counts, dtypes, and last the reader's structure facts (`facts`, where
+        the model has them); each family's model may add its own."""
         comps: dict[str, dict] = {}
+        zero = {"weights": 0, "linear": 0, "parameters": 0} if self.LINEAR_ONLY else \
+            {"weights": 0, "linear": 0, "conv": 0, "parameters": 0}
         for ref in self.weights.values():
-            c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "conv": 0, "parameters": 0})
+            c = comps.setdefault(ref.module.partition(".")[0], dict(zero))
             c["weights"] += 1
-            c["conv" if len(ref.shape) == 4 else "linear"] += 1
+            c["conv" if len(ref.shape) == 4 and not self.LINEAR_ONLY else "linear"] += 1
             c["parameters"] += ref.numel
         for comp, facts in self.text_encoders.items():
             comps.setdefault(comp, {}).update(facts)
+        variant = getattr(self, "variant", None)
         return {
             "name": self.name,
             "path": str(self.path),
             "family": self.family,
+            **({"variant": variant} if variant is not None else {}),
             "layout": self.layout,
             "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size} for role, p in sorted(self.files.items())],
             "components": comps,
             "dtypes": dict(Counter(r.dtype for r in self.weights.values())),
+            **getattr(self, "facts", {}),
         }
 
     # ------------------------------------------------------------------ lifetime

@@ -32,8 +32,8 @@ synthetic tiny Flux):
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...checkpoints.model import BaseModel, FusedHit, Slice, _flat
 from ...errors import ModelError
@@ -49,6 +49,7 @@ class FluxModel(BaseModel):
 
     bfl: dict[str, BflPlace] = field(default_factory=dict, repr=False)
     facts: dict = field(default_factory=dict, repr=False)
+    LINEAR_ONLY: ClassVar[bool] = True  # every weight a linear: inspect counts no convs
     # the pipeline component holding T5 (PEFT keys are spelled with it): FLUX.1's text_encoder_2,
     # Chroma's text_encoder (its only encoder); the canonical ids stay `text_encoder_2.` either way
     t5_component: str = field(default=T5, repr=False)
@@ -219,22 +220,3 @@ class FluxModel(BaseModel):
             return (f"{self.name} has no distilled_guidance_layer (Chroma's modulation approximator; FLUX.1 "
                     "has img_mod, txt_mod and modulation linears instead)")
         return None
-
-    # ------------------------------------------------------------------ description
-    def describe(self) -> dict:
-        comps: dict[str, dict] = {}
-        for ref in self.weights.values():
-            c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "parameters": 0})
-            c["weights"] += 1
-            c["linear"] += 1
-            c["parameters"] += ref.numel
-        for comp, facts in self.text_encoders.items():
-            comps.setdefault(comp, {}).update(facts)
-        return {
-            "name": self.name, "path": str(self.path), "family": self.family, "variant": self.variant,
-            "layout": self.layout,
-            "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size}
-                      for role, p in sorted(self.files.items())],
-            "components": comps, "dtypes": dict(Counter(r.dtype for r in self.weights.values())),
-            **self.facts,
-        }

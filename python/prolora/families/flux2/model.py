@@ -18,8 +18,8 @@ module (spell_fused; kohya's split_qkv block-diagonal form where their downs dif
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...checkpoints.model import BaseModel, FusedHit, Slice, _flat
 from ...errors import ModelError
@@ -41,6 +41,7 @@ class Flux2Model(BaseModel):
 
     places: dict[str, Place] = field(default_factory=dict, repr=False)
     facts: dict = field(default_factory=dict, repr=False)
+    LINEAR_ONLY: ClassVar[bool] = True  # every weight a linear: inspect counts no convs
     variant: str = "unknown"
     _fused: dict[str, FusedHit] | None = field(default=None, repr=False)
     _fused_out: dict[tuple[str, str], tuple[str, int, Rows]] | None = field(default=None, repr=False)
@@ -139,18 +140,3 @@ class Flux2Model(BaseModel):
             return ("a text-encoder (Qwen3 / Mistral) module: prolora reads the FLUX.2 transformer only, so text-encoder "
                     "LoRA modules are not transferred")
         return None
-
-    def describe(self) -> dict:
-        comps: dict[str, dict] = {}
-        for ref in self.weights.values():
-            c = comps.setdefault(ref.module.partition(".")[0], {"weights": 0, "linear": 0, "parameters": 0})
-            c["weights"] += 1
-            c["linear"] += 1
-            c["parameters"] += ref.numel
-        return {
-            "name": self.name, "path": str(self.path), "family": self.family, "variant": self.variant,
-            "layout": self.layout,
-            "files": [{"role": role, "path": str(p), "bytes": p.stat().st_size} for role, p in sorted(self.files.items())],
-            "components": comps, "dtypes": dict(Counter(r.dtype for r in self.weights.values())), **self.facts,
-        }
-

@@ -56,6 +56,7 @@ default, and prolora reads the transformer only; such keys are dropped and named
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...checkpoints.model import BaseModel, _flat
 from ...errors import ModelError
@@ -68,6 +69,7 @@ class QwenModel(BaseModel):
     (see the module doc); every LoRA spelling is that path with a prefix, so no module is fused."""
 
     facts: dict = field(default_factory=dict, repr=False)
+    LINEAR_ONLY: ClassVar[bool] = True  # every weight a linear: inspect counts no convs
     variant: str = "unknown"
 
     @property
@@ -122,12 +124,3 @@ class QwenModel(BaseModel):
             return ("a text-encoder (Qwen2.5-VL) module: prolora reads the Qwen-Image transformer only, so "
                     "text-encoder LoRA modules are not transferred")
         return None
-
-    def describe(self) -> dict:
-        """BaseModel's facts with the variant after the family and the reader's structure facts
-        last; every weight is a linear, so components count no convs."""
-        facts = super().describe()
-        for comp in facts["components"].values():
-            comp.pop("conv", None)
-        head = {k: facts.pop(k) for k in ("name", "path", "family")}
-        return {**head, "variant": self.variant, **facts, **self.facts}

@@ -10,6 +10,7 @@ original Wan names (keys.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...checkpoints.model import BaseModel, _flat
 from ...errors import ModelError
@@ -24,6 +25,7 @@ class WanModel(BaseModel):
 
     original: dict[str, str] = field(default_factory=dict, repr=False)
     facts: dict = field(default_factory=dict, repr=False)
+    LINEAR_ONLY: ClassVar[bool] = True  # every weight a linear: inspect counts no convs
 
     @property
     def kohya_spelling(self) -> str:
@@ -91,12 +93,3 @@ class WanModel(BaseModel):
     def variant(self) -> str:
         """T2V / I2V / TI2V, with the size where the width is a published one (e.g. "T2V-14B")."""
         return str(self.facts.get("variant", "unknown"))
-
-    def describe(self) -> dict:
-        """BaseModel's facts with the variant after the family and the reader's structure facts
-        last; every weight is a linear, so components count no convs."""
-        facts = super().describe()
-        for comp in facts["components"].values():
-            comp.pop("conv", None)
-        head = {k: facts.pop(k) for k in ("name", "path", "family")}
-        return {**head, "variant": self.variant, **facts, **self.facts}

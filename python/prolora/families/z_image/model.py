@@ -42,6 +42,7 @@ block-diagonal layout, which musubi's converter writes and ComfyUI reads).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...checkpoints.model import BaseModel, FusedHit, Slice, _flat
 from ...errors import ModelError
@@ -58,6 +59,7 @@ class ZImageModel(BaseModel):
     (see keys.py); the original files' fused attention is read as its three row slices."""
 
     facts: dict = field(default_factory=dict, repr=False)
+    LINEAR_ONLY: ClassVar[bool] = True  # every weight a linear: inspect counts no convs
     _fused: dict[str, FusedHit] | None = field(default=None, repr=False)
     _fused_out: dict[tuple[str, str], tuple[str, int, Rows]] | None = field(default=None, repr=False)
 
@@ -164,10 +166,3 @@ class ZImageModel(BaseModel):
             return ("a text-encoder (Qwen3) module: prolora reads the Z-Image transformer only, so text-encoder "
                     "LoRA modules are not transferred")
         return None
-
-    def describe(self) -> dict:
-        """BaseModel's facts with the reader's structure facts last; every weight is a linear."""
-        facts = super().describe()
-        for comp in facts["components"].values():
-            comp.pop("conv", None)
-        return {**facts, **self.facts}
